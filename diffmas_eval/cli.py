@@ -1,0 +1,88 @@
+"""``diffmas-eval``: ask a DiffMAS chain one question; build the leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME (default: %(default)s)")
+    p.add_argument("--peft", default=None, help="path of a PEFT adapter to load on top of the model")
+    p.add_argument("--agents", type=int, default=4, help="number of agents, final agent included (default: 4)")
+    p.add_argument("--latent-steps", type=int, default=10, help="latent thoughts per upstream agent (default: 10)")
+    p.add_argument("--realign", default="ridge", choices=["ridge", "identity", "none"])
+    p.add_argument("--trace", default="concat", choices=["concat", "overwrite"])
+    p.add_argument("--max-trace-tokens", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_chain(args: argparse.Namespace):
+    import torch
+
+    from .latent import AgentChain, LatentConfig
+    from .models import load_model
+
+    torch.manual_seed(args.seed)
+    config = LatentConfig.from_dict({"agents": args.agents, "latent_steps": args.latent_steps,
+                                     "realign": args.realign, "trace": args.trace,
+                                     "max_trace_tokens": args.max_trace_tokens})
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, peft=args.peft)
+    return AgentChain(model, tokenizer, config)
+
+
+def format_trace_table(trace) -> str:
+    rows = trace.table()
+    lines = [f"{'agent':<10} {'prompt':>7} {'latent':>7} {'positions':>10} {'bytes':>12}"]
+    for r in rows:
+        note = "" if r["kept"] else "  (dropped: overwrite)"
+        lines.append(f"{r['agent']:<10} {r['prompt']:>7} {r['latent']:>7} {r['positions']:>10} {r['bytes']:>12,}{note}")
+    lines.append(f"{'trace':<10} {'':>7} {'':>7} {trace.length:>10} {trace.nbytes:>12,}")
+    return "\n".join(lines)
+
+
+def ask(args: argparse.Namespace) -> int:
+    import torch
+
+    chain = build_chain(args)
+    final = chain.final_prompt(args.question)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        trace = chain.stage1([args.question], final_tokens=[len(final) + args.max_new_tokens])
+        t1 = time.perf_counter()
+        answer = chain.generate(trace, [final], max_new_tokens=args.max_new_tokens)[0]
+        t2 = time.perf_counter()
+    print(answer.text.strip())
+    print()
+    print(format_trace_table(trace))
+    print(f"\nstage 1: {t1 - t0:.2f} s   stage 2: {t2 - t1:.2f} s ({len(answer.token_ids)} tokens)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffmas-eval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_ask = sub.add_parser("ask", help="run the chain on one question; print the answer and the trace")
+    p_ask.add_argument("question")
+    p_ask.add_argument("--max-new-tokens", type=int, default=256)
+    add_chain_args(p_ask)
+    p_ask.set_defaults(func=ask)
+
+    from .leaderboard import add_leaderboard_parser
+
+    add_leaderboard_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"diffmas-eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

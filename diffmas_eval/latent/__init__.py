@@ -1,0 +1,7 @@
+"""The DiffMAS core: latent trace (``trace``), realignment (``realign``), agent chain (``chain``)."""
+
+from .chain import AgentChain, Generation, TraceTooLongError
+from .config import LatentConfig
+from .trace import LatentTrace, Segment
+
+__all__ = ["AgentChain", "Generation", "LatentConfig", "LatentTrace", "Segment", "TraceTooLongError"]

@@ -1,0 +1,259 @@
+"""The DiffMAS agent chain: stage 1 writes the latent trace, stage 2 reads it.
+
+Stage 1. Each upstream agent k prefills its prompt (role + question) on top of the trace, then
+takes ``m`` latent steps: the last hidden state, realigned into input-embedding space, is fed back
+as the next input. Its prompt and latent columns stay appended to the trace.
+
+Stage 2. The final agent prefills its prompt over the whole trace and decodes the answer, scores
+continuations, or computes a teacher-forced loss. Every trace column is one attention hop from the
+final agent, so the loss reaches every agent's contribution directly (``trace="concat"``).
+
+Every call takes token ids per batch row; rows of different lengths are left-padded inside their
+segment, and positions come from the trace (see ``trace.py``), so batching never changes a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from ..models import context_length
+from ..prompts import ROLES, Role, chat_format, final_preamble
+from .config import LatentConfig
+from .realign import Realigner
+from .trace import LatentTrace, Segment
+
+
+class TraceTooLongError(ValueError):
+    """The chain would not fit in ``max_trace_tokens`` or the model's context; raised before compute."""
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+
+
+class AgentChain(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, config: LatentConfig | None = None,
+                 roles: dict[str, Role] | None = None, trainable_realign: bool = False):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or LatentConfig()
+        self.roles = roles or ROLES
+        self.config.check_roles(self.roles)
+        self.realigner = Realigner(model, self.config.realign, self.config.realign_lambda, trainable_realign)
+        self.realigner.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def upstream_prompts(self, questions: list[str]) -> list[list[list[int]]]:
+        """Token ids ``[agent][row]``: each upstream role's chat-formatted prompt for each question."""
+        return [[self.encode(chat_format(self.tokenizer, self.roles[r].instruction, q, self.config.enable_thinking))
+                 for q in questions] for r in self.config.upstream]
+
+    def final_prompt(self, question: str) -> list[int]:
+        """The final agent's chat prompt for a bare question (``diffmas-eval ask``)."""
+        user = final_preamble(self.config.upstream) + question
+        final_role = self.roles[self.config.roles[-1]]
+        return self.encode(chat_format(self.tokenizer, final_role.instruction, user, self.config.enable_thinking))
+
+    def task_prompt(self, context: str) -> str:
+        """The final agent's text for a benchmark context: the note on the trace, then the task as is."""
+        return final_preamble(self.config.upstream) + context
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise ValueError("a segment needs at least one token per row")
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return ids, mask
+
+    # -- budget -----------------------------------------------------------------------------------
+    def check_budget(self, prompts: list[list[list[int]]], final_tokens: list[int] | None = None) -> None:
+        """Refuse, before any compute, a row whose trace or whole chain does not fit."""
+        m, limit, ctx = self.config.latent_steps, self.config.max_trace_tokens, context_length(self.model)
+        rows = len(prompts[0]) if prompts else len(final_tokens or [])
+        for i in range(rows):
+            trace = sum(len(agent[i]) + m for agent in prompts)
+            detail = " + ".join(f"{r} {len(a[i])}+{m}" for r, a in zip(self.config.upstream, prompts))
+            if limit is not None and trace > limit:
+                raise TraceTooLongError(
+                    f"row {i}: the latent trace needs {trace} positions ({detail}) but max_trace_tokens={limit}; "
+                    "lower latent_steps or agents, shorten the question, or raise max_trace_tokens")
+            total = trace + (final_tokens[i] if final_tokens else 0)
+            if ctx is not None and total > ctx:
+                raise TraceTooLongError(
+                    f"row {i}: trace {trace} + final agent {total - trace} = {total} positions exceed the model's "
+                    f"context of {ctx} (max_position_embeddings); lower latent_steps, agents or max_gen_toks")
+
+    # -- stage 1 ----------------------------------------------------------------------------------
+    def stage1(self, questions: list[str], final_tokens: list[int] | None = None,
+               record: bool = False) -> LatentTrace:
+        """Run the upstream agents over ``questions`` and return the trace they wrote.
+
+        ``final_tokens``: per row, what stage 2 will add (prompt + generation), for the budget check.
+        ``record``: keep each segment's KV tensors for ``gradient_probe``.
+        """
+        prompts = self.upstream_prompts(questions)
+        self.check_budget(prompts, final_tokens)
+        trace = LatentTrace(len(questions), self.num_layers, self.device)
+        grad = self.config.stage1_grad == "full" and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            for role, ids in zip(self.config.upstream, prompts):
+                input_ids, mask = self._left_pad(ids)
+                if self.config.checkpoint_agents and grad:
+                    keys, values = checkpoint(self._agent, input_ids, mask, trace.fork(), use_reentrant=False)
+                else:
+                    keys, values = self._agent(input_ids, mask, trace)
+                if record and grad:  # frozen weights: still measure d loss / d segment
+                    keys, values = ([t if t.requires_grad else t.detach().requires_grad_() for t in ts]
+                                    for ts in (keys, values))
+                start = trace.length
+                latent = torch.ones(len(ids), self.config.latent_steps, dtype=mask.dtype, device=mask.device)
+                trace.append(keys, values, torch.cat([mask, latent], dim=1))
+                trace.add_segment(Segment(role, start, trace.length, mask.shape[1], self.config.latent_steps,
+                                          keys if record else None, values if record else None))
+                if self.config.trace == "overwrite":
+                    trace.keep_last_segment()
+        return trace
+
+    def _agent(self, input_ids: torch.Tensor, mask: torch.Tensor, past: LatentTrace):
+        """One agent's KV columns: its prompt, then ``m`` latent thoughts, on top of ``past``."""
+        work = past.fork()
+        hidden = self._forward(work, mask, input_ids=input_ids)
+        step = torch.ones(len(mask), 1, dtype=mask.dtype, device=mask.device)
+        for _ in range(self.config.latent_steps):
+            hidden = self._forward(work, step, inputs_embeds=self.realigner(hidden)[:, None])
+        start = past.length
+        return [k[:, :, start:] for k in work.keys], [v[:, :, start:] for v in work.values]
+
+    def _forward(self, work: LatentTrace, mask: torch.Tensor, **inputs) -> torch.Tensor:
+        """Extend ``work`` by one model call; return the last layer's hidden state at the last column."""
+        cache = work.cache()
+        out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
+                         cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        work.adopt(cache, mask)
+        return out.hidden_states[-1][:, -1]
+
+    # -- stage 2 ----------------------------------------------------------------------------------
+    def final_logits(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced final agent over the trace: ``[B, L, V]`` logits and the left-padded mask."""
+        input_ids, mask = self._left_pad(rows)
+        out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
+                         position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True)
+        return out.logits, mask
+
+    def loglikelihood(self, trace: LatentTrace, contexts: list[list[int]],
+                      continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """``log p(continuation | trace, context)`` per row, and whether it is the greedy choice."""
+        if any(not c for c in continuations) or any(not c for c in contexts):
+            raise ValueError("every context and continuation needs at least one token (prefix an empty "
+                             "context with a BOS/EOT token, as lm-eval does)")
+        logits, _ = self.final_logits(trace, [c + d for c, d in zip(contexts, continuations)])
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        results = []
+        for i, cont in enumerate(continuations):
+            # left padding puts each row's tokens at the end: columns -n-1 .. -2 predict the continuation
+            pred = logprobs[i, -len(cont) - 1:-1]
+            target = torch.tensor(cont, device=pred.device)
+            score = pred.gather(-1, target[:, None]).sum().item()
+            results.append((score, bool((pred.argmax(-1) == target).all())))
+        return results
+
+    def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
+        """Mean cross-entropy over the final agent's target tokens (labels -100 elsewhere)."""
+        logits, _ = self.final_logits(trace, input_ids)
+        width = logits.shape[1]
+        target = torch.tensor([[-100] * (width - len(lab)) + list(lab) for lab in labels], device=logits.device)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, trace: LatentTrace, prompts: list[list[int]], max_new_tokens: int = 256,
+                 stop: list[str] | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> list[Generation]:
+        """Decode the final agent's answer over the trace; a row ends at EOS or at a stop string."""
+        stop = [s for s in (stop or []) if s]
+        eos = self._eos_ids()
+        work = trace.fork()
+        cache = work.cache()
+        step_ids, mask = self._left_pad(prompts)
+        warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+            + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+        out_ids: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=work.full_mask(mask),
+                             position_ids=work.positions(mask), cache=cache, use_cache=True, logits_to_keep=1)
+            work.advance(mask)
+            logits = out.logits[:, -1].float()
+            if do_sample:
+                probs = F.softmax(warpers(None, logits), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            for i, tok in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                if tok in eos:
+                    done[i] = True
+                    continue
+                out_ids[i].append(tok)
+                if stop and any(s in self.tokenizer.decode(out_ids[i][-64:]) for s in stop):
+                    done[i] = True
+            if all(done):
+                break
+            step_ids = nxt[:, None]
+            mask = torch.ones_like(step_ids)
+        results = []
+        for ids in out_ids:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for s in stop:
+                text = text.split(s)[0]
+            results.append(Generation(text, ids))
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+        return {i for i in ids if i is not None}
+
+    # -- diagnostics ------------------------------------------------------------------------------
+    def gradient_probe(self, questions: list[str], input_ids: list[list[int]],
+                       labels: list[list[int]]) -> list[tuple[str, float]]:
+        """Per upstream agent: the norm of d loss / d (its KV segment), all layers, all rows.
+
+        Total derivative: through the final agent's attention and through every later agent.
+        """
+        with torch.enable_grad():
+            trace = self.stage1(questions, record=True)
+            loss = self.loss(trace, input_ids, labels)
+            tensors = [t for s in trace.history for t in (*s.keys, *s.values)]
+            live = [t for t in tensors if t.requires_grad]
+            grads = dict(zip(map(id, live), torch.autograd.grad(loss, live, allow_unused=True))) if live else {}
+        norms = []
+        for s in trace.history:
+            sq = sum(float(grads[id(t)].float().pow(2).sum()) for t in (*s.keys, *s.values)
+                     if grads.get(id(t)) is not None)
+            norms.append((s.agent, sq ** 0.5))
+        return norms

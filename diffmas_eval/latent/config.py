@@ -1,0 +1,75 @@
+"""The knobs of a DiffMAS chain, validated so a typo fails loudly with the valid choices."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..prompts import ROLES, default_roles
+
+CHOICES = {
+    "realign": ("ridge", "identity", "none"),
+    "trace": ("concat", "overwrite"),
+    "stage1_grad": ("full", "none"),
+}
+
+
+@dataclass
+class LatentConfig:
+    """``roles``: every agent in order, the last one is the final agent (default: 4 agents).
+
+    ``latent_steps`` (m): latent thoughts each upstream agent appends after its prompt.
+    ``realign``: how a last-layer hidden state becomes an input embedding (LatentMAS ridge map).
+    ``trace``: ``concat`` keeps every segment; ``overwrite`` keeps only the latest agent's (ablation).
+    ``stage1_grad``: ``none`` runs stage 1 without autograd (cheaper; no learning to communicate).
+    ``max_trace_tokens``: refuse (before any compute) a stage-1 trace longer than this.
+    ``checkpoint_agents``: recompute each agent's forward in backward (activation checkpointing).
+    """
+
+    roles: list[str] = field(default_factory=lambda: default_roles(4))
+    latent_steps: int = 10
+    realign: str = "ridge"
+    trace: str = "concat"
+    stage1_grad: str = "full"
+    max_trace_tokens: int | None = None
+    checkpoint_agents: bool = False
+    realign_lambda: float = 1e-5
+    enable_thinking: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key, valid in CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not valid; choose one of {', '.join(valid)}")
+        if not self.roles:
+            raise ValueError("a chain needs at least one agent (the final agent)")
+        if self.latent_steps < 0:
+            raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps}")
+        if self.max_trace_tokens is not None and self.max_trace_tokens <= 0:
+            raise ValueError(f"max_trace_tokens must be positive, got {self.max_trace_tokens}")
+
+    @property
+    def upstream(self) -> list[str]:
+        return list(self.roles[:-1])
+
+    def check_roles(self, known: dict = ROLES) -> None:
+        unknown = [r for r in self.roles if r not in known]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; valid roles: {', '.join(sorted(known))} "
+                             "(or add your own with a roles YAML file)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LatentConfig:
+        """Build from user-facing options; ``agents=N`` picks the N default roles."""
+        values = dict(values)
+        names = {f.name for f in dataclasses.fields(cls)} | {"agents"}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown DiffMAS option(s) {unknown}; valid options: {', '.join(sorted(names))}")
+        agents = values.pop("agents", None)
+        if agents is not None and "roles" not in values:
+            values["roles"] = default_roles(int(agents))
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

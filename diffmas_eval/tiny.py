@@ -1,0 +1,82 @@
+"""Tiny random Llama / Qwen3 models with a real BPE tokenizer, built in seconds, for tests.
+
+They exercise exactly the code paths of the big models (RoPE, GQA, chat template, KV cache) with
+no download. ``save_tiny_model`` writes a normal checkpoint directory, so anything that takes a
+model path (lm-eval's ``hf``, ``trainers/sft.py``) can be tested against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "You are a planner. Plan the steps to solve the question. You are a critic. Check the plan.",
+    "You are a refiner. Improve the plan. You are the solver. Give the final answer in \\boxed{}.",
+    "Question: what is 12 + 30? Answer: 42. The answer is (A) (B) (C) (D). Let's think step by step.",
+    "def add(a, b):\n    return a + b\nimport math\nprint(math.sqrt(16))",
+    "The quick brown fox jumps over the lazy dog. Which option is correct? system user assistant",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 = + - * / ( ) { } [ ] < > ? ! . , : ; # $ % ^ & _ | ~ ' \"",
+]
+
+
+def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 512):
+    """Return ``(model, tokenizer)``: 2 layers, hidden 64, 4 query / 2 KV heads, float32, eval mode."""
+    tokenizer = make_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=context,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "qwen3":
+        config = Qwen3Config(**common)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose 'llama' or 'qwen3'")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), tokenizer
+
+
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    model, tokenizer = make_tiny_model(arch, seed)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

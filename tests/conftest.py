@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffmas_eval.tiny import make_tiny_model, save_tiny_model
+
+torch.set_num_threads(2)
+DATA_DIR = Path(os.environ.get("DIFFMAS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+QUESTIONS = [
+    "What is 12 + 30?",
+    "The quick brown fox jumps over the lazy dog. Which option is correct: (A) fox (B) dog (C) cat?",
+    "def add(a, b): return a + b. What does add(2, 3) print?",
+]
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def tiny(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not (DATA_DIR / "gsm8k").exists():
+        pytest.skip(f"benchmark data not found at {DATA_DIR}; set DIFFMAS_DATA_DIR")
+    return DATA_DIR
