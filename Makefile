@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-DATA_DIR ?= $(abspath ../shared/data)
+# offline benchmark data when present (CI, this project's machines); otherwise the hub
+DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -22,7 +23,7 @@ test: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests
 
 leaderboard: $(STAMP)
-	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard
+	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard $(LEADERBOARD_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffmas_eval tests benchmarks trainers

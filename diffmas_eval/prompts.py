@@ -51,12 +51,17 @@ def default_roles(agents: int) -> list[str]:
     return [*upstream, FINAL_ROLE]
 
 
-def load_roles(path: str | Path) -> dict[str, Role]:
-    """Read custom roles from YAML: ``{name: instruction, ...}`` (merged over the built-in ones)."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ValueError(f"{path}: a roles file is a mapping 'role name: instruction text'")
-    return {**ROLES, **{k: Role(k, v) for k, v in data.items()}}
+def load_roles(path: str | Path) -> tuple[dict[str, Role], list[str]]:
+    """Custom roles from YAML ``{name: instruction, ...}``: the keys, in order, are the agents (the
+    last one is the final agent); the roles join the built-in ones."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read roles file {path}: {err}") from err
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{path}: a roles file is a non-empty mapping 'role name: instruction text', "
+                         "one line per agent in order, the final agent last")
+    return {**ROLES, **{k: Role(k, v) for k, v in data.items()}}, list(data)
 
 
 def chat_format(tokenizer, system: str, user: str, enable_thinking: bool | None = None) -> str:

@@ -44,7 +44,7 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 512):
+def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096):
     """Return ``(model, tokenizer)``: 2 layers, hidden 64, 4 query / 2 KV heads, float32, eval mode."""
     tokenizer = make_tokenizer()
     common = dict(

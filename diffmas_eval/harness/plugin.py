@@ -1,0 +1,84 @@
+"""Make the plain ``lm_eval`` CLI find the ``diffmas`` model and this package's tasks.
+
+lm-eval 0.4.13 reads no plugin entry points (later versions read ``lm_eval.models``, which
+pyproject.toml also declares). The package therefore ships a ``.pth`` file that calls
+``install()`` at interpreter start. ``install`` imports nothing heavy: it waits, through an import
+hook, for lm-eval's own modules to load, and only then
+- registers lazy placeholders for our models (only after lm-eval's own mapping is in, since
+  ``get_model`` loads the built-in models only while the registry is empty), and
+- adds our task directory to every ``TaskManager`` that includes lm-eval's default tasks.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from pathlib import Path
+
+MODELS = {
+    "diffmas": "diffmas_eval.harness.diffmas_lm:DiffMASLM",
+}
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+
+
+def _register_models(module) -> None:
+    from lm_eval.api.registry import model_registry
+
+    for name, target in MODELS.items():
+        if name not in model_registry:
+            model_registry.register(name, target=target)
+
+
+def _add_task_dir(module) -> None:
+    manager = module.TaskManager
+    if getattr(manager.__init__, "_diffmas", False):
+        return
+    original = manager.__init__
+
+    def __init__(self, *args, include_path=None, include_defaults=True, **kwargs):
+        if include_defaults:
+            paths = [] if include_path is None else (
+                list(include_path) if isinstance(include_path, (list, tuple)) else [include_path])
+            # ours first: a user's include_path still overrides (later paths win in lm-eval's index)
+            include_path = [str(TASKS_DIR), *[p for p in paths if str(p) != str(TASKS_DIR)]]
+        original(self, *args, include_path=include_path, include_defaults=include_defaults, **kwargs)
+
+    __init__._diffmas = True
+    manager.__init__ = __init__
+
+
+HOOKS = {"lm_eval.models": _register_models, "lm_eval.tasks.manager": _add_task_dir}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Run a hook right after a watched module has executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in HOOKS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_hook(module):
+            exec_module(module)
+            HOOKS[fullname](module)
+
+        loader.exec_module = exec_then_hook
+        return spec
+
+
+def install() -> None:
+    if any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        return
+    for name, hook in HOOKS.items():  # already imported (plugin installed late): hook now
+        if name in sys.modules:
+            hook(sys.modules[name])
+    sys.meta_path.insert(0, _AfterImport())
