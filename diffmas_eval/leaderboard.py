@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         results = simple_evaluate(
             model=model, model_args=model_args, tasks=args.tasks.split(","), limit=args.limit or None,
             batch_size=args.batch_size, device=args.device, gen_kwargs={"max_gen_toks": args.max_gen_toks},
-            use_cache=str(runs_dir / f"cache_{method}_{_digest(model_args)}"), random_seed=args.seed, numpy_random_seed=args.seed,
-            torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+            use_cache=str(runs_dir / f"cache_{method}_{_digest(model_args)}"), random_seed=args.seed,
+            numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
         seconds = time.perf_counter() - t0
         (runs_dir / f"results_{method}.json").write_text(json.dumps(results, indent=1, default=str))
         rows += rows_from_results(results, method, seconds)
