@@ -64,6 +64,14 @@ def ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def sft_data(args: argparse.Namespace) -> int:
+    from .training.data import build
+
+    bounds = build(args.family, args.out, args.n, args.data_dir)
+    print(f"wrote {args.out}; held out for evaluation: " + ", ".join(f"{t} --limit <= {b}" for t, b in bounds.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffmas-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p_ask.add_argument("--max-new-tokens", type=int, default=256)
     add_chain_args(p_ask)
     p_ask.set_defaults(func=ask)
+
+    p_data = sub.add_parser("sft-data", help="write an SFT set (prompt/completion JSONL) disjoint from evaluation")
+    p_data.add_argument("--family", required=True, choices=["math", "commonsense", "code"])
+    p_data.add_argument("--out", required=True)
+    p_data.add_argument("--n", type=int, default=None, help="examples (default: the paper's 210/700/50)")
+    p_data.add_argument("--data-dir", default=None, help="local benchmark data; default $DIFFMAS_DATA_DIR")
+    p_data.set_defaults(func=sft_data)
 
     from .leaderboard import add_leaderboard_parser
 

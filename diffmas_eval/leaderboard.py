@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         print(markdown(rows))
         return 0
 
+    import torch
     from lm_eval import simple_evaluate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.data_dir:
         os.environ["DIFFMAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         results = simple_evaluate(
             model=model, model_args=model_args, tasks=args.tasks.split(","), limit=args.limit or None,
-            batch_size=args.batch_size, device=args.device, gen_kwargs={"max_gen_toks": args.max_gen_toks},
+            batch_size=args.batch_size, device=device, gen_kwargs={"max_gen_toks": args.max_gen_toks},
             use_cache=str(runs_dir / f"cache_{method}_{_digest(model_args)}"), random_seed=args.seed,
             numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
         seconds = time.perf_counter() - t0

@@ -19,6 +19,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from ..latent import AgentChain, LatentConfig
+from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import ROLES, default_roles, final_preamble, load_roles
 
@@ -43,8 +44,8 @@ OPTIONS = {
 
 class DiffMASLM(HFLM):
     def __init__(self, pretrained: str = "bundled:smollm2-135m-instruct", peft: str | None = None,
-                 agents: int | None = None, latent_steps: int = 10, realign: str = "ridge",
-                 trace: str = "concat", roles: str | None = None, dtype: str = "auto",
+                 agents: int | None = None, latent_steps: int | None = None, realign: str | None = None,
+                 trace: str | None = None, roles: str | None = None, dtype: str = "auto",
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = 64,
                  max_trace_tokens: int | None = None, max_length: int | None = None,
                  enable_thinking: bool | None = None, trust_remote_code: bool = False, **unknown) -> None:
@@ -53,19 +54,28 @@ class DiffMASLM(HFLM):
             raise ValueError(f"unknown diffmas model_args {sorted(unknown)}; valid ones:\n{valid}")
         if not str(batch_size).isdigit():
             raise ValueError(f"diffmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
-        role_map, order = dict(ROLES), default_roles(4 if agents is None else int(agents))
+        # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
+        saved, realign_file = load_chain_config(peft, None if pretrained.startswith("bundled:") else pretrained)
+        role_map, order = dict(ROLES), saved.get("roles", default_roles(4))
+        if agents is not None:
+            order = default_roles(int(agents))
         if roles:
             role_map, order = load_roles(roles)
             if agents is not None and int(agents) != len(order):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
-        config = LatentConfig(roles=order, latent_steps=int(latent_steps), realign=realign, trace=trace,
-                              max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking)
+        pick = {"latent_steps": latent_steps, "realign": realign, "trace": trace}
+        options = {k: saved.get(k) if v is None else v for k, v in pick.items()}
+        config = LatentConfig(roles=order, max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking,
+                              **{k: v for k, v in options.items() if v is not None})
+        config.latent_steps = int(config.latent_steps)
         config.check_roles(role_map)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=resolve_pretrained(pretrained), peft=peft, dtype=dtype, device=device,
                          batch_size=int(batch_size), max_batch_size=max_batch_size, max_length=max_length,
                          enable_thinking=enable_thinking, trust_remote_code=trust_remote_code)
         self.chain = AgentChain(self.model, self.tokenizer, config, role_map)
+        if realign_file is not None and config.realign == saved.get("realign"):  # a realignment trained with SFT
+            self.chain.realigner.weight.data.copy_(torch.load(realign_file, map_location=self.device))
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
 

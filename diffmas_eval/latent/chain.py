@@ -179,12 +179,14 @@ class AgentChain(nn.Module):
             results.append((score, bool((pred.argmax(-1) == target).all())))
         return results
 
-    def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
-        """Mean cross-entropy over the final agent's target tokens (labels -100 elsewhere)."""
+    def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]],
+             reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over the final agent's target tokens (labels -100 elsewhere), ``mean`` or ``sum``."""
         logits, _ = self.final_logits(trace, input_ids)
         width = logits.shape[1]
         target = torch.tensor([[-100] * (width - len(lab)) + list(lab) for lab in labels], device=logits.device)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(), ignore_index=-100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(), ignore_index=-100,
+                               reduction=reduction)
 
     @torch.no_grad()
     def generate(self, trace: LatentTrace, prompts: list[list[int]], max_new_tokens: int = 256,

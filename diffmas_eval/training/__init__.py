@@ -1,0 +1,1 @@
+"""Supervised fine-tuning through the whole agent chain (TRL ``SFTTrainer`` subclass, in ``trainer``)."""
