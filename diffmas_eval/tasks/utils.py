@@ -58,22 +58,22 @@ def _hub(path: str, name: str | None, split: str) -> datasets.Dataset:
 
 
 # -- math ----------------------------------------------------------------------------------------
-def load_aime24(**_) -> datasets.DatasetDict:
-    local = _local("aime24/test.jsonl")
+def _load_qa(relative: str, hub: tuple[str, str | None, str], hub_fields: tuple[str, str]) -> datasets.DatasetDict:
+    """Question/answer benchmarks: local files use ``question``/``answer``, hub copies their own names."""
+    local = _local(relative)
     if local:
         return _split([{"question": r["question"], "answer": str(r["answer"])}
                        for r in read_jsonl(local, ("question", "answer"))])
-    return _split([{"question": r["Problem"], "answer": str(r["Answer"])}
-                   for r in _hub("Maxwell-Jia/AIME_2024", None, "train")])
+    q, a = hub_fields
+    return _split([{"question": r[q], "answer": str(r[a])} for r in _hub(*hub)])
+
+
+def load_aime24(**_) -> datasets.DatasetDict:
+    return _load_qa("aime24/test.jsonl", ("Maxwell-Jia/AIME_2024", None, "train"), ("Problem", "Answer"))
 
 
 def load_aime25(**_) -> datasets.DatasetDict:
-    local = _local("aime25/test.jsonl")
-    if local:
-        return _split([{"question": r["question"], "answer": str(r["answer"])}
-                       for r in read_jsonl(local, ("question", "answer"))])
-    return _split([{"question": r["problem"], "answer": str(r["answer"])}
-                   for r in _hub("math-ai/aime25", None, "test")])
+    return _load_qa("aime25/test.jsonl", ("math-ai/aime25", None, "test"), ("problem", "answer"))
 
 
 def load_gsm8k(**_) -> datasets.DatasetDict:
