@@ -1,4 +1,4 @@
-"""Make the plain ``lm_eval`` CLI find the ``diffmas`` model and this package's tasks.
+"""Make the plain ``lm_eval`` CLI find the ``diffmas`` and ``textmas`` models and this package's tasks.
 
 lm-eval 0.4.13 reads no plugin entry points (later versions read ``lm_eval.models``, which
 pyproject.toml also declares). The package therefore ships a ``.pth`` file that calls
@@ -17,6 +17,7 @@ from pathlib import Path
 
 MODELS = {
     "diffmas": "diffmas_eval.harness.diffmas_lm:DiffMASLM",
+    "textmas": "diffmas_eval.harness.textmas_lm:TextMASLM",
 }
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
