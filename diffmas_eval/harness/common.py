@@ -2,11 +2,13 @@
 
 - ``check_model_args``: unknown model_args fail with the list of valid ones.
 - ``last_user_turn`` / ``group_by_gen_kwargs``: how requests are read and batched.
-- ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample). Each
-  record is attached to its lm-eval request after the request is answered, as one extra trailing
-  element of the request's arguments, so ``--log_samples`` writes it into the sample log (as
-  ``arguments.gen_args_0.arg_2`` for generation, ``arg_2`` of each choice for log-likelihoods); the
-  summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
+- ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample). Records
+  are keyed by (task, prompt hash), the two things lm-eval's sample log identifies a sample by; the
+  plugin (``plugin._log_accounting``) adds each sample's record as the field ``diffmas_accounting``
+  when lm-eval writes ``samples_<task>_*.jsonl`` (``--log_samples``), for runs of our models. In
+  Python, ``add_accounting(task, results["samples"][task])`` does the same, right after the run: the
+  records kept are those of the latest ``diffmas``/``textmas`` model created in the process.
+  The summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
 """
 
 from __future__ import annotations
@@ -42,15 +44,23 @@ class Accounting:
     def __init__(self, method: str):
         self.method = method
         self.records: list[dict] = []
+        self.by_sample: dict[tuple[str, str], dict] = {}
+        LATEST["by_sample"] = self.by_sample  # a new model starts a new run
 
     def record(self, request, agents: list[dict], seconds: float, **extra) -> dict:
-        """Account one answered request and attach the record to it (for the sample log)."""
+        """Account one answered request (one sample) and register the record for the sample log."""
         rec = {"method": self.method, "task": getattr(request, "task_name", None),
                "doc_id": getattr(request, "doc_id", None), "agents": agents,
                "tokens": sum(a.get("tokens") or 0 for a in agents), "seconds": round(seconds, 4), **extra}
         self.records.append(rec)
-        attach(request, rec)
+        self.register(request, rec)
         return rec
+
+    def register(self, request, record: dict) -> None:
+        """Remember ``record`` as the accounting of the sample that ``request`` (an Instance) belongs to."""
+        args = getattr(request, "args", None)
+        if args and isinstance(args[0], str):
+            self.by_sample[sample_key(getattr(request, "task_name", None), args[0])] = record
 
     def summary(self) -> dict:
         """Means per sample, overall and per task: generated tokens (total and per agent), seconds."""
@@ -74,22 +84,21 @@ class Accounting:
                 "per_task": {t: summarise(rs) for t, rs in sorted(by_task.items())}}
 
 
-def attach(request, record: dict) -> None:
-    """Append ``{ACCOUNTING_KEY: record}`` to an lm-eval ``Instance``'s arguments (once; replaced on repeats).
-
-    lm-eval logs ``req.args`` in the sample log. The request cache is keyed by the original arguments
-    (our models call ``cache_hook.add_partial`` with them before attaching)."""
-    if not hasattr(request, "arguments"):
-        return
-    args = request.args
-    if args and isinstance(args[-1], dict) and ACCOUNTING_KEY in args[-1]:
-        args = args[:-1]
-    request.arguments = (*args, {ACCOUNTING_KEY: record})
+LATEST: dict[str, dict] = {"by_sample": {}}
 
 
-def original_args(request) -> tuple:
-    """A request's arguments without an attached accounting record."""
-    args = request.args
-    if args and isinstance(args[-1], dict) and ACCOUNTING_KEY in args[-1]:
-        return args[:-1]
-    return args
+def sample_key(task: str | None, context: str) -> tuple[str, str]:
+    """What identifies a sample in lm-eval's sample log: its task and ``prompt_hash`` (of the first
+    request's context; all requests of a multiple-choice sample share it)."""
+    from lm_eval.utils import hash_string
+
+    return str(task), hash_string(context)
+
+
+def add_accounting(task: str, samples: list[dict]) -> list[dict]:
+    """Put each logged sample's accounting record (if any) in its field ``diffmas_accounting``."""
+    for sample in samples:
+        record = LATEST["by_sample"].get((str(task), sample.get("prompt_hash")))
+        if record is not None:
+            sample[ACCOUNTING_KEY] = record
+    return samples

@@ -27,7 +27,7 @@ from ..models import resolve_pretrained
 from ..prompts import ROLES, load_roles, topology_roles
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
-from .common import Accounting, attach, check_model_args, group_by_gen_kwargs, last_user_turn, original_args
+from .common import Accounting, check_model_args, group_by_gen_kwargs, last_user_turn
 
 OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME (backend=hf: the model; backend=openai: its tokenizer "
@@ -205,8 +205,10 @@ class TextMASLM(TemplateLM):
         return note + context
 
     def _agents_log(self, trace: TextTrace, final_tokens: int | None, per_sample: float) -> list[dict]:
+        """Upstream agents' texts, tokens and share of the time; the final agent's tokens and the rest."""
+        rest = max(0.0, per_sample - sum(a.seconds for a in trace.agents))
         return [a.to_dict() for a in trace.agents] + [
-            {"role": self.final_role, "tokens": final_tokens, "seconds": round(per_sample, 4)}]
+            {"role": self.final_role, "tokens": final_tokens, "seconds": round(rest, 4)}]
 
     # -- generation -------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -214,7 +216,7 @@ class TextMASLM(TemplateLM):
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="textmas generate_until")
         for indices in group_by_gen_kwargs(requests).values():
-            gen_kwargs = original_args(requests[indices[0]])[1]
+            gen_kwargs = requests[indices[0]].args[1]
             kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = kwargs.pop("max_gen_toks")
@@ -222,7 +224,7 @@ class TextMASLM(TemplateLM):
                 raise ValueError("textmas backend=openai decodes greedily; drop do_sample from gen_kwargs")
             for c0 in range(0, len(indices), self._chunk):
                 chunk = indices[c0:c0 + self._chunk]
-                args = [original_args(requests[i]) for i in chunk]
+                args = [requests[i].args for i in chunk]
                 t0 = time.perf_counter()
                 traces = self.chain.run([self._question(a[0]) for a in args])
                 finals = [self._final_context(a[0], t) for a, t in zip(args, traces)]
@@ -248,7 +250,7 @@ class TextMASLM(TemplateLM):
         """``log p(continuation | upstream texts, context)``; one text trace per distinct question."""
         by_question: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            by_question[self._question(original_args(req)[0])].append(i)
+            by_question[self._question(req.args[0])].append(i)
         questions = list(by_question)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="textmas loglikelihood")
@@ -260,20 +262,20 @@ class TextMASLM(TemplateLM):
             trace_of = {i: t for q, t in zip(chunk, traces) for i in by_question[q]}
             pairs = []
             for i in idx:
-                ctx, cont = original_args(requests[i])[:2]
+                ctx, cont = requests[i].args
                 pairs.append((self._final_context(ctx, trace_of[i]) if ctx else ctx, cont))
             scores = (self.hf.loglikelihood([_Req(p) for p in pairs], disable_tqdm=True) if self.hf is not None
                       else self._remote_loglikelihood(pairs))
             per = (time.perf_counter() - t0) / len(chunk)
             for i, res in zip(idx, scores):
                 results[i] = res
-                self.cache_hook.add_partial("loglikelihood", original_args(requests[i])[:2], res)
+                self.cache_hook.add_partial("loglikelihood", requests[i].args, res)
             for q, trace in zip(chunk, traces):
                 first, *rest = by_question[q]
                 self.accounting.record(requests[first], self._agents_log(trace, 0, per), per,
                                        backend=self.backend_name, topology=self.chain.topology)
                 for i in rest:
-                    attach(requests[i], self.accounting.records[-1])
+                    self.accounting.register(requests[i], self.accounting.records[-1])
             bar.update(len(idx))
         bar.close()
         return results

@@ -136,17 +136,19 @@ class OpenAIBackend:
 
         vLLM answers this (``echo=True, logprobs=1, max_tokens=1`` with a token-id prompt, as lm-eval's
         ``local-completions`` asks); ``transformers serve`` does not implement echo/logprobs."""
-        resp = self._call(prompt=token_ids, max_tokens=1, temperature=0.0, echo=True, logprobs=1)
+        hint = ("loglikelihood with backend=openai needs a server that implements echo=True with logprobs for a "
+                "token-id prompt on /v1/completions (vLLM does, transformers serve does not)")
+        try:
+            resp = self._call(prompt=token_ids, max_tokens=1, temperature=0.0, echo=True, logprobs=1)
+        except BackendError as err:
+            raise BackendError(f"{err}\n{hint}") from err
         try:
             lp = resp.choices[0].logprobs
             values = lp.token_logprobs[:len(token_ids)]
             tops = lp.top_logprobs[:len(token_ids)]
             tokens = lp.tokens[:len(token_ids)]
         except (AttributeError, IndexError, TypeError) as err:
-            raise BackendError(
-                f"{self._where()} returned no prompt log-probabilities; loglikelihood with backend=openai needs "
-                "a server that implements echo=True with logprobs on /v1/completions (vLLM does, transformers "
-                "serve does not)") from err
+            raise BackendError(f"{self._where()} returned no prompt log-probabilities; {hint}") from err
         out = []
         for value, top, tok in zip(values, tops or [None] * len(values), tokens):
             greedy = bool(top) and max(top, key=top.get) == tok
