@@ -31,15 +31,6 @@ ROLES: dict[str, Role] = {
         Role("solver", "You are the Solver. Earlier agents left latent thoughts before this message; use "
                        "them if they help and ignore them otherwise. Solve the question and state the "
                        "final answer clearly."),
-        # hierarchical text MAS (LatentMAS): independent domain agents, then a summarizer
-        Role("math", "You are the Math agent. Solve the question with careful mathematical reasoning, "
-                     "step by step, and state your answer."),
-        Role("science", "You are the Science agent. Solve the question with scientific knowledge and "
-                        "reasoning, step by step, and state your answer."),
-        Role("code", "You are the Code agent. Solve the question with precise, programmatic step-by-step "
-                     "reasoning, and state your answer."),
-        Role("summarizer", "You are the Summarizer. The domain agents' answers precede this message; weigh "
-                           "them, resolve disagreements, and state the final answer clearly."),
     ]
 }
 UPSTREAM_CYCLE = ("planner", "critic", "refiner")
@@ -50,6 +41,20 @@ FINAL_PREAMBLE = (
 )
 
 
+# hierarchical text MAS (LatentMAS): independent domain agents, then a summarizer (text MAS only)
+TEXT_ROLES: dict[str, Role] = {
+    **ROLES,
+    **{r.name: r for r in [
+        Role("math", "You are the Math agent. Solve the question with careful mathematical reasoning, "
+                     "step by step, and state your answer."),
+        Role("science", "You are the Science agent. Solve the question with scientific knowledge and "
+                        "reasoning, step by step, and state your answer."),
+        Role("code", "You are the Code agent. Solve the question with precise, programmatic step-by-step "
+                     "reasoning, and state your answer."),
+        Role("summarizer", "You are the Summarizer. The domain agents' answers precede this message; weigh "
+                           "them, resolve disagreements, and state the final answer clearly."),
+    ]},
+}
 DOMAIN_CYCLE = ("math", "science", "code")
 SUMMARIZER_ROLE = "summarizer"
 TOPOLOGIES = ("sequential", "hierarchical")
@@ -69,7 +74,7 @@ def default_roles(agents: int) -> list[str]:
     return [*upstream, FINAL_ROLE]
 
 
-def load_roles(path: str | Path) -> tuple[dict[str, Role], list[str]]:
+def load_roles(path: str | Path, builtin: dict[str, Role] = ROLES) -> tuple[dict[str, Role], list[str]]:
     """Custom roles from YAML ``{name: instruction, ...}``: the keys, in order, are the agents (the
     last one is the final agent); the roles join the built-in ones."""
     try:
@@ -79,7 +84,7 @@ def load_roles(path: str | Path) -> tuple[dict[str, Role], list[str]]:
     if not isinstance(data, dict) or not data or not all(isinstance(v, str) for v in data.values()):
         raise ValueError(f"{path}: a roles file is a non-empty mapping 'role name: instruction text', "
                          "one line per agent in order, the final agent last")
-    return {**ROLES, **{k: Role(k, v) for k, v in data.items()}}, list(data)
+    return {**builtin, **{k: Role(k, v) for k, v in data.items()}}, list(data)
 
 
 def chat_format(tokenizer, system: str, user: str, enable_thinking: bool | None = None) -> str:

@@ -26,7 +26,7 @@ from diffmas_eval.tiny import make_tokenizer
 GEN = {"max_gen_toks": 10}
 
 
-def evaluate(model, model_args, tasks, limit=3, **kw):
+def evaluate(model, model_args, tasks, limit=2, **kw):
     return simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
                            gen_kwargs=GEN, device="cpu", **kw)
 

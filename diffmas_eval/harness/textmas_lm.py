@@ -24,7 +24,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from ..models import resolve_pretrained
-from ..prompts import ROLES, load_roles, topology_roles
+from ..prompts import TEXT_ROLES, load_roles, topology_roles
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, check_model_args, group_by_gen_kwargs, last_user_turn
@@ -76,9 +76,9 @@ class TextMASLM(TemplateLM):
             raise ValueError(f"backend={backend!r} is not valid; choose hf or openai")
         if not str(batch_size).isdigit():
             raise ValueError(f"textmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
-        role_map, order = dict(ROLES), topology_roles(4 if agents is None else int(agents), topology)
+        role_map, order = dict(TEXT_ROLES), topology_roles(4 if agents is None else int(agents), topology)
         if roles:
-            role_map, order = load_roles(roles)
+            role_map, order = load_roles(roles, TEXT_ROLES)
             if agents is not None and int(agents) != len(order):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
         self.batch_size = int(batch_size)

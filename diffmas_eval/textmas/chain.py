@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..prompts import ROLES, TOPOLOGIES, Role, chat_format, text_preamble, text_upstream_user
+from ..prompts import TEXT_ROLES, TOPOLOGIES, Role, chat_format, text_preamble, text_upstream_user
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TextChain:
         if agent_max_tokens < 1:
             raise ValueError(f"agent_max_tokens must be >= 1, got {agent_max_tokens}")
         self.backend, self.tokenizer, self.roles = backend, tokenizer, list(roles)
-        self.role_map = role_map or ROLES
+        self.role_map = role_map or TEXT_ROLES
         unknown = [r for r in self.roles if r not in self.role_map]
         if unknown:
             raise ValueError(f"unknown role(s) {unknown}; valid roles: {', '.join(sorted(self.role_map))}")
