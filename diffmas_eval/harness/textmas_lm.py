@@ -15,6 +15,7 @@ tokenizer, so both backends send the same text).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ OPTIONS = {
                   "and, unless model= is given, the served model's name)",
     "backend": "hf | openai",
     "base_url": "backend=openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
-    "model": "backend=openai: model name sent to the server (default: pretrained)",
+    "model": "backend=openai: model name sent to the server (default: pretrained; bundled:NAME its local path)",
     "tokenizer": "backend=openai: tokenizer for the chat template (default: pretrained)",
     "api_key": "backend=openai: API key (default EMPTY; or $OPENAI_API_KEY)",
     "timeout": "backend=openai: seconds per request attempt (default 120)",
@@ -107,9 +108,8 @@ class TextMASLM(TemplateLM):
             self.hf = None
             source = resolve_pretrained(tokenizer or pretrained)
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            import os
-
-            text_backend = OpenAIBackend(base_url, model or pretrained, api_key or os.environ.get("OPENAI_API_KEY"),
+            served = model or (resolve_pretrained(pretrained) if pretrained.startswith("bundled:") else pretrained)
+            text_backend = OpenAIBackend(base_url, served, api_key or os.environ.get("OPENAI_API_KEY"),
                                          timeout=float(timeout), max_retries=int(max_retries),
                                          num_concurrent=int(num_concurrent))
             self._chunk = max(self.batch_size, int(num_concurrent))
