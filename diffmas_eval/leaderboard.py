@@ -1,9 +1,11 @@
 """``diffmas-eval leaderboard``: score methods side by side through lm-eval, write a CSV.
 
-Each method is an lm-eval model (``hf`` for the single model, ``diffmas``, later ``textmas``) run
-on the same tasks and items. Every run goes through lm-eval's request cache, so an interrupted
-leaderboard resumes where it stopped; each run's results JSON is kept beside the CSV, and
-``--from-results`` rebuilds the table from results JSONs made anywhere (e.g. a GPU cluster).
+Each method is an lm-eval model (``hf`` for the single model, ``diffmas``, ``textmas``) run on the
+same tasks and items. ``diffmas`` and ``textmas`` report generated tokens and wall time per sample
+(``config.accounting`` of their results); the CSV carries them per task. Every run goes through
+lm-eval's request cache, so an interrupted leaderboard resumes where it stopped; each run's results
+JSON is kept beside the CSV, and ``--from-results`` rebuilds the table from results JSONs made
+anywhere (e.g. a GPU cluster).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import time
 from pathlib import Path
 
 DEFAULT_TASKS = "diffmas_arc_challenge,diffmas_gsm8k"
-FIELDS = ["method", "task", "metric", "value", "stderr", "n", "model", "model_args", "seconds"]
+FIELDS = ["method", "task", "metric", "value", "stderr", "n", "model", "model_args", "seconds",
+          "tokens_per_sample", "seconds_per_sample"]
+METHODS = ("single", "diffmas", "textmas")
 
 
-def method_model_args(method: str, pretrained: str, agents: int, latent_steps: int) -> tuple[str, str]:
+def method_model_args(method: str, pretrained: str, agents: int, latent_steps: int, agent_max_tokens: int = 512,
+                      textmas_args: str = "") -> tuple[str, str]:
     """The lm-eval model name and model_args of a leaderboard method."""
     from .models import resolve_pretrained
 
@@ -28,7 +33,10 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
         return "hf", f"pretrained={resolve_pretrained(pretrained)}"
     if method == "diffmas":
         return "diffmas", f"pretrained={pretrained},agents={agents},latent_steps={latent_steps}"
-    raise ValueError(f"unknown method {method!r}; choose from single, diffmas")
+    if method == "textmas":
+        extra = f",{textmas_args}" if textmas_args else ""
+        return "textmas", f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}"
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def rows_from_results(results: dict, method: str, seconds: float | None = None) -> list[dict]:
@@ -38,9 +46,11 @@ def rows_from_results(results: dict, method: str, seconds: float | None = None) 
     if isinstance(model_args, dict):
         model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
     pretrained = next((a.split("=", 1)[1] for a in str(model_args).split(",") if a.startswith("pretrained=")), "")
+    accounting = config.get("accounting", {}).get("per_task", {})
     rows = []
     for task, metrics in sorted(results["results"].items()):
         n = results.get("n-samples", {}).get(task, {}).get("effective")
+        spent = accounting.get(task, {})
         for key, value in metrics.items():
             if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
@@ -49,7 +59,9 @@ def rows_from_results(results: dict, method: str, seconds: float | None = None) 
             rows.append({"method": method, "task": task, "metric": name, "value": round(float(value), 4),
                          "stderr": round(float(stderr), 4) if isinstance(stderr, (int, float)) else "",
                          "n": n, "model": pretrained, "model_args": model_args,
-                         "seconds": "" if seconds is None else round(seconds, 1)})
+                         "seconds": "" if seconds is None else round(seconds, 1),
+                         "tokens_per_sample": spent.get("tokens_per_sample", ""),
+                         "seconds_per_sample": spent.get("seconds_per_sample", "")})
     return rows
 
 
@@ -69,20 +81,24 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | task | metric | value | ± | n | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | task | metric | value | ± | n | seconds | tokens/sample | s/sample |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['task']} | {r['metric']} | {r['value']:.3f} | {r['stderr']} | {r['n']} | "
-              f"{r['seconds']} |" for r in rows]
+              f"{r['seconds']} | {r.get('tokens_per_sample', '')} | {r.get('seconds_per_sample', '')} |" for r in rows]
     return "\n".join(lines)
 
 
 def add_leaderboard_parser(sub) -> None:
     p = sub.add_parser("leaderboard", help="score methods side by side through lm-eval and write a CSV")
     p.add_argument("--model", default="bundled:smollm2-135m-instruct")
-    p.add_argument("--methods", default="single,diffmas", help="comma-separated: single, diffmas")
+    p.add_argument("--methods", default="single,diffmas,textmas", help="comma-separated: single, diffmas, textmas")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval task names")
     p.add_argument("--limit", type=int, default=20, help="items per task (default 20; 0 = all)")
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--latent-steps", type=int, default=10)
+    p.add_argument("--agent-max-tokens", type=int, default=512, help="textmas: tokens per upstream agent")
+    p.add_argument("--textmas-args", default="",
+                   help="extra textmas model_args, e.g. backend=openai,base_url=http://127.0.0.1:8000/v1")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-gen-toks", type=int, default=256)
     p.add_argument("--device", default=None)
@@ -119,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        model, model_args = method_model_args(method, args.model, args.agents, args.latent_steps)
+        model, model_args = method_model_args(method, args.model, args.agents, args.latent_steps,
+                                              args.agent_max_tokens, args.textmas_args)
         print(f"== {method}: lm_eval --model {model} --model_args {model_args} --tasks {args.tasks}",
               flush=True)
         t0 = time.perf_counter()

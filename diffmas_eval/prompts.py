@@ -41,6 +41,29 @@ FINAL_PREAMBLE = (
 )
 
 
+# hierarchical text MAS (LatentMAS): independent domain agents, then a summarizer (text MAS only)
+TEXT_ROLES: dict[str, Role] = {
+    **ROLES,
+    **{r.name: r for r in [
+        Role("math", "You are the Math agent. Solve the question with careful mathematical reasoning, "
+                     "step by step, and state your answer."),
+        Role("science", "You are the Science agent. Solve the question with scientific knowledge and "
+                        "reasoning, step by step, and state your answer."),
+        Role("code", "You are the Code agent. Solve the question with precise, programmatic step-by-step "
+                     "reasoning, and state your answer."),
+        Role("summarizer", "You are the Summarizer. The domain agents' answers precede this message; weigh "
+                           "them, resolve disagreements, and state the final answer clearly."),
+    ]},
+}
+DOMAIN_CYCLE = ("math", "science", "code")
+SUMMARIZER_ROLE = "summarizer"
+TOPOLOGIES = ("sequential", "hierarchical")
+TEXT_NOTE = (
+    "[Notes from the {names} agent(s) follow. Use them if they help; ignore them otherwise.]\n\n"
+    "{notes}\n\n[End of notes.]\n\n"
+)
+
+
 def default_roles(agents: int) -> list[str]:
     """``agents`` roles: planner, critic, refiner (critic/refiner repeat beyond 4), solver last."""
     if agents < 1:
@@ -51,7 +74,7 @@ def default_roles(agents: int) -> list[str]:
     return [*upstream, FINAL_ROLE]
 
 
-def load_roles(path: str | Path) -> tuple[dict[str, Role], list[str]]:
+def load_roles(path: str | Path, builtin: dict[str, Role] = ROLES) -> tuple[dict[str, Role], list[str]]:
     """Custom roles from YAML ``{name: instruction, ...}``: the keys, in order, are the agents (the
     last one is the final agent); the roles join the built-in ones."""
     try:
@@ -61,7 +84,7 @@ def load_roles(path: str | Path) -> tuple[dict[str, Role], list[str]]:
     if not isinstance(data, dict) or not data or not all(isinstance(v, str) for v in data.values()):
         raise ValueError(f"{path}: a roles file is a non-empty mapping 'role name: instruction text', "
                          "one line per agent in order, the final agent last")
-    return {**ROLES, **{k: Role(k, v) for k, v in data.items()}}, list(data)
+    return {**builtin, **{k: Role(k, v) for k, v in data.items()}}, list(data)
 
 
 def chat_format(tokenizer, system: str, user: str, enable_thinking: bool | None = None) -> str:
@@ -75,3 +98,34 @@ def chat_format(tokenizer, system: str, user: str, enable_thinking: bool | None 
 
 def final_preamble(upstream: list[str]) -> str:
     return FINAL_PREAMBLE.format(names=", ".join(upstream)) if upstream else ""
+
+
+def topology_roles(agents: int, topology: str = "sequential") -> list[str]:
+    """Roles of a text MAS: ``sequential`` is ``default_roles``; ``hierarchical`` is ``agents - 1`` domain
+    agents (math, science, code, repeating) and a summarizer last."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology={topology!r} is not valid; choose one of {', '.join(TOPOLOGIES)}")
+    if topology == "sequential":
+        return default_roles(agents)
+    if agents < 1:
+        raise ValueError(f"agents must be >= 1, got {agents}")
+    return [DOMAIN_CYCLE[i % len(DOMAIN_CYCLE)] for i in range(agents - 1)] + [SUMMARIZER_ROLE]
+
+
+def text_notes(entries: list[tuple[str, str]]) -> str:
+    """Earlier agents' texts, one block per agent: ``[role]`` then its text."""
+    return "\n\n".join(f"[{role}]\n{text.strip()}" for role, text in entries)
+
+
+def text_upstream_user(question: str, earlier: list[tuple[str, str]]) -> str:
+    """An upstream text agent's user turn: the bare question, then the earlier agents' texts (if any)."""
+    if not earlier:
+        return question
+    return f"{question}\n\nEarlier agents wrote:\n\n{text_notes(earlier)}"
+
+
+def text_preamble(entries: list[tuple[str, str]]) -> str:
+    """The final text agent's note: the upstream agents' texts, before the task prompt."""
+    if not entries:
+        return ""
+    return TEXT_NOTE.format(names=", ".join(r for r, _ in entries), notes=text_notes(entries))

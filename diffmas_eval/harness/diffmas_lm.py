@@ -9,7 +9,7 @@ note, so the final agent sees exactly what ``--model hf`` sees (the tests use ``
 
 from __future__ import annotations
 
-import json
+import time
 from collections import defaultdict
 
 import torch
@@ -22,6 +22,7 @@ from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import ROLES, default_roles, final_preamble, load_roles
+from .common import Accounting, check_model_args, group_by_gen_kwargs
 
 OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME",
@@ -49,9 +50,7 @@ class DiffMASLM(HFLM):
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = 64,
                  max_trace_tokens: int | None = None, max_length: int | None = None,
                  enable_thinking: bool | None = None, trust_remote_code: bool = False, **unknown) -> None:
-        if unknown:
-            valid = "\n".join(f"  {k}: {v}" for k, v in OPTIONS.items())
-            raise ValueError(f"unknown diffmas model_args {sorted(unknown)}; valid ones:\n{valid}")
+        check_model_args("diffmas", unknown, OPTIONS)
         if not str(batch_size).isdigit():
             raise ValueError(f"diffmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
@@ -78,6 +77,7 @@ class DiffMASLM(HFLM):
             self.chain.realigner.weight.data.copy_(torch.load(realign_file, map_location=self.device))
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
+        self.accounting = Accounting("diffmas")
 
     # -- what each agent reads --------------------------------------------------------------------
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -105,7 +105,30 @@ class DiffMASLM(HFLM):
             return [bos, *note, *context_ids[1:]]
         return note + list(context_ids)
 
+    # -- accounting -------------------------------------------------------------------------------
+    def _agents_log(self, final_tokens: int) -> list[dict]:
+        """Upstream agents write latent steps, not tokens; the final agent's generated tokens."""
+        steps = self.chain.config.latent_steps
+        return [{"role": r, "tokens": 0, "latent_steps": steps} for r in self.chain.config.upstream] + [
+            {"role": self.chain.config.roles[-1], "tokens": final_tokens}]
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "accounting": self.accounting.summary()}
+
     # -- scoring ----------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        t0 = time.perf_counter()
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        by_question: dict[str, list] = defaultdict(list)
+        for req in requests:
+            by_question[self._question(req.args[0])].append(req)
+        per = (time.perf_counter() - t0) / max(1, len(by_question))  # one trace per question
+        for first, *rest in by_question.values():
+            record = self.accounting.record(first, self._agents_log(0), per)
+            for req in rest:
+                self.accounting.register(req, record)
+        return results
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         items = [(self._question(ctx), self._final_ids(ctx, ctx_ids), cont_ids)
                  for (ctx, _), ctx_ids, cont_ids in requests]
@@ -159,9 +182,7 @@ class DiffMASLM(HFLM):
 
     # -- generation -------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, req in enumerate(requests):
-            groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
+        groups = group_by_gen_kwargs(requests)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="diffmas generate_until")
@@ -174,15 +195,18 @@ class DiffMASLM(HFLM):
                             top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0))
             for b0 in range(0, len(indices), self.batch_size):
                 batch = indices[b0:b0 + self.batch_size]
+                t0 = time.perf_counter()
                 contexts = [requests[i].args[0] for i in batch]
                 finals = [self._final_ids(c, self.tok_encode(c)) for c in contexts]
                 with torch.no_grad():
                     trace = self.chain.stage1([self._question(c) for c in contexts],
                                               final_tokens=[len(f) + max_gen for f in finals])
                 gens = self.chain.generate(trace, finals, max_new_tokens=max_gen, stop=until, **sampling)
+                per = (time.perf_counter() - t0) / len(batch)
                 for i, gen in zip(batch, gens):
                     results[i] = gen.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
+                    self.accounting.record(requests[i], self._agents_log(len(gen.token_ids)), per)
                 bar.update(len(batch))
         bar.close()
         return results

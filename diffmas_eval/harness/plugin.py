@@ -1,4 +1,4 @@
-"""Make the plain ``lm_eval`` CLI find the ``diffmas`` model and this package's tasks.
+"""Make the plain ``lm_eval`` CLI find the ``diffmas`` and ``textmas`` models and this package's tasks.
 
 lm-eval 0.4.13 reads no plugin entry points (later versions read ``lm_eval.models``, which
 pyproject.toml also declares). The package therefore ships a ``.pth`` file that calls
@@ -6,7 +6,9 @@ pyproject.toml also declares). The package therefore ships a ``.pth`` file that 
 hook, for lm-eval's own modules to load, and only then
 - registers lazy placeholders for our models (only after lm-eval's own mapping is in, since
   ``get_model`` loads the built-in models only while the registry is empty), and
-- adds our task directory to every ``TaskManager`` that includes lm-eval's default tasks.
+- adds our task directory to every ``TaskManager`` that includes lm-eval's default tasks, and
+- adds each sample's accounting record (tokens per agent, wall time; from ``diffmas``/``textmas``)
+  to the sample log that ``EvaluationTracker.save_results_samples`` writes (``--log_samples``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 MODELS = {
     "diffmas": "diffmas_eval.harness.diffmas_lm:DiffMASLM",
+    "textmas": "diffmas_eval.harness.textmas_lm:TextMASLM",
 }
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
@@ -47,7 +50,26 @@ def _add_task_dir(module) -> None:
     manager.__init__ = __init__
 
 
-HOOKS = {"lm_eval.models": _register_models, "lm_eval.tasks.manager": _add_task_dir}
+def _log_accounting(module) -> None:
+    tracker = module.EvaluationTracker
+    if getattr(tracker.save_results_samples, "_diffmas", False):
+        return
+    original = tracker.save_results_samples
+
+    def save_results_samples(self, task_name, samples):
+        source = getattr(getattr(self, "general_config_tracker", None), "model_source", None)
+        if source is None or source in MODELS:  # only runs of our models carry accounting
+            from .common import add_accounting
+
+            add_accounting(task_name, samples)
+        return original(self, task_name, samples)
+
+    save_results_samples._diffmas = True
+    tracker.save_results_samples = save_results_samples
+
+
+HOOKS = {"lm_eval.models": _register_models, "lm_eval.tasks.manager": _add_task_dir,
+         "lm_eval.loggers.evaluation_tracker": _log_accounting}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

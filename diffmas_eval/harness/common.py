@@ -1,0 +1,104 @@
+"""Request handling shared by the ``diffmas`` and ``textmas`` lm-eval models.
+
+- ``check_model_args``: unknown model_args fail with the list of valid ones.
+- ``last_user_turn`` / ``group_by_gen_kwargs``: how requests are read and batched.
+- ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample). Records
+  are keyed by (task, prompt hash), the two things lm-eval's sample log identifies a sample by; the
+  plugin (``plugin._log_accounting``) adds each sample's record as the field ``diffmas_accounting``
+  when lm-eval writes ``samples_<task>_*.jsonl`` (``--log_samples``), for runs of our models. In
+  Python, ``add_accounting(task, results["samples"][task])`` does the same, right after the run: the
+  records kept are those of the latest ``diffmas``/``textmas`` model created in the process.
+  The summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+
+ACCOUNTING_KEY = "diffmas_accounting"
+
+
+def check_model_args(model: str, unknown: dict, options: dict[str, str]) -> None:
+    if unknown:
+        valid = "\n".join(f"  {k}: {v}" for k, v in options.items())
+        raise ValueError(f"unknown {model} model_args {sorted(unknown)}; valid ones:\n{valid}")
+
+
+def last_user_turn(messages: list[dict]) -> int | None:
+    return max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+
+
+def group_by_gen_kwargs(requests) -> dict[str, list[int]]:
+    """Request indices grouped by identical generation kwargs (one decoding setup per group)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, req in enumerate(requests):
+        groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
+    return groups
+
+
+class Accounting:
+    """Per-sample records ``{task, doc_id, agents: [{role, tokens, ...}], tokens, seconds}``."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.records: list[dict] = []
+        self.by_sample: dict[tuple[str, str], dict] = {}
+        LATEST["by_sample"] = self.by_sample  # a new model starts a new run
+
+    def record(self, request, agents: list[dict], seconds: float, **extra) -> dict:
+        """Account one answered request (one sample) and register the record for the sample log."""
+        rec = {"method": self.method, "task": getattr(request, "task_name", None),
+               "doc_id": getattr(request, "doc_id", None), "agents": agents,
+               "tokens": sum(a.get("tokens") or 0 for a in agents), "seconds": round(seconds, 4), **extra}
+        self.records.append(rec)
+        self.register(request, rec)
+        return rec
+
+    def register(self, request, record: dict) -> None:
+        """Remember ``record`` as the accounting of the sample that ``request`` (an Instance) belongs to."""
+        args = getattr(request, "args", None)
+        if args and isinstance(args[0], str):
+            self.by_sample[sample_key(getattr(request, "task_name", None), args[0])] = record
+
+    def summary(self) -> dict:
+        """Means per sample, overall and per task: generated tokens (total and per agent), seconds."""
+        def summarise(records):
+            per_agent: dict[str, list[int]] = defaultdict(list)
+            for r in records:
+                for a in r["agents"]:
+                    per_agent[a["role"]].append(a.get("tokens") or 0)
+            return {"samples": len(records),
+                    "tokens_per_sample": round(statistics.fmean(r["tokens"] for r in records), 2),
+                    "tokens_per_agent": {k: round(statistics.fmean(v), 2) for k, v in per_agent.items()},
+                    "seconds_per_sample": round(statistics.fmean(r["seconds"] for r in records), 4),
+                    "seconds_total": round(sum(r["seconds"] for r in records), 2)}
+
+        if not self.records:
+            return {"method": self.method, "samples": 0}
+        by_task: dict[str, list[dict]] = defaultdict(list)
+        for r in self.records:
+            by_task[str(r["task"])].append(r)
+        return {"method": self.method, **summarise(self.records),
+                "per_task": {t: summarise(rs) for t, rs in sorted(by_task.items())}}
+
+
+LATEST: dict[str, dict] = {"by_sample": {}}
+
+
+def sample_key(task: str | None, context: str) -> tuple[str, str]:
+    """What identifies a sample in lm-eval's sample log: its task and ``prompt_hash`` (of the first
+    request's context; all requests of a multiple-choice sample share it)."""
+    from lm_eval.utils import hash_string
+
+    return str(task), hash_string(context)
+
+
+def add_accounting(task: str, samples: list[dict]) -> list[dict]:
+    """Put each logged sample's accounting record (if any) in its field ``diffmas_accounting``."""
+    for sample in samples:
+        record = LATEST["by_sample"].get((str(task), sample.get("prompt_hash")))
+        if record is not None:
+            sample[ACCOUNTING_KEY] = record
+    return samples

@@ -1,0 +1,313 @@
+"""``lm_eval --model textmas``: text multi-agent baselines with DiffMAS's roles and prompts.
+
+Requests are read as ``diffmas`` reads them: upstream agents get the task's bare question (recovered
+through the ``apply_chat_template`` override), the final agent gets the task context exactly as the
+task formats it, with a note before it; here the note carries the upstream agents' texts. With
+``agents=1`` there is no upstream agent and no note: ``backend=hf`` then answers exactly as lm-eval's
+``hf`` model (the final agent *is* an ``HFLM``, which the tests use as the oracle).
+
+Backends: ``hf`` (in-process transformers: upstream agents batched through ``model.generate``, the
+final agent through ``HFLM``) and ``openai`` (any OpenAI-compatible ``/v1/completions`` server:
+``vllm serve``, ``transformers serve``; the chat template is applied here, with the model's own
+tokenizer, so both backends send the same text).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from tqdm import tqdm
+
+from ..models import resolve_pretrained
+from ..prompts import TEXT_ROLES, load_roles, topology_roles
+from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
+from ..textmas.chain import TextChain, TextTrace
+from .common import Accounting, check_model_args, group_by_gen_kwargs, last_user_turn
+
+OPTIONS = {
+    "pretrained": "hub id, local path or bundled:NAME (backend=hf: the model; backend=openai: its tokenizer "
+                  "and, unless model= is given, the served model's name)",
+    "backend": "hf | openai",
+    "base_url": "backend=openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
+    "model": "backend=openai: model name sent to the server (default: pretrained; bundled:NAME its local path)",
+    "tokenizer": "backend=openai: tokenizer for the chat template (default: pretrained)",
+    "api_key": "backend=openai: API key (default EMPTY; or $OPENAI_API_KEY)",
+    "timeout": "backend=openai: seconds per request attempt (default 120)",
+    "max_retries": "backend=openai: retries after a failed attempt, with backoff (default 2)",
+    "num_concurrent": "backend=openai: requests in flight (default 4)",
+    "agents": "number of agents, final agent included (default 4)",
+    "topology": "sequential (planner, critic, refiner, solver) | hierarchical (domain agents, then a summarizer)",
+    "agent_max_tokens": "tokens each upstream agent may write (default 512)",
+    "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
+    "dtype": "backend=hf: auto | float32 | bfloat16 | float16",
+    "device": "backend=hf: cuda, cuda:N or cpu (default: cuda if available)",
+    "batch_size": "questions per batch (an integer)",
+    "max_batch_size": "accepted for lm-eval compatibility",
+    "max_length": "backend=hf: model context in tokens",
+    "enable_thinking": "passed to the chat template (Qwen3)",
+    "trust_remote_code": "passed to from_pretrained",
+}
+
+
+@dataclass
+class _Req:
+    """What ``HFLM`` reads from a request."""
+
+    args: tuple
+
+
+class TextMASLM(TemplateLM):
+    def __init__(self, pretrained: str = "bundled:smollm2-135m-instruct", backend: str = "hf",
+                 base_url: str | None = None, model: str | None = None, tokenizer: str | None = None,
+                 api_key: str | None = None, timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4,
+                 agents: int | None = None, topology: str = "sequential", agent_max_tokens: int = 512,
+                 roles: str | None = None, dtype: str = "auto", device: str | None = None,
+                 batch_size: int | str = 1, max_batch_size: int | None = 64, max_length: int | None = None,
+                 enable_thinking: bool | None = None, trust_remote_code: bool = False,
+                 **unknown) -> None:
+        check_model_args("textmas", unknown, OPTIONS)
+        super().__init__()
+        if backend not in ("hf", "openai"):
+            raise ValueError(f"backend={backend!r} is not valid; choose hf or openai")
+        if not str(batch_size).isdigit():
+            raise ValueError(f"textmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
+        role_map, order = dict(TEXT_ROLES), topology_roles(4 if agents is None else int(agents), topology)
+        if roles:
+            role_map, order = load_roles(roles, TEXT_ROLES)
+            if agents is not None and int(agents) != len(order):
+                raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
+        self.batch_size = int(batch_size)
+        self.max_gen_toks = 256  # lm-eval's default when a task sets none (as HFLM)
+        self.backend = "causal"  # TemplateLM's tokenization mode (decoder-only)
+        self.backend_name = backend
+        self.enable_thinking = enable_thinking
+        if backend == "hf":
+            import torch
+            from lm_eval.models.huggingface import HFLM
+
+            self.hf = HFLM(pretrained=resolve_pretrained(pretrained), dtype=dtype,
+                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                           batch_size=self.batch_size, max_batch_size=max_batch_size, max_length=max_length,
+                           enable_thinking=enable_thinking,
+                           trust_remote_code=trust_remote_code)
+            self.tokenizer = self.hf.tokenizer
+            text_backend = HFBackend(self.hf.model, self.tokenizer, self.hf.tok_encode, self.batch_size)
+            self._chunk = self.batch_size
+            self._count_final_tokens()
+        else:
+            if not base_url:
+                raise ValueError("backend=openai needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1")
+            from transformers import AutoTokenizer
+
+            self.hf = None
+            source = resolve_pretrained(tokenizer or pretrained)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            served = model or (resolve_pretrained(pretrained) if pretrained.startswith("bundled:") else pretrained)
+            text_backend = OpenAIBackend(base_url, served, api_key or os.environ.get("OPENAI_API_KEY"),
+                                         timeout=float(timeout), max_retries=int(max_retries),
+                                         num_concurrent=int(num_concurrent))
+            self._chunk = max(self.batch_size, int(num_concurrent))
+        self.text_backend = text_backend
+        self.chain = TextChain(text_backend, self.tokenizer, order, role_map, topology, int(agent_max_tokens),
+                               enable_thinking)
+        self.final_role = order[-1]
+        self.accounting = Accounting("textmas")
+        self._chats: dict[str, tuple[list[dict], bool]] = {}
+
+    def _count_final_tokens(self) -> None:
+        """Record, per context, how many tokens HFLM's final-agent decoding generated for it.
+
+        Wraps the ``hf`` instance's ``tok_batch_encode`` (to learn each batch row's context string) and
+        ``_model_generate`` (to count the row's new tokens, trailing padding of finished rows excluded)."""
+        hf, counts, rows = self.hf, {}, []
+        encode, generate = hf.tok_batch_encode, hf._model_generate
+
+        def tok_batch_encode(strings, *args, **kwargs):
+            rows[:] = list(strings)
+            return encode(strings, *args, **kwargs)
+
+        def model_generate(context, *args, **kwargs):
+            out = generate(context, *args, **kwargs)
+            pad = hf.tokenizer.pad_token_id
+            for text, row in zip(rows, out[:, context.shape[1]:].tolist()):
+                while row and row[-1] == pad:
+                    row.pop()
+                counts[text] = len(row)
+            return out
+
+        hf.tok_batch_encode, hf._model_generate = tok_batch_encode, model_generate
+        self._final_tokens = counts
+
+    # -- tokenizer, as HFLM ---------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.hf.eot_token_id if self.hf else self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.hf:
+            return self.hf.prefix_token_id
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if self.hf:
+            return self.hf.tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            kw["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **kw)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    # -- what each agent reads --------------------------------------------------------------------
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.hf:
+            return self.hf.apply_chat_template(messages, add_generation_prompt)
+        kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt, **kwargs)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Format exactly as ``hf`` does; remember the turns, to put the upstream texts in the last user turn."""
+        messages = [dict(m) for m in chat_history]
+        text = self._render(messages, add_generation_prompt)
+        if last_user_turn(messages) is not None:
+            self._chats[text] = (messages, add_generation_prompt)
+        return text
+
+    def _question(self, context: str) -> str:
+        if context in self._chats:
+            messages, _ = self._chats[context]
+            return messages[last_user_turn(messages)]["content"]
+        return context
+
+    def _final_context(self, context: str, trace: TextTrace) -> str:
+        """The final agent's text: the note with the upstream texts, then the context as the task made it."""
+        note = trace.preamble()
+        if not note:
+            return context
+        if context in self._chats:
+            messages, agp = self._chats[context]
+            messages = [dict(m) for m in messages]
+            last = last_user_turn(messages)
+            messages[last]["content"] = note + messages[last]["content"]
+            return self._render(messages, agp)
+        return note + context
+
+    def _agents_log(self, trace: TextTrace, final_tokens: int | None, per_sample: float) -> list[dict]:
+        """Upstream agents' texts, tokens and share of the time; the final agent's tokens and the rest."""
+        rest = max(0.0, per_sample - sum(a.seconds for a in trace.agents))
+        return [a.to_dict() for a in trace.agents] + [
+            {"role": self.final_role, "tokens": final_tokens, "seconds": round(rest, 4)}]
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="textmas generate_until")
+        for indices in group_by_gen_kwargs(requests).values():
+            gen_kwargs = requests[indices[0]].args[1]
+            kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = kwargs.pop("max_gen_toks")
+            if self.hf is None and kwargs.get("do_sample"):
+                raise ValueError("textmas backend=openai decodes greedily; drop do_sample from gen_kwargs")
+            for c0 in range(0, len(indices), self._chunk):
+                chunk = indices[c0:c0 + self._chunk]
+                args = [requests[i].args for i in chunk]
+                t0 = time.perf_counter()
+                traces = self.chain.run([self._question(a[0]) for a in args])
+                finals = [self._final_context(a[0], t) for a, t in zip(args, traces)]
+                if self.hf is not None:
+                    texts = self.hf.generate_until([_Req((f, copy.deepcopy(a[1]))) for f, a in zip(finals, args)],
+                                                   disable_tqdm=True)
+                    tokens = [self._final_tokens.pop(f, None) for f in finals]
+                else:
+                    outs = self.text_backend.generate(finals, max_gen, stop=until)
+                    texts, tokens = [o.text for o in outs], [o.tokens for o in outs]
+                per = (time.perf_counter() - t0) / len(chunk)
+                for i, a, trace, text, n in zip(chunk, args, traces, texts, tokens):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", a, text)
+                    self.accounting.record(requests[i], self._agents_log(trace, n, per), per,
+                                           backend=self.backend_name, topology=self.chain.topology)
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """``log p(continuation | upstream texts, context)``; one text trace per distinct question."""
+        by_question: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            by_question[self._question(req.args[0])].append(i)
+        questions = list(by_question)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="textmas loglikelihood")
+        for q0 in range(0, len(questions), self._chunk):
+            chunk = questions[q0:q0 + self._chunk]
+            t0 = time.perf_counter()
+            traces = self.chain.run(chunk)
+            idx = [i for q in chunk for i in by_question[q]]
+            trace_of = {i: t for q, t in zip(chunk, traces) for i in by_question[q]}
+            pairs = []
+            for i in idx:
+                ctx, cont = requests[i].args
+                pairs.append((self._final_context(ctx, trace_of[i]) if ctx else ctx, cont))
+            scores = (self.hf.loglikelihood([_Req(p) for p in pairs], disable_tqdm=True) if self.hf is not None
+                      else self._remote_loglikelihood(pairs))
+            per = (time.perf_counter() - t0) / len(chunk)
+            for i, res in zip(idx, scores):
+                results[i] = res
+                self.cache_hook.add_partial("loglikelihood", requests[i].args, res)
+            for q, trace in zip(chunk, traces):
+                first, *rest = by_question[q]
+                self.accounting.record(requests[first], self._agents_log(trace, 0, per), per,
+                                       backend=self.backend_name, topology=self.chain.topology)
+                for i in rest:
+                    self.accounting.register(requests[i], self.accounting.records[-1])
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+    def _remote_loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        out = []
+        for ctx, cont in pairs:
+            if ctx:
+                ctx_ids, cont_ids = self._encode_pair(ctx, cont)
+            else:
+                cont_ids = self.tok_encode(cont, add_special_tokens=False)
+                ctx_ids = [self.prefix_token_id]
+            scored = self.text_backend.prompt_logprobs(ctx_ids + cont_ids)[-len(cont_ids):]
+            if any(v is None for v, _ in scored):
+                raise BackendError(f"{self.text_backend.base_url} returned no log-probability for some prompt tokens")
+            out.append((sum(v for v, _ in scored), all(g for _, g in scored)))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        raise NotImplementedError("textmas scores through loglikelihood()")
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if self.hf is not None and not self.chain.upstream:
+            return self.hf.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        raise NotImplementedError("textmas supports loglikelihood_rolling only with backend=hf and agents=1")
+
+    # -- reporting --------------------------------------------------------------------------------
+    def get_model_info(self) -> dict:
+        info = {"textmas": {"backend": self.backend_name, "topology": self.chain.topology,
+                            "roles": self.chain.roles, "agent_max_tokens": self.chain.agent_max_tokens},
+                "accounting": self.accounting.summary()}
+        if self.hf is None:
+            info["textmas"]["base_url"] = self.text_backend.base_url
+            info["textmas"]["model"] = self.text_backend.model
+        return info
