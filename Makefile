@@ -5,6 +5,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # offline benchmark data when present (CI, this project's machines); otherwise the hub
 DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+# the offline default, sized for a CPU (override on a GPU, e.g. LEADERBOARD_ARGS="--model Qwen/Qwen3-8B --limit 0")
+LEADERBOARD_ARGS ?= --tasks diffmas_arc_challenge,diffmas_commonsense_qa,diffmas_gsm8k --limit 10 \
+	--agent-max-tokens 48 --max-gen-toks 128
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 

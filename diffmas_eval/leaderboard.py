@@ -101,6 +101,9 @@ def add_leaderboard_parser(sub) -> None:
                    help="extra textmas model_args, e.g. backend=openai,base_url=http://127.0.0.1:8000/v1")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-gen-toks", type=int, default=256)
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="score plain prompts (default: every method applies the model's chat template, as an "
+                        "instruct model expects)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         results = simple_evaluate(
             model=model, model_args=model_args, tasks=args.tasks.split(","), limit=args.limit or None,
-            batch_size=args.batch_size, device=device, gen_kwargs={"max_gen_toks": args.max_gen_toks},
+            batch_size=args.batch_size, device=device, apply_chat_template=args.chat_template,
+            gen_kwargs={"max_gen_toks": args.max_gen_toks},
             use_cache=str(runs_dir / f"cache_{method}_{_digest(model_args)}"), random_seed=args.seed,
             numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
         seconds = time.perf_counter() - t0
