@@ -35,3 +35,10 @@ def data_dir():
     if not (DATA_DIR / "gsm8k").exists():
         pytest.skip(f"benchmark data not found at {DATA_DIR}; set DIFFMAS_DATA_DIR")
     return DATA_DIR
+
+
+@pytest.fixture()
+def local_data(data_dir, monkeypatch):
+    """DIFFMAS_DATA_DIR pointed at the shared benchmark files, for lm-eval runs in a test."""
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
+    return data_dir

@@ -22,12 +22,6 @@ def samples(results, task):
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
-@pytest.fixture()
-def local_data(data_dir, monkeypatch):
-    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
-    return data_dir
-
-
 @pytest.mark.parametrize("chat", [False, True])
 def test_single_agent_equals_hf(tiny_path, local_data, chat):
     tasks = ["diffmas_arc_challenge", "diffmas_gsm8k"] if not chat else ["diffmas_commonsense_qa_gen"]

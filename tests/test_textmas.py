@@ -37,12 +37,6 @@ def samples(results, task, accounting=True):
     return add_accounting(task, logged) if accounting else logged
 
 
-@pytest.fixture()
-def local_data(data_dir, monkeypatch):
-    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
-    return data_dir
-
-
 # -- agents=1 is lm-eval's hf -------------------------------------------------------------------------
 @pytest.mark.parametrize("chat", [False, True])
 def test_single_agent_equals_hf(tiny_path, local_data, chat):
