@@ -231,3 +231,25 @@ def test_stop_strings_cut_generation(tiny_llama):
         stop = full[3:5]
         cut = chain.generate(trace, final, max_new_tokens=16, stop=[stop])[0].text
     assert stop not in cut and full.startswith(cut)
+
+
+def test_loss_and_scores_from_kept_logits_equal_the_full_computation(tiny):
+    import torch.nn.functional as F
+
+    chain = chain_for(tiny, latent_steps=2)
+    prompts = [chain.final_prompt(q) for q in QUESTIONS]
+    answers = [chain.encode(a) for a in (" 42", " (B) dog, because dogs bark.", " 5")]
+    ids = [p + a for p, a in zip(prompts, answers)]
+    labels = [[-100] * len(p) + a for p, a in zip(prompts, answers)]
+    with torch.no_grad():
+        trace = chain.stage1(QUESTIONS)
+        full, _ = chain.final_logits(trace, ids)  # every column
+        width = full.shape[1]
+        target = torch.tensor([[-100] * (width - len(lab)) + lab for lab in labels])
+        expected = F.cross_entropy(full[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
+        assert abs(chain.loss(trace, ids, labels).item() - expected.item()) < 1e-5
+        logprobs = full.log_softmax(-1)
+        for i, (score, _) in enumerate(chain.loglikelihood(trace, prompts, answers)):
+            n = len(answers[i])
+            ref = logprobs[i, -n - 1:-1].gather(-1, torch.tensor(answers[i])[:, None]).sum().item()
+            assert abs(score - ref) < 1e-4

@@ -155,11 +155,15 @@ class AgentChain(nn.Module):
         return out.hidden_states[-1][:, -1]
 
     # -- stage 2 ----------------------------------------------------------------------------------
-    def final_logits(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced final agent over the trace: ``[B, L, V]`` logits and the left-padded mask."""
+    def final_logits(self, trace: LatentTrace, rows: list[list[int]],
+                     keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced final agent over the trace: logits of the last ``keep`` columns (0: all,
+        ``[B, L, V]``) and the left-padded mask. Rows end at the last column, so scoring a tail needs
+        only that tail's logits (a 150k vocabulary makes the rest the largest tensor of the call)."""
         input_ids, mask = self._left_pad(rows)
         out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
-                         position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True)
+                         position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True,
+                         logits_to_keep=keep)
         return out.logits, mask
 
     def loglikelihood(self, trace: LatentTrace, contexts: list[list[int]],
@@ -168,7 +172,8 @@ class AgentChain(nn.Module):
         if any(not c for c in continuations) or any(not c for c in contexts):
             raise ValueError("every context and continuation needs at least one token (prefix an empty "
                              "context with a BOS/EOT token, as lm-eval does)")
-        logits, _ = self.final_logits(trace, [c + d for c, d in zip(contexts, continuations)])
+        keep = max(len(d) for d in continuations) + 1
+        logits, _ = self.final_logits(trace, [c + d for c, d in zip(contexts, continuations)], keep)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         results = []
         for i, cont in enumerate(continuations):
@@ -182,9 +187,12 @@ class AgentChain(nn.Module):
     def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]],
              reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over the final agent's target tokens (labels -100 elsewhere), ``mean`` or ``sum``."""
-        logits, _ = self.final_logits(trace, input_ids)
+        # keep the logits from the column before the earliest target on (rows are right-aligned)
+        first = [next((j for j, x in enumerate(lab) if x != -100), len(lab)) for lab in labels]
+        keep = max(len(lab) - j for lab, j in zip(labels, first)) + 1
+        logits, _ = self.final_logits(trace, input_ids, min(keep, max(map(len, input_ids))))
         width = logits.shape[1]
-        target = torch.tensor([[-100] * (width - len(lab)) + list(lab) for lab in labels], device=logits.device)
+        target = torch.tensor([([-100] * width + list(lab))[-width:] for lab in labels], device=logits.device)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(), ignore_index=-100,
                                reduction=reduction)
 
