@@ -96,6 +96,11 @@ def chat_format(tokenizer, system: str, user: str, enable_thinking: bool | None 
     return f"{system}\n\nQuestion: {user}\n\nAnswer:"
 
 
+def last_user_turn(messages: list[dict]) -> int | None:
+    """Index of a chat's last user message: where the question is, and where the trace note goes."""
+    return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+
+
 def final_preamble(upstream: list[str]) -> str:
     return FINAL_PREAMBLE.format(names=", ".join(upstream)) if upstream else ""
 

@@ -1,7 +1,7 @@
 """Request handling shared by the ``diffmas`` and ``textmas`` lm-eval models.
 
 - ``check_model_args``: unknown model_args fail with the list of valid ones.
-- ``last_user_turn`` / ``group_by_gen_kwargs``: how requests are read and batched.
+- ``group_by_gen_kwargs``: how requests are batched.
 - ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample). Records
   are keyed by (task, prompt hash), the two things lm-eval's sample log identifies a sample by; the
   plugin (``plugin._log_accounting``) adds each sample's record as the field ``diffmas_accounting``
@@ -24,10 +24,6 @@ def check_model_args(model: str, unknown: dict, options: dict[str, str]) -> None
     if unknown:
         valid = "\n".join(f"  {k}: {v}" for k, v in options.items())
         raise ValueError(f"unknown {model} model_args {sorted(unknown)}; valid ones:\n{valid}")
-
-
-def last_user_turn(messages: list[dict]) -> int | None:
-    return max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
 
 
 def group_by_gen_kwargs(requests) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
-from ..prompts import ROLES, default_roles, final_preamble, load_roles
+from ..prompts import ROLES, default_roles, final_preamble, last_user_turn, load_roles
 from .common import Accounting, check_model_args, group_by_gen_kwargs
 
 OPTIONS = {
@@ -83,7 +83,7 @@ class DiffMASLM(HFLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Format as ``hf`` does, with the trace note in the last user turn; remember the bare question."""
         messages = [dict(m) for m in chat_history]
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        last_user = last_user_turn(messages)
         if last_user is None:
             return super().apply_chat_template(messages, add_generation_prompt)
         question = messages[last_user]["content"]

@@ -25,10 +25,10 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from ..models import resolve_pretrained
-from ..prompts import TEXT_ROLES, load_roles, topology_roles
+from ..prompts import TEXT_ROLES, last_user_turn, load_roles, topology_roles
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
-from .common import Accounting, check_model_args, group_by_gen_kwargs, last_user_turn
+from .common import Accounting, check_model_args, group_by_gen_kwargs
 
 OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME (backend=hf: the model; backend=openai: its tokenizer "

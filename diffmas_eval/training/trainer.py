@@ -26,7 +26,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import save_chain_config
-from ..prompts import ROLES, final_preamble
+from ..prompts import ROLES, final_preamble, last_user_turn
 
 logger = logging.getLogger(__name__)
 QUESTION = "diffmas_question"
@@ -36,10 +36,10 @@ def question_of(prompt: Any) -> str:
     """The bare question upstream agents read: a string prompt, or the last user turn of a chat."""
     if isinstance(prompt, str):
         return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    if not users:
+    last = last_user_turn(prompt)
+    if last is None:
         raise ValueError("a conversational prompt needs a user message")
-    return users[-1]
+    return prompt[last]["content"]
 
 
 def with_note(prompt: Any, note: str) -> Any:
@@ -49,7 +49,7 @@ def with_note(prompt: Any, note: str) -> Any:
     if isinstance(prompt, str):
         return note + prompt
     messages = [dict(m) for m in prompt]
-    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    last = last_user_turn(messages)
     messages[last]["content"] = note + messages[last]["content"]
     return messages
 
