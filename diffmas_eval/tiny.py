@@ -1,7 +1,10 @@
-"""Tiny random Llama / Qwen3 models with a real BPE tokenizer, built in seconds, for tests.
+"""Tiny random models of the real transformers classes with a real BPE tokenizer, built in seconds.
 
-They exercise exactly the code paths of the big models (RoPE, GQA, chat template, KV cache) with
-no download. ``save_tiny_model`` writes a normal checkpoint directory, so anything that takes a
+They exercise exactly the code paths of the big models (RoPE, GQA, chat template, KV cache, and the
+attention layouts users bring: full attention in Llama/Qwen3; sliding-window layers mixed with full
+ones in Gemma 2/3, Ministral and Qwen3 with ``layer_types``; all-sliding Mistral; Gemma's scaled input
+embeddings) with no download. The sliding window (``SLIDING_WINDOW``) is far shorter than a trace.
+``save_tiny_model`` writes a normal checkpoint directory, so anything that takes a
 model path (lm-eval's ``hf``, ``trainers/sft.py``) can be tested against it.
 """
 
@@ -11,8 +14,30 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MinistralConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
 
+SLIDING_WINDOW = 24
+MIXED = ["sliding_attention", "full_attention"]  # one layer of each
+ARCHS = {
+    "llama": lambda c: LlamaConfig(**c),
+    "qwen3": lambda c: Qwen3Config(**c),
+    "gemma3": lambda c: Gemma3TextConfig(**c, sliding_window=SLIDING_WINDOW, layer_types=MIXED),
+    "gemma2": lambda c: Gemma2Config(**c, sliding_window=SLIDING_WINDOW, layer_types=MIXED),
+    "ministral": lambda c: MinistralConfig(**c, sliding_window=SLIDING_WINDOW, layer_types=MIXED),
+    "mistral": lambda c: MistralConfig(**c, sliding_window=SLIDING_WINDOW),
+    "qwen3-swa": lambda c: Qwen3Config(**c, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                                       max_window_layers=1, layer_types=MIXED),
+}
+SLIDING_ARCHS = ("gemma3", "gemma2", "ministral", "mistral", "qwen3-swa")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -45,7 +70,8 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096):
-    """Return ``(model, tokenizer)``: 2 layers, hidden 64, 4 query / 2 KV heads, float32, eval mode."""
+    """Return ``(model, tokenizer)``: 2 layers, hidden 64, 4 query / 2 KV heads, float32, eval mode
+    (``arch``: a key of ``ARCHS``)."""
     tokenizer = make_tokenizer()
     common = dict(
         vocab_size=len(tokenizer),
@@ -61,12 +87,9 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096):
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen3":
-        config = Qwen3Config(**common)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose 'llama' or 'qwen3'")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    config = ARCHS[arch](common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,12 +20,12 @@ def test_zero_latent_steps_equals_one_plain_forward(tiny):
     finals = [chain.final_prompt(q) for q in QUESTIONS]
     with torch.no_grad():
         trace = chain.stage1(QUESTIONS)
-        logits, _ = chain.final_logits(trace, finals)
+        logits, ends = chain.final_logits(trace, finals)
         prompts = chain.upstream_prompts(QUESTIONS)
         for i, final in enumerate(finals):
             flat = [t for agent in prompts for t in agent[i]] + final
             ref = model(input_ids=torch.tensor([flat])).logits[0, -len(final):]
-            assert (logits[i, -len(final):] - ref).abs().max() < ATOL
+            assert (logits[i, ends[i] - len(final):ends[i]] - ref).abs().max() < ATOL
     assert trace.length > 0  # the final agent really read a trace (LatentMAS dropped it at m=0)
 
 
@@ -243,13 +243,14 @@ def test_loss_and_scores_from_kept_logits_equal_the_full_computation(tiny):
     labels = [[-100] * len(p) + a for p, a in zip(prompts, answers)]
     with torch.no_grad():
         trace = chain.stage1(QUESTIONS)
-        full, _ = chain.final_logits(trace, ids)  # every column
+        full, ends = chain.final_logits(trace, ids)  # every column; rows right-padded
         width = full.shape[1]
-        target = torch.tensor([[-100] * (width - len(lab)) + lab for lab in labels])
+        assert ends.tolist() == [len(r) for r in ids]
+        target = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
         expected = F.cross_entropy(full[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
         assert abs(chain.loss(trace, ids, labels).item() - expected.item()) < 1e-5
         logprobs = full.log_softmax(-1)
         for i, (score, _) in enumerate(chain.loglikelihood(trace, prompts, answers)):
-            n = len(answers[i])
-            ref = logprobs[i, -n - 1:-1].gather(-1, torch.tensor(answers[i])[:, None]).sum().item()
+            n, end = len(answers[i]), len(ids[i])
+            ref = logprobs[i, end - n - 1:end - 1].gather(-1, torch.tensor(answers[i])[:, None]).sum().item()
             assert abs(score - ref) < 1e-4

@@ -8,8 +8,9 @@ Stage 2. The final agent prefills its prompt over the whole trace and decodes th
 continuations, or computes a teacher-forced loss. Every trace column is one attention hop from the
 final agent, so the loss reaches every agent's contribution directly (``trace="concat"``).
 
-Every call takes token ids per batch row; rows of different lengths are left-padded inside their
-segment, and positions come from the trace (see ``trace.py``), so batching never changes a row.
+Every call takes token ids per batch row; a new block is right-padded so each row's tokens follow
+its trace directly, and the trace is then left-aligned again; positions count real tokens. That
+layout (``trace.py``) is why batching never changes a row, sliding-window layers included.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..models import context_length
 from ..prompts import ROLES, Role, chat_format, final_preamble
 from .config import LatentConfig
 from .realign import Realigner
-from .trace import LatentTrace, Segment
+from .trace import LatentTrace, Segment, left_aligned_mask
 
 
 class TraceTooLongError(ValueError):
@@ -78,13 +79,15 @@ class AgentChain(nn.Module):
         """The final agent's text for a benchmark context: the note on the trace, then the task as is."""
         return final_preamble(self.config.upstream) + context
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _right_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and mask of a new block, each row's tokens first: they follow the row's trace directly
+        (the trace's layout invariant, ``trace.py``); ``left_align`` moves the pads to the front after."""
         width = max(len(r) for r in rows)
         if width == 0:
             raise ValueError("a segment needs at least one token per row")
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
         return ids, mask
 
     # -- budget -----------------------------------------------------------------------------------
@@ -116,10 +119,11 @@ class AgentChain(nn.Module):
         prompts = self.upstream_prompts(questions)
         self.check_budget(prompts, final_tokens)
         trace = LatentTrace(len(questions), self.num_layers, self.device)
+        m = self.config.latent_steps
         grad = self.config.stage1_grad == "full" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             for role, ids in zip(self.config.upstream, prompts):
-                input_ids, mask = self._left_pad(ids)
+                input_ids, mask = self._right_pad(ids)
                 if self.config.checkpoint_agents and grad:
                     keys, values = checkpoint(self._agent, input_ids, mask, trace.fork(), use_reentrant=False)
                 else:
@@ -127,44 +131,49 @@ class AgentChain(nn.Module):
                 if record and grad:  # frozen weights: still measure d loss / d segment
                     keys, values = ([t if t.requires_grad else t.detach().requires_grad_() for t in ts]
                                     for ts in (keys, values))
-                start = trace.length
-                latent = torch.ones(len(ids), self.config.latent_steps, dtype=mask.dtype, device=mask.device)
-                trace.append(keys, values, torch.cat([mask, latent], dim=1))
-                trace.add_segment(Segment(role, start, trace.length, mask.shape[1], self.config.latent_steps,
+                real = mask.sum(-1) + m
+                trace.extend(keys, values, real)
+                trace.add_segment(Segment(role, mask.shape[1], m, real.tolist(),
                                           keys if record else None, values if record else None))
                 if self.config.trace == "overwrite":
                     trace.keep_last_segment()
         return trace
 
     def _agent(self, input_ids: torch.Tensor, mask: torch.Tensor, past: LatentTrace):
-        """One agent's KV columns: its prompt, then ``m`` latent thoughts, on top of ``past``."""
+        """The trace after one agent: ``past``, its prompt, then ``m`` latent thoughts (left-aligned)."""
         work = past.fork()
         hidden = self._forward(work, mask, input_ids=input_ids)
         step = torch.ones(len(mask), 1, dtype=mask.dtype, device=mask.device)
         for _ in range(self.config.latent_steps):
             hidden = self._forward(work, step, inputs_embeds=self.realigner(hidden)[:, None])
-        start = past.length
-        return [k[:, :, start:] for k in work.keys], [v[:, :, start:] for v in work.values]
+        return work.keys, work.values
 
     def _forward(self, work: LatentTrace, mask: torch.Tensor, **inputs) -> torch.Tensor:
-        """Extend ``work`` by one model call; return the last layer's hidden state at the last column."""
+        """Extend ``work`` by one right-padded block; return the last layer's hidden state at each
+        row's last real token (the trace is left-aligned again afterwards)."""
         cache = work.cache()
         out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
-        return out.hidden_states[-1][:, -1]
+        work.left_align()
+        last = mask.sum(-1) - 1
+        return out.hidden_states[-1][torch.arange(len(mask), device=mask.device), last]
 
     # -- stage 2 ----------------------------------------------------------------------------------
     def final_logits(self, trace: LatentTrace, rows: list[list[int]],
                      keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced final agent over the trace: logits of the last ``keep`` columns (0: all,
-        ``[B, L, V]``) and the left-padded mask. Rows end at the last column, so scoring a tail needs
-        only that tail's logits (a 150k vocabulary makes the rest the largest tensor of the call)."""
-        input_ids, mask = self._left_pad(rows)
+        """Teacher-forced final agent over the trace. Returns logits ``[B, K, V]`` and ``ends``: row i's
+        tokens end (exclusive) at column ``ends[i]``, and its last ``keep`` columns (0: all) are
+        ``logits[i, ends[i] - keep:ends[i]]``. Rows are right-padded (so they follow their trace with no
+        pad in between); only the columns some row needs get logits (a 150k vocabulary makes them the
+        largest tensor of the call)."""
+        input_ids, mask = self._right_pad(rows)
+        width, lengths = mask.shape[1], mask.sum(-1)
+        cols = width if keep <= 0 else min(width, keep + width - int(lengths.min()))
         out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
                          position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True,
-                         logits_to_keep=keep)
-        return out.logits, mask
+                         logits_to_keep=cols)
+        return out.logits, lengths - (width - cols)
 
     def loglikelihood(self, trace: LatentTrace, contexts: list[list[int]],
                       continuations: list[list[int]]) -> list[tuple[float, bool]]:
@@ -173,12 +182,12 @@ class AgentChain(nn.Module):
             raise ValueError("every context and continuation needs at least one token (prefix an empty "
                              "context with a BOS/EOT token, as lm-eval does)")
         keep = max(len(d) for d in continuations) + 1
-        logits, _ = self.final_logits(trace, [c + d for c, d in zip(contexts, continuations)], keep)
+        logits, ends = self.final_logits(trace, [c + d for c, d in zip(contexts, continuations)], keep)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         results = []
         for i, cont in enumerate(continuations):
-            # left padding puts each row's tokens at the end: columns -n-1 .. -2 predict the continuation
-            pred = logprobs[i, -len(cont) - 1:-1]
+            end = int(ends[i])  # columns end-n-1 .. end-2 predict the continuation
+            pred = logprobs[i, end - len(cont) - 1:end - 1]
             target = torch.tensor(cont, device=pred.device)
             score = pred.gather(-1, target[:, None]).sum().item()
             results.append((score, bool((pred.argmax(-1) == target).all())))
@@ -187,12 +196,17 @@ class AgentChain(nn.Module):
     def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]],
              reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over the final agent's target tokens (labels -100 elsewhere), ``mean`` or ``sum``."""
-        # keep the logits from the column before the earliest target on (rows are right-aligned)
+        # keep the logits from the column before each row's earliest target on
         first = [next((j for j, x in enumerate(lab) if x != -100), len(lab)) for lab in labels]
         keep = max(len(lab) - j for lab, j in zip(labels, first)) + 1
-        logits, _ = self.final_logits(trace, input_ids, min(keep, max(map(len, input_ids))))
+        logits, ends = self.final_logits(trace, input_ids, min(keep, max(map(len, input_ids))))
         width = logits.shape[1]
-        target = torch.tensor([([-100] * width + list(lab))[-width:] for lab in labels], device=logits.device)
+        target = torch.full((len(labels), width), -100, dtype=torch.long)
+        for i, lab in enumerate(labels):
+            end = int(ends[i])
+            seen = lab[max(0, len(lab) - end):]
+            target[i, end - len(seen):end] = torch.tensor(seen, dtype=torch.long)
+        target = target.to(logits.device)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(), ignore_index=-100,
                                reduction=reduction)
 
@@ -203,19 +217,26 @@ class AgentChain(nn.Module):
         """Decode the final agent's answer over the trace; a row ends at EOS or at a stop string."""
         stop = [s for s in (stop or []) if s]
         eos = self._eos_ids()
-        work = trace.fork()
-        cache = work.cache()
-        step_ids, mask = self._left_pad(prompts)
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+        # prefill the final agent's prompt (right-padded), left-align, then decode one column per row
+        work = trace.fork()
+        cache = work.cache()
+        ids, mask = self._right_pad(prompts)
+        width, lengths = mask.shape[1], mask.sum(-1)
+        cols = width - int(lengths.min()) + 1
+        out = self.model(input_ids=ids, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
+                         cache=cache, use_cache=True, logits_to_keep=cols)
+        work.adopt(cache, mask)
+        work.left_align()
+        cache = work.cache()
+        logits = out.logits[torch.arange(len(prompts), device=mask.device), lengths - 1 - (width - cols)]
+        step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)
         out_ids: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for _ in range(max_new_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=work.full_mask(mask),
-                             position_ids=work.positions(mask), cache=cache, use_cache=True, logits_to_keep=1)
-            work.advance(mask)
-            logits = out.logits[:, -1].float()
+        for n in range(max_new_tokens):
+            logits = logits.float()
             if do_sample:
                 probs = F.softmax(warpers(None, logits), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -230,10 +251,12 @@ class AgentChain(nn.Module):
                 out_ids[i].append(tok)
                 if stop and any(s in self.tokenizer.decode(out_ids[i][-64:]) for s in stop):
                     done[i] = True
-            if all(done):
+            if all(done) or n == max_new_tokens - 1:
                 break
-            step_ids = nxt[:, None]
-            mask = torch.ones_like(step_ids)
+            out = self.model(input_ids=nxt[:, None], attention_mask=work.full_mask(step),
+                             position_ids=work.positions(step), cache=cache, use_cache=True, logits_to_keep=1)
+            work.advance(step)
+            logits = out.logits[:, -1]
         results = []
         for ids in out_ids:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -258,12 +281,16 @@ class AgentChain(nn.Module):
         with torch.enable_grad():
             trace = self.stage1(questions, record=True)
             loss = self.loss(trace, input_ids, labels)
-            tensors = [t for s in trace.history for t in (*s.keys, *s.values)]
+            tensors = [t for s in trace.history for t in (*(s.keys or []), *(s.values or []))]
             live = [t for t in tensors if t.requires_grad]
             grads = dict(zip(map(id, live), torch.autograd.grad(loss, live, allow_unused=True))) if live else {}
         norms = []
-        for s in trace.history:
-            sq = sum(float(grads[id(t)].float().pow(2).sum()) for t in (*s.keys, *s.values)
-                     if grads.get(id(t)) is not None)
+        for s in trace.history:  # the segment is each row's last s.real[i] columns of the trace after it
+            sq = 0.0
+            for t in (*(s.keys or []), *(s.values or [])):
+                g = grads.get(id(t))
+                if g is not None:
+                    cols = left_aligned_mask(torch.tensor(s.real, device=g.device), g.shape[-2])
+                    sq += float((g.float() * cols[:, None, :, None]).pow(2).sum())
             norms.append((s.agent, sq ** 0.5))
         return norms

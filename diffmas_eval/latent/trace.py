@@ -1,11 +1,23 @@
 """The latent trace: one growing KV cache shared by all agents, plus the bookkeeping around it.
 
-A batch row's real tokens are scattered across segments (each segment is left-padded on its own),
-so the trace carries one attention mask for the whole width and each row's next RoPE position.
-Positions count real tokens only, which is what makes a padded row compute exactly the numbers of
-the same row run alone. Forwards never mutate the trace: each call gets a fresh cache object over
-the same tensors (see ``cache``), so readers (scoring, generation) cannot extend the shared trace,
-and the autograd graph through the tensors is kept.
+**The layout invariant.** Every row of the trace is left-aligned as a whole: its pad columns come
+first, then all of its real columns, contiguous, up to the last column. A new segment is appended
+right-padded (each row's real tokens follow its trace directly), and ``left_align`` then rotates
+each row's trailing pad columns to its front. Three facts make a row's numbers independent of the
+rest of the batch, for every attention layout transformers builds from column indices (full,
+causal, sliding window, padding):
+
+1. Between two real columns of a row, the column distance equals the position distance, because no
+   pad column sits between them. So a sliding window of ``w`` columns holds exactly the ``w`` real
+   positions it holds when the row runs alone, and causality by column is causality by position.
+2. RoPE positions count real tokens only (``positions``) and are baked into the cached keys, so
+   moving a key to another column changes nothing it carries.
+3. Pad columns are masked out, and attention over cached keys is a sum over columns: their order
+   does not matter. The trailing pad queries of a right-padded block are never read.
+
+Forwards never mutate the trace: each call gets a fresh cache object over the same tensors (see
+``cache``), so readers (scoring, generation) cannot extend the shared trace, and the autograd graph
+through the tensors is kept (``left_align`` is a differentiable gather).
 """
 
 from __future__ import annotations
@@ -19,19 +31,23 @@ from transformers.cache_utils import DynamicLayer
 
 @dataclass(eq=False)
 class Segment:
-    """Positions ``[start, end)`` of the trace written by one agent (``prompt`` + ``latent`` columns)."""
+    """What one agent wrote: ``prompt`` columns (the widest row's prompt) and ``latent`` columns.
+
+    ``real``: per row, the segment's real positions (its prompt tokens + ``latent``); with the trace
+    left-aligned they are each row's last ``real[i]`` columns right after the agent ran.
+    ``keys``/``values`` (the gradient probe only): the whole trace right after this agent.
+    """
 
     agent: str
-    start: int
-    end: int
     prompt: int
     latent: int
-    keys: list[torch.Tensor] | None = None  # kept only for the gradient probe
+    real: list[int]
+    keys: list[torch.Tensor] | None = None
     values: list[torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
-        return self.end - self.start
+        return self.prompt + self.latent
 
 
 def _layer_over(keys: torch.Tensor | None, values: torch.Tensor | None) -> DynamicLayer:
@@ -40,6 +56,12 @@ def _layer_over(keys: torch.Tensor | None, values: torch.Tensor | None) -> Dynam
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values  # share, don't copy: keeps the autograd graph
     return layer
+
+
+def left_aligned_mask(real: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]``: 0 for the first ``width - real[i]`` columns of row i, then 1."""
+    cols = torch.arange(width, device=real.device)
+    return (cols[None, :] >= (width - real)[:, None]).long()
 
 
 class LatentTrace:
@@ -85,12 +107,6 @@ class LatentTrace:
     def full_mask(self, new_mask: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.mask, new_mask], dim=1)
 
-    def append(self, keys: list[torch.Tensor], values: list[torch.Tensor], new_mask: torch.Tensor) -> None:
-        """Concatenate new columns (one per layer, ``[B, kv_heads, n, head_dim]``) after the trace."""
-        self.keys = [k if old is None else torch.cat([old, k], dim=-2) for old, k in zip(self.keys, keys)]
-        self.values = [v if old is None else torch.cat([old, v], dim=-2) for old, v in zip(self.values, values)]
-        self.advance(new_mask)
-
     def adopt(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
         """Take over the tensors of a cache that a forward extended by ``new_mask``'s columns."""
         self.keys = [layer.keys for layer in cache.layers]
@@ -101,6 +117,32 @@ class LatentTrace:
         """Account for columns appended to a cache built from this trace."""
         self.mask = self.full_mask(new_mask)
         self.next_pos = self.next_pos + new_mask.sum(-1)
+
+    def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], added: torch.Tensor) -> None:
+        """Take over the (left-aligned) tensors of this trace extended by ``added[i]`` real positions per row."""
+        width = keys[0].shape[-2]
+        self.keys, self.values = list(keys), list(values)
+        self.mask = left_aligned_mask(self.mask.sum(-1) + added, width)
+        self.next_pos = self.next_pos + added
+
+    def left_align(self) -> None:
+        """Restore the layout invariant after a right-padded append: rotate each row's trailing pad
+        columns to its front (one gather per layer, only when some row has trailing pads)."""
+        width = self.length
+        shift = width - 1 - (self.mask * torch.arange(width, device=self.mask.device)).argmax(-1)
+        shift = torch.where(self.mask.any(-1), shift, 0)
+        if not bool(shift.any()):
+            return
+        src = (torch.arange(width, device=shift.device)[None, :] - shift[:, None]) % width  # [B, T]
+
+        def rotate(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.gather(-2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+
+        self.keys = [rotate(k) for k in self.keys]
+        self.values = [rotate(v) for v in self.values]
+        self.mask = self.mask.gather(1, src)
 
     def fork(self) -> LatentTrace:
         """A shallow copy: same tensors, own lists, so extending it leaves this trace as it is."""
@@ -113,16 +155,17 @@ class LatentTrace:
     def keep_last_segment(self) -> None:
         """The ``overwrite`` ablation: drop everything but the latest agent's segment.
 
-        Positions keep counting (RoPE is already baked into the cached keys).
+        Each row keeps its last ``real[i]`` columns (the segment's, by the layout invariant); the
+        columns of earlier segments that the widest row's slice still holds are masked out, which
+        keeps the trace left-aligned. Positions keep counting (RoPE is already baked into the keys).
         """
         if len(self.segments) <= 1:
             return
-        start = self.segments[-1].start
+        last = self.segments[-1]
+        start = self.length - last.length
         self.keys = [k[:, :, start:].contiguous() for k in self.keys]
         self.values = [v[:, :, start:].contiguous() for v in self.values]
-        self.mask = self.mask[:, start:]
-        last = self.segments[-1]
-        last.start, last.end = 0, last.length
+        self.mask = left_aligned_mask(torch.tensor(last.real, device=self.mask.device), last.length)
         self.segments = [last]
 
     def select(self, rows: torch.Tensor | list[int] | None) -> LatentTrace:
@@ -149,6 +192,6 @@ class LatentTrace:
         per_pos = self.bytes_per_position() * self.batch
         return [
             {"agent": s.agent, "prompt": s.prompt, "latent": s.latent, "positions": s.length,
-             "bytes": s.length * per_pos, "kept": s in self.segments}
+             "real": s.real[0] if s.real else 0, "bytes": s.length * per_pos, "kept": s in self.segments}
             for s in self.history
         ]
