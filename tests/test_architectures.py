@@ -121,3 +121,85 @@ def test_lm_eval_scores_a_sliding_window_model_the_same_at_any_batch_size(tmp_pa
             else:
                 for (la, ga), (lb, gb) in zip([r[0] for r in a["resps"]], [r[0] for r in b["resps"]]):
                     assert abs(la - lb) < ATOL and ga == gb
+
+
+# -- latent vectors at the norm the model feeds itself (scaled input embeddings) --------------------
+def _first_layer_norms(model, chain, question):
+    """Mean input norm at the first decoder layer: prompt columns (prefills) vs latent columns (1 wide)."""
+    seen = {"prompt": [], "latent": []}
+
+    def hook(module, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        seen["latent" if h.shape[1] == 1 else "prompt"].append(h[0].norm(dim=-1))
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            chain.stage1([question])
+    finally:
+        handle.remove()
+    return (float(torch.cat(seen["prompt"]).mean()), float(torch.cat(seen["latent"]).mean()))
+
+
+def _reference_realign(model, lam=1e-5):
+    """The LatentMAS ridge map and norm target on the embedding weight rows (the numbers before targets)."""
+    w_in = model.get_input_embeddings().weight.detach().float()
+    w_out = model.get_output_embeddings().weight.detach().float()
+    gram = w_out.T @ w_out + lam * torch.eye(w_in.shape[1])
+    return torch.linalg.solve(gram, w_out.T @ w_in), w_in.norm(dim=-1).mean()
+
+
+def test_gemma_latent_vectors_reach_the_first_layer_at_a_token_norm():
+    model, tok = make_tiny_model("gemma3")
+    chain = AgentChain(model, tok, LatentConfig.from_dict({"agents": 2, "latent_steps": 2}))
+    assert chain.realigner.input_scale == pytest.approx(model.config.hidden_size ** 0.5)
+    prompt, latent = _first_layer_norms(model, chain, QUESTIONS[0])
+    assert 1 / 1.5 < latent / prompt < 1.5
+    legacy = AgentChain(model, tok, LatentConfig.from_dict({"agents": 2, "latent_steps": 2,
+                                                            "realign_target": "weight_rows"}))
+    prompt, latent = _first_layer_norms(model, legacy, QUESTIONS[0])
+    assert latent / prompt < 0.2  # what the weight rows gave: 1/sqrt(hidden) of a token
+
+
+def test_gemma_without_its_scale_gives_the_weight_row_numbers():
+    model, tok = make_tiny_model("gemma3")
+    model.model.embed_tokens.embed_scale.fill_(1.0)
+    chain = AgentChain(model, tok, LatentConfig.from_dict({"agents": 2, "latent_steps": 2}))
+    w_a, norm = _reference_realign(model)
+    assert chain.realigner.input_scale == 1.0
+    assert torch.equal(chain.realigner.weight, w_a) and torch.equal(chain.realigner.target_norm, norm)
+
+
+def test_llama_and_qwen3_realignment_unchanged_bit_for_bit(tiny):
+    model, tok = tiny
+    chain = AgentChain(model, tok, LatentConfig.from_dict({"agents": 2, "latent_steps": 2}))
+    w_a, norm = _reference_realign(model)
+    assert torch.equal(chain.realigner.weight, w_a) and torch.equal(chain.realigner.target_norm, norm)
+    h = torch.randn(3, w_a.shape[0], generator=torch.Generator().manual_seed(0))
+    mapped = h @ w_a
+    assert torch.equal(chain.realigner(h), mapped * (norm / mapped.norm(dim=-1, keepdim=True).clamp(min=1e-6)))
+
+
+def test_a_chain_saved_before_realign_targets_keeps_its_meaning(tmp_path):
+    import json
+
+    from diffmas_eval.latent.persist import load_chain_config
+
+    (tmp_path / "diffmas.json").write_text(json.dumps({"roles": ["planner", "solver"], "latent_steps": 2,
+                                                       "realign": "ridge", "trace": "concat"}))
+    saved, _ = load_chain_config(tmp_path)
+    assert saved["realign_target"] == "weight_rows"
+    model, tok = make_tiny_model("gemma3")
+    chain = AgentChain(model, tok, LatentConfig(**saved))
+    assert torch.equal(chain.realigner.target_norm, _reference_realign(model)[1])
+
+
+def test_an_embedding_that_does_more_than_scale_is_refused():
+    from diffmas_eval.latent.realign import embedding_scale
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    with pytest.raises(ValueError, match="does more than scale"):
+        embedding_scale(Shifted(50, 8))

@@ -64,6 +64,7 @@ class DiffMASLM(HFLM):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
         pick = {"latent_steps": latent_steps, "realign": realign, "trace": trace}
         options = {k: saved.get(k) if v is None else v for k, v in pick.items()}
+        options["realign_target"] = saved.get("realign_target")
         config = LatentConfig(roles=order, max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking,
                               **{k: v for k, v in options.items() if v is not None})
         config.latent_steps = int(config.latent_steps)

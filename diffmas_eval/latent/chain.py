@@ -49,7 +49,8 @@ class AgentChain(nn.Module):
         self.config = config or LatentConfig()
         self.roles = roles or ROLES
         self.config.check_roles(self.roles)
-        self.realigner = Realigner(model, self.config.realign, self.config.realign_lambda, trainable_realign)
+        self.realigner = Realigner(model, self.config.realign, self.config.realign_lambda, trainable_realign,
+                                    self.config.realign_target)
         self.realigner.to(self.device)
 
     @property

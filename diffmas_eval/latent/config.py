@@ -12,6 +12,7 @@ CHOICES = {
     "realign": ("ridge", "identity", "none"),
     "trace": ("concat", "overwrite"),
     "stage1_grad": ("full", "none"),
+    "realign_target": ("embedding_output", "weight_rows"),
 }
 
 
@@ -21,6 +22,9 @@ class LatentConfig:
 
     ``latent_steps`` (m): latent thoughts each upstream agent appends after its prompt.
     ``realign``: how a last-layer hidden state becomes an input embedding (LatentMAS ridge map).
+    ``realign_target``: what a latent vector must look like: ``embedding_output``, what the model's
+    input-embedding module feeds the first layer for a token (its scale included: Gemma); or
+    ``weight_rows``, the embedding matrix as is (chains saved before the target existed).
     ``trace``: ``concat`` keeps every segment; ``overwrite`` keeps only the latest agent's (ablation).
     ``stage1_grad``: ``none`` runs stage 1 without autograd (cheaper; no learning to communicate).
     ``max_trace_tokens``: refuse (before any compute) a stage-1 trace longer than this.
@@ -35,6 +39,7 @@ class LatentConfig:
     max_trace_tokens: int | None = None
     checkpoint_agents: bool = False
     realign_lambda: float = 1e-5
+    realign_target: str = "embedding_output"
     enable_thinking: bool | None = None
 
     def __post_init__(self) -> None:

@@ -29,6 +29,8 @@ def load_chain_config(*directories: str | Path | None) -> tuple[dict, Path | Non
     for d in directories:
         if d and (Path(d) / CONFIG_FILE).exists():
             data = json.loads((Path(d) / CONFIG_FILE).read_text())
+            # saved before realign_target existed: latent vectors were matched to the weight rows
+            data.setdefault("realign_target", "weight_rows")
             realign = Path(d) / REALIGN_FILE if data.pop("trained_realign", False) else None
             return data, realign
     return {}, None
