@@ -90,6 +90,8 @@ def codegen(args: argparse.Namespace) -> int:
     config = {"model": args.model, "model_args": redact(user_args), "dataset": args.dataset,
               "dataset_sha256": dataset.sha256, "n_samples": args.n_samples, "temperature": args.temperature,
               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prompt": "evalplus-instruct"}
+    if args.model in MAS_MODELS:
+        config["family"] = user_args.get("family", "code")
     name = args.name or slug(args.model, user_args, args.n_samples, args.temperature, args.max_new_tokens)
     out = SampleDir(Path(args.out) / args.dataset / name)
     out.check_config(config)
@@ -136,8 +138,8 @@ def _build(model_cls, model: str, user_args: dict, batch_size: int, device: str 
     from ..models import resolve_pretrained
 
     model_args = dict(user_args)
-    if model in MAS_MODELS:
-        model_args.setdefault("family", "code")  # code-family roles for the upstream agents
+    if model in MAS_MODELS:  # code-family roles for the agents (the final agent writes the program)
+        model_args.setdefault("family", "code")
     elif str(model_args.get("pretrained", "")).startswith("bundled:"):  # diffmas/textmas resolve it themselves
         model_args["pretrained"] = resolve_pretrained(model_args["pretrained"])
     set_seed(seed)

@@ -5,6 +5,10 @@ either reuses it silently (stale once samples were added) or, with ``--i-just-wa
 stdin. Neither is acceptable unattended, so before running we keep a results file only if it scored
 exactly these samples against exactly this dataset file, and move any other one aside (``.bak``, as
 EvalPlus does); the subprocess's stdin is closed, so nothing can ever wait on it.
+
+The subprocess runs EvalPlus's own command-line entry point (``evalplus.evaluate:main``, the same
+arguments as the printed command) and then exits at once: ``evaluate`` leaves a non-daemon watchdog
+thread sleeping in 20-second steps, which would otherwise hold every run open for up to 20 s more.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import sys
 from pathlib import Path
 
 from .data import Dataset
+
+RUNNER = ("import os, sys; from evalplus.evaluate import main; sys.argv[0] = 'evalplus.evaluate'; main(); "
+          "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")
 
 
 def results_path(samples: Path) -> Path:
@@ -87,7 +94,7 @@ def run(dataset: Dataset, samples: Path, parallel: int | None = None, min_time_l
     if backup is not None:
         print(f"moved stale results aside: {backup}", file=sys.stderr)
     args, env = command(dataset, samples, parallel, min_time_limit, gt_time_limit_factor)
-    argv = [sys.executable, "-m", "evalplus.evaluate", *args[1:]]
+    argv = [sys.executable, "-c", RUNNER, *args[1:]]
     proc = subprocess.run(argv, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
     path = results_path(samples)
     if proc.returncode != 0 or not path.exists():
