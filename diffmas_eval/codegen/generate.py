@@ -53,7 +53,7 @@ def gen_kwargs(lm, dataset: str, max_new_tokens: int, temperature: float) -> dic
     return kwargs
 
 
-def to_solution(lm, task: dict, prompt: str, output: str) -> tuple[str, str]:
+def to_solution(lm, task: dict, output: str) -> tuple[str, str]:
     """``(raw, sanitized)`` as ``evalplus.codegen`` stores them."""
     from evalplus.sanitize import sanitize
 
@@ -94,7 +94,7 @@ def generate(lm, dataset: str, tasks: list[dict], need: dict[str, int], out, bat
             records = accounting.records[seen:] if accounting is not None else []
             rows = []
             for j, (req, output) in enumerate(zip(requests, outputs)):
-                raw, solution = to_solution(lm, req.doc, req.args[0], output)
+                raw, solution = to_solution(lm, req.doc, output)
                 if len(records) == len(requests):  # diffmas / textmas: the model's own per-sample record
                     rec = records[j]
                     acc = {"method": method, "agents": rec["agents"], "tokens": rec["tokens"],
