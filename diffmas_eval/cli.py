@@ -1,4 +1,4 @@
-"""``diffmas-eval``: ask a DiffMAS chain one question; build the leaderboard."""
+"""``diffmas-eval``: ask a DiffMAS chain one question; build the leaderboard; generate code for EvalPlus."""
 
 from __future__ import annotations
 
@@ -88,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p_data.add_argument("--data-dir", default=None, help="local benchmark data; default $DIFFMAS_DATA_DIR")
     p_data.set_defaults(func=sft_data)
 
+    from .codegen.cli import add_codegen_parser
     from .leaderboard import add_leaderboard_parser
 
     add_leaderboard_parser(sub)
+    add_codegen_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -33,6 +33,23 @@ ROLES: dict[str, Role] = {
                        "final answer clearly."),
     ]
 }
+# the same agents for code generation (``family=code``): they reason about the program; the final agent writes it
+CODE_ROLES: dict[str, Role] = {
+    r.name: r
+    for r in [
+        Role("planner", "You are the Planner for a programming task. Work out what the function must do (inputs, "
+                        "outputs, edge cases) and outline an algorithm step by step. Do not write the program."),
+        Role("critic", "You are the Critic for a programming task. Check the plan that precedes you against the "
+                       "problem and its examples: wrong logic, missed edge cases, off-by-one errors, wrong types. "
+                       "Point out how to fix them."),
+        Role("refiner", "You are the Refiner for a programming task. Combine the plan and the critique into a "
+                        "corrected step-by-step algorithm, precise enough to translate directly into Python."),
+        Role("solver", "You are the Coder. Earlier agents left latent thoughts before this message; use them if "
+                       "they help and ignore them otherwise. Write a complete, self-contained Python program that "
+                       "solves the problem, in one markdown code block."),
+    ]
+}
+FAMILIES = ("general", "code")
 UPSTREAM_CYCLE = ("planner", "critic", "refiner")
 FINAL_ROLE = "solver"
 FINAL_PREAMBLE = (
@@ -62,6 +79,14 @@ TEXT_NOTE = (
     "[Notes from the {names} agent(s) follow. Use them if they help; ignore them otherwise.]\n\n"
     "{notes}\n\n[End of notes.]\n\n"
 )
+
+
+def family_roles(family: str | None, builtin: dict[str, Role] = ROLES) -> dict[str, Role]:
+    """``builtin`` with the role instructions of a task family (``general``: unchanged; ``code``: CODE_ROLES)."""
+    family = family or "general"
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not valid; choose one of {', '.join(FAMILIES)}")
+    return {**builtin, **CODE_ROLES} if family == "code" else dict(builtin)
 
 
 def default_roles(agents: int) -> list[str]:

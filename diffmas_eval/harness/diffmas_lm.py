@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
-from ..prompts import ROLES, default_roles, final_preamble, last_user_turn, load_roles
+from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
 from .common import Accounting, check_model_args, group_by_gen_kwargs
 
 OPTIONS = {
@@ -32,6 +32,7 @@ OPTIONS = {
     "realign": "ridge | identity | none",
     "trace": "concat | overwrite",
     "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
+    "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch (an integer)",
@@ -46,7 +47,7 @@ OPTIONS = {
 class DiffMASLM(HFLM):
     def __init__(self, pretrained: str = "bundled:smollm2-135m-instruct", peft: str | None = None,
                  agents: int | None = None, latent_steps: int | None = None, realign: str | None = None,
-                 trace: str | None = None, roles: str | None = None, dtype: str = "auto",
+                 trace: str | None = None, roles: str | None = None, family: str | None = None, dtype: str = "auto",
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = 64,
                  max_trace_tokens: int | None = None, max_length: int | None = None,
                  enable_thinking: bool | None = None, trust_remote_code: bool = False, **unknown) -> None:
@@ -55,11 +56,11 @@ class DiffMASLM(HFLM):
             raise ValueError(f"diffmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
         saved, realign_file = load_chain_config(peft, None if pretrained.startswith("bundled:") else pretrained)
-        role_map, order = dict(ROLES), saved.get("roles", default_roles(4))
+        role_map, order = family_roles(family), saved.get("roles", default_roles(4))
         if agents is not None:
             order = default_roles(int(agents))
         if roles:
-            role_map, order = load_roles(roles)
+            role_map, order = load_roles(roles, family_roles(family))
             if agents is not None and int(agents) != len(order):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
         pick = {"latent_steps": latent_steps, "realign": realign, "trace": trace}

@@ -25,7 +25,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from ..models import resolve_pretrained
-from ..prompts import TEXT_ROLES, last_user_turn, load_roles, topology_roles
+from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, check_model_args, group_by_gen_kwargs
@@ -45,6 +45,7 @@ OPTIONS = {
     "topology": "sequential (planner, critic, refiner, solver) | hierarchical (domain agents, then a summarizer)",
     "agent_max_tokens": "tokens each upstream agent may write (default 512)",
     "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
+    "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
     "dtype": "backend=hf: auto | float32 | bfloat16 | float16",
     "device": "backend=hf: cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch (an integer)",
@@ -67,7 +68,7 @@ class TextMASLM(TemplateLM):
                  base_url: str | None = None, model: str | None = None, tokenizer: str | None = None,
                  api_key: str | None = None, timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4,
                  agents: int | None = None, topology: str = "sequential", agent_max_tokens: int = 512,
-                 roles: str | None = None, dtype: str = "auto", device: str | None = None,
+                 roles: str | None = None, family: str | None = None, dtype: str = "auto", device: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = 64, max_length: int | None = None,
                  enable_thinking: bool | None = None, trust_remote_code: bool = False,
                  **unknown) -> None:
@@ -77,9 +78,10 @@ class TextMASLM(TemplateLM):
             raise ValueError(f"backend={backend!r} is not valid; choose hf or openai")
         if not str(batch_size).isdigit():
             raise ValueError(f"textmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
-        role_map, order = dict(TEXT_ROLES), topology_roles(4 if agents is None else int(agents), topology)
+        role_map = family_roles(family, TEXT_ROLES)
+        order = topology_roles(4 if agents is None else int(agents), topology)
         if roles:
-            role_map, order = load_roles(roles, TEXT_ROLES)
+            role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
             if agents is not None and int(agents) != len(order):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
         self.batch_size = int(batch_size)

@@ -1,0 +1,167 @@
+"""``diffmas-eval codegen``: the command line of the EvalPlus generation, and the results table."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from pathlib import Path
+
+MAS_MODELS = ("diffmas", "textmas")  # models with agent roles: they get the code-family roles
+SECRET_ARGS = ("api_key",)
+
+
+def add_codegen_parser(sub) -> None:
+    p = sub.add_parser("codegen", help="HumanEval+/MBPP+ samples from an lm-eval model, scored by EvalPlus",
+                       description="Generate EvalPlus samples with an lm-eval model (hf, diffmas, textmas, ...) "
+                                   "and print (or run, --evaluate) the evalplus.evaluate command that scores them.")
+    p.add_argument("--model", required=True, help="lm-eval model name: hf, diffmas, textmas, ...")
+    p.add_argument("--model_args", "--model-args", default="",
+                   help="as for lm_eval, e.g. pretrained=bundled:smollm2-135m-instruct,agents=4")
+    p.add_argument("--dataset", required=True, choices=["humaneval", "mbpp"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N tasks (writes a subset dataset file)")
+    p.add_argument("--n-samples", type=int, default=1, help="samples per task (default 1: greedy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, top_p 0.95")
+    p.add_argument("--max-new-tokens", type=int, default=768, help="per sample (default: EvalPlus's 768)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per generate_until call (default 1)")
+    p.add_argument("--device", default=None, help="as lm_eval --device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="samples go to OUT/<dataset>/<name>/samples.jsonl")
+    p.add_argument("--name", default=None, help="the run's directory name (default: a slug of model and options)")
+    p.add_argument("--evaluate", action="store_true", help="run evalplus.evaluate and print pass@1 (base, plus)")
+    p.add_argument("--parallel", type=int, default=None, help="evalplus.evaluate --parallel")
+    p.add_argument("--min-time-limit", type=float, default=None, help="evalplus.evaluate --min-time-limit")
+    p.add_argument("--gt-time-limit-factor", type=float, default=None,
+                   help="evalplus.evaluate --gt-time-limit-factor")
+    p.set_defaults(func=codegen)
+
+    t = sub.add_parser("codegen-table", help="Markdown table of pass@1 from codegen runs (their summary.json)")
+    t.add_argument("out", help="the --out directory of the runs")
+    t.set_defaults(func=table)
+
+
+def redact(model_args: dict) -> dict:
+    return {k: ("***" if k in SECRET_ARGS else v) for k, v in model_args.items()}
+
+
+def slug(model: str, model_args: dict, n_samples: int, temperature: float, max_new_tokens: int) -> str:
+    args = "_".join(f"{k}-{v}" for k, v in redact(model_args).items())
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{args}").strip("-_")
+    text = f"{text}_n{n_samples}_t{temperature:g}_tok{max_new_tokens}"
+    if len(text) > 120:
+        text = f"{text[:100]}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return text
+
+
+def _model_class(name: str):
+    from ..harness.plugin import install
+
+    install()  # registers diffmas/textmas with lm-eval's registry
+    from lm_eval.api.registry import get_model
+
+    try:
+        return get_model(name)
+    except ValueError:
+        raise ValueError(f"unknown model {name!r}: use hf, diffmas, textmas or another lm-eval model name "
+                         "(lm_eval --model ...)") from None
+
+
+def codegen(args: argparse.Namespace) -> int:
+    from .data import configure_offline
+
+    configure_offline()  # before anything imports evalplus (it reads the overrides at import)
+    from lm_eval.utils import simple_parse_args_string
+
+    from . import evaluate
+    from .data import load_dataset
+    from .samples import SampleDir, summarise_accounting
+
+    if args.n_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--n-samples, --batch-size and --max-new-tokens must be >= 1")
+    if args.temperature < 0 or (args.n_samples > 1 and args.temperature == 0):
+        raise ValueError("--n-samples > 1 needs --temperature > 0 (greedy decoding gives the same sample each time)")
+    model_cls = _model_class(args.model)
+    dataset = load_dataset(args.dataset)
+    if args.limit is not None and not 1 <= args.limit <= len(dataset.lines):
+        raise ValueError(f"--limit {args.limit} is out of range: {dataset.name} ({dataset.path}) has "
+                         f"{len(dataset.lines)} tasks; use 1..{len(dataset.lines)} or drop --limit")
+    user_args = simple_parse_args_string(args.model_args)
+    config = {"model": args.model, "model_args": redact(user_args), "dataset": args.dataset,
+              "dataset_sha256": dataset.sha256, "n_samples": args.n_samples, "temperature": args.temperature,
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prompt": "evalplus-instruct"}
+    if args.model in MAS_MODELS:
+        config["family"] = user_args.get("family", "code")
+    name = args.name or slug(args.model, user_args, args.n_samples, args.temperature, args.max_new_tokens)
+    out = SampleDir(Path(args.out) / args.dataset / name)
+    out.check_config(config)
+
+    tasks = dataset.tasks()[: args.limit]
+    counts = out.counts()
+    need = {t["task_id"]: max(0, args.n_samples - counts[t["task_id"]]) for t in tasks}
+    if any(need.values()):
+        lm = _build(model_cls, args.model, user_args, args.batch_size, args.device, args.seed)
+        out.open(config)
+        from .generate import generate
+
+        skipped = sum(1 for v in need.values() if v == 0)
+        if skipped:
+            print(f"resuming: {skipped} of {len(tasks)} tasks already have their samples")
+        generate(lm, args.dataset, tasks, need, out, args.batch_size, args.max_new_tokens, args.temperature,
+                 args.model)
+    else:
+        print(f"all {len(tasks)} tasks already have their samples in {out.samples}")
+
+    subset = dataset.subset(args.limit, out.dir)
+    cmd, env = evaluate.command(subset, out.samples, args.parallel, args.min_time_limit, args.gt_time_limit_factor)
+    line = evaluate.shell_line(cmd, env)
+    summary = {"samples": str(out.samples), "command": line, "tasks": len(tasks), **config,
+               "accounting": summarise_accounting(out.accounting_records())}
+    print(f"samples: {out.samples}")
+    print(f"accounting (tokens per agent, seconds per sample): {out.accounting}")
+    print(line)
+    if args.evaluate:
+        summary["pass@1"] = evaluate.run(subset, out.samples, args.parallel, args.min_time_limit,
+                                         args.gt_time_limit_factor)
+        p = summary["pass@1"]
+        print(f"pass@1 {args.dataset} (base tests): {p['base']:.3f}   {args.dataset}+ (base + plus tests): "
+              f"{p['plus']:.3f}   ({p['tasks']} tasks)")
+    (out.dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def _build(model_cls, model: str, user_args: dict, batch_size: int, device: str | None, seed: int):
+    """The lm-eval model, as ``lm_eval --model MODEL --model_args ... --batch_size B --device D`` builds it."""
+    import torch
+    from transformers import set_seed
+
+    from ..models import resolve_pretrained
+
+    model_args = dict(user_args)
+    if model in MAS_MODELS:  # code-family roles for the agents (the final agent writes the program)
+        model_args.setdefault("family", "code")
+    elif str(model_args.get("pretrained", "")).startswith("bundled:"):  # diffmas/textmas resolve it themselves
+        model_args["pretrained"] = resolve_pretrained(model_args["pretrained"])
+    set_seed(seed)
+    extra = {"batch_size": batch_size, "device": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    extra = {k: v for k, v in extra.items() if k not in model_args}  # model_args win, as with lm_eval
+    return model_cls.create_from_arg_obj(model_args, extra)
+
+
+def table(args: argparse.Namespace) -> int:
+    """pass@1 per run, from the ``summary.json`` that ``codegen --evaluate`` leaves beside each run's samples."""
+    rows = []
+    for path in sorted(Path(args.out).glob("*/*/summary.json")):
+        s = json.loads(path.read_text())
+        if "pass@1" not in s:
+            continue
+        acc = s.get("accounting", {})
+        rows.append(f"| {s['model']} | {s['dataset']} | {s['pass@1']['tasks']} | {s['pass@1']['base']:.3f} "
+                    f"| {s['pass@1']['plus']:.3f} | {acc.get('tokens_per_sample', '')} "
+                    f"| {acc.get('seconds_per_sample', '')} |")
+    if not rows:
+        raise ValueError(f"no evaluated runs under {args.out} (run codegen with --evaluate first)")
+    print("| method | dataset | tasks | pass@1 base | pass@1 plus | tokens/sample | s/sample |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
