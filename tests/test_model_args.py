@@ -177,3 +177,20 @@ def test_textmas_routes_hf_arguments_by_backend(tiny_path):
     assert tm.hf.model.config._attn_implementation == "sdpa" and tm.hf.prefix_token_id == 5
     hf = HFLM(pretrained=str(tiny_path), device="cpu", dtype="float32", attn_implementation="sdpa")
     assert_close(loglikelihoods(tm), loglikelihoods(hf))
+
+
+def test_think_end_token_cuts_the_answer_as_hf(tiny_path):
+    args = dict(pretrained=str(tiny_path), device="cpu", dtype="float32")
+    request = ("Question: what is 12 + 30? Answer:", {"until": ["Question:"], "max_gen_toks": 12})
+
+    def generate(lm):
+        return lm.generate_until([Instance("generate_until", {}, request, 0)], disable_tqdm=True)[0]
+
+    hf = HFLM(**args)
+    full = generate(hf)
+    ids = hf.tok_encode(full, add_special_tokens=False)
+    end = ids[len(ids) // 2]  # a token id the answer contains
+    for think_end_token in [end, hf.tok_decode([end])]:
+        hf = HFLM(**args, think_end_token=think_end_token)
+        dm = DiffMASLM(**args, agents=1, think_end_token=think_end_token)
+        assert generate(dm) == generate(hf) not in ("", full)  # cut after the token, as hf cuts
