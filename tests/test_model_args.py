@@ -194,3 +194,15 @@ def test_think_end_token_cuts_the_answer_as_hf(tiny_path):
         hf = HFLM(**args, think_end_token=think_end_token)
         dm = DiffMASLM(**args, agents=1, think_end_token=think_end_token)
         assert generate(dm) == generate(hf) not in ("", full)  # cut after the token, as hf cuts
+
+
+def test_auto_rolling_sizes_once_and_scores_as_batch_size_1(tiny_path):
+    docs = [("The quick brown fox jumps over the lazy dog. " * 5,), ("def add(a, b): return a + b",)]
+    scores = {}
+    for batch_size in [1, "auto"]:
+        lm = DiffMASLM(pretrained=str(tiny_path), device="cpu", dtype="float32", agents=2, latent_steps=1,
+                       batch_size=batch_size, max_length=300)
+        requests = [Instance("loglikelihood_rolling", {}, d, i) for i, d in enumerate(docs)]
+        scores[batch_size] = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    assert lm.batch_sizes == {0: 64}
+    assert all(abs(a - b) < 1e-3 for a, b in zip(scores[1], scores["auto"], strict=True))

@@ -134,12 +134,13 @@ class DiffMASLM(HFLM):
         dtype = self.mixed_precision_dtype
         return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _plan(self, questions: list[str], final: list[int], scored: list[int]) -> list[tuple[list[int], int]]:
-        """Batches of row indices and the rows per forward: in order for a fixed batch size; for ``auto``,
-        longest first (as ``hf``), sized at ``batch_schedule`` points (``auto:N`` recomputes N times)."""
+    def _plan(self, questions: list[str], final: list[int], scored: list[int],
+              size: int | None = None) -> list[tuple[list[int], int]]:
+        """Batches of row indices and the rows per forward: in order for a fixed batch size (or ``size``);
+        for ``auto``, longest first (as ``hf``), sized at ``batch_schedule`` points (``auto:N``: N times)."""
         n = len(questions)
-        if self.batch_size != "auto":
-            size = int(self.batch_size)
+        if size is not None or self.batch_size != "auto":
+            size = int(size or self.batch_size)
             return [(list(range(i, min(i + size, n))), size) for i in range(0, n, size)]
         upstream = len(self.chain.config.upstream)
         length = [final[i] + upstream * len(self.tok_encode(q)) for i, q in enumerate(questions)]
@@ -164,16 +165,18 @@ class DiffMASLM(HFLM):
         ``max_batch_size`` down, as ``hf`` does; otherwise: from the free memory, without probing."""
         prompts = [len(agent[0]) for agent in self.chain.upstream_prompts([question])]
         trace = sum(prompts) + len(prompts) * self.chain.config.latent_steps
+        final = max(2, min(final, self.max_length - trace))  # a longer row is refused before compute anyway
         cost = RowCost.of(self.model)
         per_row = cost.row(trace, final, prefill=max([final, *prompts]), scored=scored)
         if self.device.type == "cuda":
             size, how = self._probe(question, final, scored), "probed on cuda"
         else:
             size, how = cpu_batch_size(per_row, self.max_batch_size), f"{CPU_SHARE:.0%} of free memory"
+        steps = self.chain.config.latent_steps
         eval_logger.info(
             f"diffmas batch_size auto: {size} rows ({how}; max_batch_size={self.max_batch_size}). One row: trace "
-            f"{trace} positions ({len(prompts)} agents, prompts {prompts} + {self.chain.config.latent_steps} latent "
-            f"steps each) + final agent {final} positions, {cost.bytes_per_position} B of KV cache per position, "
+            f"{trace} positions ({len(prompts)} upstream agents, prompts {prompts} + {steps} latent steps each) "
+            f"+ final agent {final} positions, {cost.bytes_per_position} B of KV cache per position, "
             f"about {per_row / 2**20:.1f} MiB at its peak")
         return size
 
@@ -225,7 +228,7 @@ class DiffMASLM(HFLM):
 
     @torch.no_grad()
     def _score(self, items: list[tuple[str, list[int], list[int]]], disable_tqdm: bool = False,
-               desc: str = "diffmas loglikelihood") -> list[tuple[float, bool]]:
+               desc: str = "diffmas loglikelihood", size: int | None = None) -> list[tuple[float, bool]]:
         """One trace per distinct question, shared by all of that question's continuations."""
         by_question: dict[str, list[int]] = defaultdict(list)
         for i, (question, _, _) in enumerate(items):
@@ -234,8 +237,9 @@ class DiffMASLM(HFLM):
         final = [max(len(items[i][1]) + len(items[i][2]) for i in by_question[q]) for q in questions]
         scored = [max(len(items[i][2]) for i in by_question[q]) for q in questions]
         results: list[tuple[float, bool] | None] = [None] * len(items)
+        plan = self._plan(questions, final, scored, size)  # before the bar: auto logs the size it picks
         with tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=desc) as bar:
-            for rows, bs in self._plan(questions, final, scored):
+            for rows, bs in plan:
                 chunk = [questions[r] for r in rows]
                 with self._precision():
                     trace = self.chain.stage1(chunk, final_tokens=[final[r] for r in rows])
@@ -253,7 +257,11 @@ class DiffMASLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity of a document by the final agent, over a trace the upstream agents built from it."""
-        out = []
+        out, size = [], None
+        if self.batch_size == "auto" and requests:  # sized once, for the longest document's windows
+            longest = max((r.args[0] for r in requests), key=len)
+            n = len(self.tok_encode(longest)) + 1
+            size = self.batch_sizes[0] = self._auto_batch_size(longest, n, n)
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm or self.rank != 0,
                               desc="diffmas loglikelihood_rolling"):
             with torch.no_grad(), self._precision():
@@ -263,7 +271,7 @@ class DiffMASLM(HFLM):
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length - used - len(note), context_len=1))
             items = [(string, note + ctx, cont) for ctx, cont in windows]
-            total = sum(score for score, _ in self._score(items, disable_tqdm=True))
+            total = sum(score for score, _ in self._score(items, disable_tqdm=True, size=size))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)
         return out
