@@ -1,6 +1,8 @@
 """Request handling shared by the ``diffmas`` and ``textmas`` lm-eval models.
 
-- ``check_model_args``: unknown model_args fail with the list of valid ones.
+- ``check_model_args``: routes model_args that are not the model's own to lm-eval's ``HFLM`` (every
+  parameter of ``HFLM.__init__``, read from its signature at runtime, plus the everyday keywords that
+  ``HFLM`` forwards to ``from_pretrained``); anything else fails with the list of valid ones.
 - ``group_by_gen_kwargs``: how requests are batched.
 - ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample). Records
   are keyed by (task, prompt hash), the two things lm-eval's sample log identifies a sample by; the
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 from collections import defaultdict
@@ -20,10 +23,69 @@ from collections import defaultdict
 ACCOUNTING_KEY = "diffmas_accounting"
 
 
-def check_model_args(model: str, unknown: dict, options: dict[str, str]) -> None:
+# Keywords HFLM does not name but passes on, through its ``**kwargs``, to ``from_pretrained``. The
+# everyday ones are accepted by name (a typo must still fail, so ``**kwargs`` is not a free pass).
+FROM_PRETRAINED = {
+    "attn_implementation": "eager | sdpa | flash_attention_2 | ...",
+    "device_map": "where each module goes (with parallelize=True)",
+    "max_memory": "per-device memory limits for device_map",
+    "load_in_4bit": "bitsandbytes 4-bit quantization",
+    "load_in_8bit": "bitsandbytes 8-bit quantization",
+    "bnb_4bit_compute_dtype": "bitsandbytes 4-bit compute dtype",
+    "bnb_4bit_quant_type": "bitsandbytes 4-bit type (nf4 | fp4)",
+    "bnb_4bit_use_double_quant": "bitsandbytes nested quantization",
+    "variant": "weights file variant (e.g. fp16)",
+    "use_safetensors": "load only safetensors weights",
+    "cache_dir": "hub download cache",
+    "local_files_only": "never download",
+    "token": "hub token",
+    "force_download": "download even if cached",
+    "use_kernels": "hub kernels",
+}
+
+
+def hf_parameters() -> dict[str, object]:
+    """``HFLM.__init__``'s named parameters and their defaults, read now (a newer lm-eval's come along)."""
+    from lm_eval.models.huggingface import HFLM
+
+    params = inspect.signature(HFLM.__init__).parameters.values()
+    return {p.name: p.default for p in params
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def hf_argument_names() -> set[str]:
+    """Every model_arg ``--model hf`` takes by name: HFLM's parameters and ``FROM_PRETRAINED``."""
+    return set(hf_parameters()) | set(FROM_PRETRAINED)
+
+
+def valid_model_args(options: dict[str, str], hf: bool = True) -> str:
+    """The list an error shows: our own options first (one line of help each), then lm-eval ``hf``'s."""
+    lines = [f"  {k}: {v}" for k, v in options.items()]
+    if hf:
+        theirs = {k: v for k, v in hf_parameters().items() if k not in options}
+        empty = inspect.Parameter.empty
+        lines.append("lm-eval hf (HFLM) arguments, passed to HFLM unchanged:")
+        lines += [f"  {k}" + ("" if v is empty else f" (default {v!r})") for k, v in theirs.items()]
+        lines.append("from_pretrained keywords, passed on by HFLM:")
+        lines += [f"  {k}: {v}" for k, v in FROM_PRETRAINED.items() if k not in options]
+    return "\n".join(lines)
+
+
+def check_model_args(model: str, extra: dict, options: dict[str, str], hf: bool | str = True) -> dict:
+    """Route the model_args that ``model``'s own signature did not take (``extra``).
+
+    ``hf=True``: those HFLM takes are returned, to be passed to HFLM unchanged. ``hf="backend=hf"``:
+    the model has no HFLM now, so an HFLM argument is an error that says where it applies. Anything
+    else is unknown: an error with the full list (``valid_model_args``).
+    """
+    names = hf_argument_names()
+    unknown = sorted(k for k in extra if k not in names)
     if unknown:
-        valid = "\n".join(f"  {k}: {v}" for k, v in options.items())
-        raise ValueError(f"unknown {model} model_args {sorted(unknown)}; valid ones:\n{valid}")
+        raise ValueError(f"unknown {model} model_args {unknown}; valid ones:\n{valid_model_args(options)}")
+    if extra and hf is not True:
+        raise ValueError(f"{model} model_args {sorted(extra)} are lm-eval hf (HFLM) arguments; they apply to "
+                         f"{hf} only: drop them, or use {hf}")
+    return dict(extra)
 
 
 def group_by_gen_kwargs(requests) -> dict[str, list[int]]:

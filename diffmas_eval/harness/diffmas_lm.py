@@ -5,57 +5,70 @@ this class only routes each request through the chain. Upstream agents read the 
 (the context before chat formatting); the final agent reads the trace, a one-line note about it,
 and then the context exactly as the task formatted it. With ``agents=1`` there is no trace and no
 note, so the final agent sees exactly what ``--model hf`` sees (the tests use ``hf`` as the oracle).
+
+Every ``hf`` model_arg works: whatever is not one of ``OPTIONS`` and is a parameter of
+``HFLM.__init__`` (read from its signature, see ``common.check_model_args``) goes to ``HFLM``
+unchanged; HFLM's scoring-only knobs (``logits_cache``, ``truncation``, ``softmax_dtype``) have no
+effect, because the chain scores (in float32). ``batch_size=auto`` sizes a batch for what a DiffMAS
+row holds (``batching.py``).
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 from collections import defaultdict
 
 import torch
+from accelerate.utils import find_executable_batch_size
 from lm_eval import utils
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from tqdm import tqdm
 
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
+from .batching import CPU_SHARE, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs
 
 OPTIONS = {
-    "pretrained": "hub id, local path or bundled:NAME",
-    "peft": "path of a PEFT adapter (e.g. the output_dir of trainers/sft.py)",
+    "pretrained": "hub id, local path or bundled:NAME (default bundled:smollm2-135m-instruct)",
+    "peft": "path of a PEFT adapter (e.g. the output_dir of trainers/sft.py; its saved chain options apply)",
     "agents": "number of agents, final agent included (default 4: planner, critic, refiner, solver)",
     "latent_steps": "latent thoughts per upstream agent (default 10)",
     "realign": "ridge | identity | none",
     "trace": "concat | overwrite",
     "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
     "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
-    "dtype": "auto | float32 | bfloat16 | float16",
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
-    "batch_size": "questions per batch (an integer)",
-    "max_batch_size": "accepted for lm-eval compatibility",
+    "batch_size": "questions per batch: an integer, auto or auto:N (sized for trace + final agent)",
     "max_trace_tokens": "refuse a latent trace longer than this",
-    "max_length": "model context in tokens (default: from the model config)",
-    "enable_thinking": "passed to the chat template (Qwen3)",
-    "trust_remote_code": "passed to from_pretrained",
+    "enable_thinking": "passed to every agent's chat template (Qwen3; as with hf, needs think_end_token)",
 }
+eval_logger = logging.getLogger("lm_eval.models.diffmas")  # under lm-eval's logger and verbosity
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
 
 class DiffMASLM(HFLM):
-    def __init__(self, pretrained: str = "bundled:smollm2-135m-instruct", peft: str | None = None,
-                 agents: int | None = None, latent_steps: int | None = None, realign: str | None = None,
-                 trace: str | None = None, roles: str | None = None, family: str | None = None, dtype: str = "auto",
-                 device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = 64,
-                 max_trace_tokens: int | None = None, max_length: int | None = None,
-                 enable_thinking: bool | None = None, trust_remote_code: bool = False, **unknown) -> None:
-        check_model_args("diffmas", unknown, OPTIONS)
-        if not str(batch_size).isdigit():
-            raise ValueError(f"diffmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
+    def __init__(self, pretrained=DEFAULT_MODEL, peft: str | None = None, agents: int | None = None,
+                 latent_steps: int | None = None, realign: str | None = None, trace: str | None = None,
+                 roles: str | None = None, family: str | None = None,
+                 device: str | None = None, batch_size: int | str = 1,
+                 max_trace_tokens: int | None = None, enable_thinking: bool | None = None, **hf_args) -> None:
+        hf_args = check_model_args("diffmas", hf_args, OPTIONS)
+        parse_batch_size("diffmas", batch_size)
+        if hf_args.get("backend") == "seq2seq":
+            raise ValueError("diffmas needs a decoder-only (causal) model; drop backend=seq2seq")
+        local = isinstance(pretrained, str) and not pretrained.startswith("bundled:")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
-        saved, realign_file = load_chain_config(peft, None if pretrained.startswith("bundled:") else pretrained)
+        saved, realign_file = load_chain_config(peft, pretrained if local else None)
         role_map, order = family_roles(family), saved.get("roles", default_roles(4))
         if agents is not None:
             order = default_roles(int(agents))
@@ -71,9 +84,10 @@ class DiffMASLM(HFLM):
         config.latent_steps = int(config.latent_steps)
         config.check_roles(role_map)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        super().__init__(pretrained=resolve_pretrained(pretrained), peft=peft, dtype=dtype, device=device,
-                         batch_size=int(batch_size), max_batch_size=max_batch_size, max_length=max_length,
-                         enable_thinking=enable_thinking, trust_remote_code=trust_remote_code)
+        if isinstance(pretrained, str):
+            pretrained = resolve_pretrained(pretrained)
+        super().__init__(pretrained=pretrained, peft=peft, device=device, batch_size=batch_size,
+                         enable_thinking=enable_thinking, **hf_args)
         self.chain = AgentChain(self.model, self.tokenizer, config, role_map)
         if realign_file is not None and config.realign == saved.get("realign"):  # a realignment trained with SFT
             self.chain.realigner.weight.data.copy_(torch.load(realign_file, map_location=self.device))
@@ -117,6 +131,82 @@ class DiffMASLM(HFLM):
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "accounting": self.accounting.summary()}
 
+    # -- batching ---------------------------------------------------------------------------------
+    def _precision(self):
+        """``mixed_precision_dtype``, applied to every forward of the chain as HFLM applies it to its own."""
+        dtype = self.mixed_precision_dtype
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _plan(self, questions: list[str], final: list[int], scored: list[int],
+              size: int | None = None) -> list[tuple[list[int], int]]:
+        """Batches of row indices and the rows per forward: in order for a fixed batch size (or ``size``);
+        for ``auto``, longest first (as ``hf``), sized at ``batch_schedule`` points (``auto:N``: N times)."""
+        n = len(questions)
+        if size is not None or self.batch_size != "auto":
+            size = int(size or self.batch_size)
+            return [(list(range(i, min(i + size, n))), size) for i in range(0, n, size)]
+        upstream = len(self.chain.config.upstream)
+        length = [final[i] + upstream * len(self.tok_encode(q)) for i, q in enumerate(questions)]
+        order = sorted(range(n), key=lambda i: -length[i])
+        step = max(1, int(n / self.batch_schedule))
+        self.batch_sizes, plan, pos = {}, [], 0
+        while pos < n:
+            sched = pos // step
+            if sched not in self.batch_sizes:
+                prev = self.batch_sizes.get(sched - 1)
+                i = order[pos]
+                self.batch_sizes[sched] = prev if prev == self.max_batch_size else self._auto_batch_size(
+                    questions[i], final[i], scored[i])
+            size = self.batch_sizes[sched]
+            plan.append((order[pos:pos + size], size))
+            pos += size
+        return plan
+
+    def _auto_batch_size(self, question: str, final: int, scored: int) -> int:
+        """Rows per batch for the longest row left: its trace (upstream prompts + latent steps) and the
+        final agent's ``final`` positions (prompt + answer). CUDA: probe the real chain for OOM from
+        ``max_batch_size`` down, as ``hf`` does; otherwise: from the free memory, without probing."""
+        prompts = [len(agent[0]) for agent in self.chain.upstream_prompts([question])]
+        trace = sum(prompts) + len(prompts) * self.chain.config.latent_steps
+        final = max(2, min(final, self.max_length - trace))  # a longer row is refused before compute anyway
+        cost = RowCost.of(self.model)
+        per_row = cost.row(trace, final, prefill=max([final, *prompts]), scored=scored)
+        if self.device.type == "cuda":
+            size, how = self._probe(question, final, scored), "probed on cuda"
+        else:
+            size, how = cpu_batch_size(per_row, self.max_batch_size), f"{CPU_SHARE:.0%} of free memory"
+        steps = self.chain.config.latent_steps
+        eval_logger.info(
+            f"diffmas batch_size auto: {size} rows ({how}; max_batch_size={self.max_batch_size}). One row: trace "
+            f"{trace} positions ({len(prompts)} upstream agents, prompts {prompts} + {steps} latent steps each) "
+            f"+ final agent {final} positions, {cost.bytes_per_position} B of KV cache per position, "
+            f"about {per_row / 2**20:.1f} MiB at its peak")
+        return size
+
+    def _probe(self, question: str, final: int, scored: int) -> int:
+        """The largest batch (from ``max_batch_size``, shrinking on OOM) that runs stage 1 and the final
+        agent's forward over the trace for ``question``, with ``final`` positions of which ``scored`` are scored."""
+        scored = max(1, min(scored, final - 1))
+        context, continuation = [self.prefix_token_id] * (final - scored), [self.prefix_token_id] * scored
+
+        @find_executable_batch_size(starting_batch_size=self.max_batch_size or 64)
+        def run(batch_size: int) -> int:
+            rows = list(range(batch_size))
+            with torch.no_grad(), self._precision():
+                trace = self.chain.stage1([question] * batch_size, final_tokens=[final] * batch_size)
+                self.chain.loglikelihood(trace.select(rows), [context] * batch_size, [continuation] * batch_size)
+            return batch_size
+
+        try:
+            size = run()
+        except RuntimeError as e:
+            if "No executable batch size found" not in str(e):
+                raise
+            size = 1
+        gc.collect()
+        torch.cuda.empty_cache()  # what the probes held
+        return size
+
     # -- scoring ----------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         t0 = time.perf_counter()
@@ -141,25 +231,28 @@ class DiffMASLM(HFLM):
 
     @torch.no_grad()
     def _score(self, items: list[tuple[str, list[int], list[int]]], disable_tqdm: bool = False,
-               desc: str = "diffmas loglikelihood") -> list[tuple[float, bool]]:
+               desc: str = "diffmas loglikelihood", size: int | None = None) -> list[tuple[float, bool]]:
         """One trace per distinct question, shared by all of that question's continuations."""
         by_question: dict[str, list[int]] = defaultdict(list)
         for i, (question, _, _) in enumerate(items):
             by_question[question].append(i)
         questions = list(by_question)
+        final = [max(len(items[i][1]) + len(items[i][2]) for i in by_question[q]) for q in questions]
+        scored = [max(len(items[i][2]) for i in by_question[q]) for q in questions]
         results: list[tuple[float, bool] | None] = [None] * len(items)
-        bs = self.batch_size
+        plan = self._plan(questions, final, scored, size)  # before the bar: auto logs the size it picks
         with tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=desc) as bar:
-            for q0 in range(0, len(questions), bs):
-                chunk = questions[q0:q0 + bs]
-                need = [max(len(items[i][1]) + len(items[i][2]) for i in by_question[q]) for q in chunk]
-                trace = self.chain.stage1(chunk, final_tokens=need)
+            for rows, bs in plan:
+                chunk = [questions[r] for r in rows]
+                with self._precision():
+                    trace = self.chain.stage1(chunk, final_tokens=[final[r] for r in rows])
                 pairs = [(row, i) for row, q in enumerate(chunk) for i in by_question[q]]
                 for p0 in range(0, len(pairs), bs):
                     part = pairs[p0:p0 + bs]
                     sub = trace.select([row for row, _ in part])
-                    scores = self.chain.loglikelihood(sub, [items[i][1] for _, i in part],
-                                                      [items[i][2] for _, i in part])
+                    with self._precision():
+                        scores = self.chain.loglikelihood(sub, [items[i][1] for _, i in part],
+                                                          [items[i][2] for _, i in part])
                     for (_, i), res in zip(part, scores):
                         results[i] = res
                     bar.update(len(part))
@@ -167,17 +260,21 @@ class DiffMASLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity of a document by the final agent, over a trace the upstream agents built from it."""
-        out = []
+        out, size = [], None
+        if self.batch_size == "auto" and requests:  # sized once, for the longest document's windows
+            longest = max((r.args[0] for r in requests), key=len)
+            n = len(self.tok_encode(longest)) + 1
+            size = self.batch_sizes[0] = self._auto_batch_size(longest, n, n)
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm or self.rank != 0,
                               desc="diffmas loglikelihood_rolling"):
-            with torch.no_grad():
+            with torch.no_grad(), self._precision():
                 used = int(self.chain.stage1([string]).next_pos.max()) if self.chain.config.upstream else 0
             note = self._final_ids("", []) if self._preamble else []
             windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length - used - len(note), context_len=1))
             items = [(string, note + ctx, cont) for ctx, cont in windows]
-            total = sum(score for score, _ in self._score(items, disable_tqdm=True))
+            total = sum(score for score, _ in self._score(items, disable_tqdm=True, size=size))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)
         return out
@@ -195,20 +292,36 @@ class DiffMASLM(HFLM):
             sampling = dict(do_sample=bool(kwargs.get("do_sample")),
                             temperature=float(kwargs.get("temperature") or 1.0),
                             top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0))
-            for b0 in range(0, len(indices), self.batch_size):
-                batch = indices[b0:b0 + self.batch_size]
+            contexts = [requests[i].args[0] for i in indices]
+            questions = [self._question(c) for c in contexts]
+            finals = [self._final_ids(c, self.tok_encode(c)) for c in contexts]
+            need = [len(f) + max_gen for f in finals]
+            for rows, _ in self._plan(questions, need, [1] * len(indices)):
+                batch = [indices[r] for r in rows]
                 t0 = time.perf_counter()
-                contexts = [requests[i].args[0] for i in batch]
-                finals = [self._final_ids(c, self.tok_encode(c)) for c in contexts]
-                with torch.no_grad():
-                    trace = self.chain.stage1([self._question(c) for c in contexts],
-                                              final_tokens=[len(f) + max_gen for f in finals])
-                gens = self.chain.generate(trace, finals, max_new_tokens=max_gen, stop=until, **sampling)
+                with torch.no_grad(), self._precision():
+                    trace = self.chain.stage1([questions[r] for r in rows], final_tokens=[need[r] for r in rows])
+                with self._precision():
+                    gens = self.chain.generate(trace, [finals[r] for r in rows], max_new_tokens=max_gen,
+                                               stop=until, **sampling)
                 per = (time.perf_counter() - t0) / len(batch)
                 for i, gen in zip(batch, gens):
-                    results[i] = gen.text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
+                    results[i] = self._answer(gen, until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
                     self.accounting.record(requests[i], self._agents_log(len(gen.token_ids)), per)
                 bar.update(len(batch))
         bar.close()
         return results
+
+    def _answer(self, gen, until: list[str]) -> str:
+        """The generated text, after the thinking part if ``think_end_token`` is set (exactly as ``hf``)."""
+        end = self.think_end_token
+        if end is None:
+            return gen.text
+        ids = gen.token_ids
+        if isinstance(end, int):
+            last = [k for k, t in enumerate(ids) if t == end]
+            ids = ids[last[-1] + 1:] if last else ids
+        text = self.tok_decode(ids)
+        text = text.lstrip() if isinstance(end, int) else text
+        return postprocess_generated_text(text, until, end if isinstance(end, str) else None)

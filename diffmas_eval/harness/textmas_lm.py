@@ -10,6 +10,10 @@ Backends: ``hf`` (in-process transformers: upstream agents batched through ``mod
 final agent through ``HFLM``) and ``openai`` (any OpenAI-compatible ``/v1/completions`` server:
 ``vllm serve``, ``transformers serve``; the chat template is applied here, with the model's own
 tokenizer, so both backends send the same text).
+
+With ``backend=hf`` every ``hf`` model_arg works: what is not one of ``OPTIONS`` and is an argument of
+``HFLM`` goes to the inner ``HFLM`` unchanged (``common.check_model_args``); with ``backend=openai``
+such an argument is an error that says it applies to ``backend=hf``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ OPTIONS = {
     "backend": "hf | openai",
     "base_url": "backend=openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
     "model": "backend=openai: model name sent to the server (default: pretrained; bundled:NAME its local path)",
-    "tokenizer": "backend=openai: tokenizer for the chat template (default: pretrained)",
+    "tokenizer": "tokenizer for the chat template (default: pretrained); backend=hf: HFLM's tokenizer",
     "api_key": "backend=openai: API key (default EMPTY; or $OPENAI_API_KEY)",
     "timeout": "backend=openai: seconds per request attempt (default 120)",
     "max_retries": "backend=openai: retries after a failed attempt, with backoff (default 2)",
@@ -71,11 +75,11 @@ class TextMASLM(TemplateLM):
                  roles: str | None = None, family: str | None = None, dtype: str = "auto", device: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = 64, max_length: int | None = None,
                  enable_thinking: bool | None = None, trust_remote_code: bool = False,
-                 **unknown) -> None:
-        check_model_args("textmas", unknown, OPTIONS)
+                 **hf_args) -> None:
         super().__init__()
         if backend not in ("hf", "openai"):
             raise ValueError(f"backend={backend!r} is not valid; choose hf or openai")
+        hf_args = check_model_args("textmas", hf_args, OPTIONS, hf=backend == "hf" or "backend=hf")
         if not str(batch_size).isdigit():
             raise ValueError(f"textmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
         role_map = family_roles(family, TEXT_ROLES)
@@ -96,8 +100,8 @@ class TextMASLM(TemplateLM):
             self.hf = HFLM(pretrained=resolve_pretrained(pretrained), dtype=dtype,
                            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                            batch_size=self.batch_size, max_batch_size=max_batch_size, max_length=max_length,
-                           enable_thinking=enable_thinking,
-                           trust_remote_code=trust_remote_code)
+                           enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
+                           tokenizer=resolve_pretrained(tokenizer) if tokenizer else None, **hf_args)
             self.tokenizer = self.hf.tokenizer
             text_backend = HFBackend(self.hf.model, self.tokenizer, self.hf.tok_encode, self.batch_size)
             self._chunk = self.batch_size
