@@ -202,7 +202,8 @@ def test_ridge_realignment_is_identity_for_tied_embeddings(tiny_llama):
 
     model, _ = tiny_llama
     lm_head = model.get_output_embeddings().weight.detach()
-    tied = type("Tied", (), {"get_input_embeddings": lambda s: model.get_output_embeddings(),
+    shared = torch.nn.Embedding.from_pretrained(lm_head)
+    tied = type("Tied", (), {"get_input_embeddings": lambda s: shared,
                              "get_output_embeddings": lambda s: model.get_output_embeddings()})()
     assert torch.allclose(Realigner(tied, "ridge").weight, torch.eye(lm_head.shape[1]), atol=1e-3)
     h = torch.randn(3, lm_head.shape[1])
