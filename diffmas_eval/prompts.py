@@ -112,12 +112,49 @@ def load_roles(path: str | Path, builtin: dict[str, Role] = ROLES) -> tuple[dict
     return {**builtin, **{k: Role(k, v) for k, v in data.items()}}, list(data)
 
 
+_SYSTEM_PROBE = ("\x00diffmas-system-probe\x00", "\x00diffmas-user-probe\x00")
+_TAKES_SYSTEM: dict[str, bool] = {}
+
+
+def takes_system(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message, decided once per template.
+
+    Some templates refuse one (Gemma: "System role not supported"; Mistral v0.1/v0.2: roles must
+    alternate user/assistant), some drop it silently; both get the instructions folded into the user
+    turn instead (``chat_messages``). One probe render per distinct template, cached.
+    """
+    from jinja2 import TemplateError
+
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _TAKES_SYSTEM:
+        system, user = _SYSTEM_PROBE
+        try:
+            text = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                  {"role": "user", "content": user}],
+                                                 tokenize=False, add_generation_prompt=True)
+            _TAKES_SYSTEM[key] = system in text and user in text
+        except TemplateError:
+            _TAKES_SYSTEM[key] = False
+    return _TAKES_SYSTEM[key]
+
+
+def chat_messages(tokenizer, system: str, user: str) -> list[dict]:
+    """An agent's turn for any template: its instructions as the system message where the template
+    takes one, otherwise before the user text in the one user turn (what Gemma's and Mistral's own
+    docs do with instructions)."""
+    if takes_system(tokenizer):
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return [{"role": "user", "content": f"{system}\n\n{user}"}]
+
+
 def chat_format(tokenizer, system: str, user: str, enable_thinking: bool | None = None) -> str:
-    """The role as system message, the question as user message, through the model's chat template."""
+    """The role instructions and the question through the model's chat template (``chat_messages``);
+    a model without a template gets a plain-text prompt. The one place every agent's prompt is made."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return tokenizer.apply_chat_template(chat_messages(tokenizer, system, user), tokenize=False,
+                                             add_generation_prompt=True, **kwargs)
     return f"{system}\n\nQuestion: {user}\n\nAnswer:"
 
 

@@ -43,6 +43,20 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# templates of the kinds users' models ship: system message taken (CHAT_TEMPLATE); refused (Gemma);
+# roles must alternate user/assistant from the first message (Mistral-7B-Instruct v0.1/v0.2)
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+)
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}<|im_end|>"
+    "{% endif %}{% endfor %}"
+)
+TEMPLATES = {"system": CHAT_TEMPLATE, "no_system": NO_SYSTEM_TEMPLATE, "alternating": ALTERNATING_TEMPLATE}
 _CORPUS = [
     "You are a planner. Plan the steps to solve the question. You are a critic. Check the plan.",
     "You are a refiner. Improve the plan. You are the solver. Give the final answer in \\boxed{}.",
@@ -53,7 +67,7 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def make_tokenizer(vocab_size: int = 384, template: str = "system") -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -64,15 +78,15 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = TEMPLATES[template]
     fast.padding_side = "left"
     return fast
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096):
+def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096, template: str = "system"):
     """Return ``(model, tokenizer)``: 2 layers, hidden 64, 4 query / 2 KV heads, float32, eval mode
-    (``arch``: a key of ``ARCHS``)."""
-    tokenizer = make_tokenizer()
+    (``arch``: a key of ``ARCHS``; ``template``: a key of ``TEMPLATES``)."""
+    tokenizer = make_tokenizer(template=template)
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -97,8 +111,8 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096):
     return model.eval(), tokenizer
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
-    model, tokenizer = make_tiny_model(arch, seed)
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, template: str = "system") -> Path:
+    model, tokenizer = make_tiny_model(arch, seed, template=template)
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
