@@ -143,20 +143,20 @@ class AgentChain(nn.Module):
     def _agent(self, input_ids: torch.Tensor, mask: torch.Tensor, past: LatentTrace):
         """The trace after one agent: ``past``, its prompt, then ``m`` latent thoughts (left-aligned)."""
         work = past.fork()
-        hidden = self._forward(work, mask, input_ids=input_ids)
+        hidden = self._forward(work, work.cache(), mask, input_ids=input_ids)
+        work.left_align()
         step = torch.ones(len(mask), 1, dtype=mask.dtype, device=mask.device)
+        cache = work.cache(reserve=self.config.latent_steps)
         for _ in range(self.config.latent_steps):
-            hidden = self._forward(work, step, inputs_embeds=self.realigner(hidden)[:, None])
+            hidden = self._forward(work, cache, step, inputs_embeds=self.realigner(hidden)[:, None])
         return work.keys, work.values
 
-    def _forward(self, work: LatentTrace, mask: torch.Tensor, **inputs) -> torch.Tensor:
-        """Extend ``work`` by one right-padded block; return the last layer's hidden state at each
-        row's last real token (the trace is left-aligned again afterwards)."""
-        cache = work.cache()
+    def _forward(self, work: LatentTrace, cache, mask: torch.Tensor, **inputs) -> torch.Tensor:
+        """Extend ``work`` (through ``cache``, built from it) by one right-padded block; return the last
+        layer's hidden state at each row's last real token."""
         out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
-        work.left_align()
         last = mask.sum(-1) - 1
         return out.hidden_states[-1][torch.arange(len(mask), device=mask.device), last]
 
@@ -231,7 +231,7 @@ class AgentChain(nn.Module):
                          cache=cache, use_cache=True, logits_to_keep=cols)
         work.adopt(cache, mask)
         work.left_align()
-        cache = work.cache()
+        cache = work.cache(reserve=max_new_tokens)  # decoding writes in place: O(1) bytes moved per token
         logits = out.logits[torch.arange(len(prompts), device=mask.device), lengths - 1 - (width - cols)]
         step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)
         out_ids: list[list[int]] = [[] for _ in prompts]

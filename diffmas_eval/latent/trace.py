@@ -58,6 +58,41 @@ def _layer_over(keys: torch.Tensor | None, values: torch.Tensor | None) -> Dynam
     return layer
 
 
+class GrowingLayer(DynamicLayer):
+    """A cache layer with room reserved after its columns, written in place by each forward.
+
+    ``DynamicLayer`` concatenates: every new token copies the whole cache, so decoding T tokens over a
+    trace moves O(T^2) bytes (it dominates long answers). Here the trace is copied once into a buffer
+    with ``reserve`` spare columns; a forward writes only its new columns (doubling the buffer if it
+    runs out). In-place writes would break autograd, so ``LatentTrace.cache`` uses it only without it.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.length = keys.shape[-2]
+        self._k = self._buffer(keys, self.length + reserve)
+        self._v = self._buffer(values, self.length + reserve)
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    @staticmethod
+    def _buffer(t: torch.Tensor, capacity: int) -> torch.Tensor:
+        buf = t.new_empty(*t.shape[:2], capacity, t.shape[-1])
+        buf[:, :, :t.shape[-2]] = t
+        return buf
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._k = self._buffer(self.keys, max(end, 2 * self._k.shape[-2]))
+            self._v = self._buffer(self.values, max(end, 2 * self._v.shape[-2]))
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+
 def left_aligned_mask(real: torch.Tensor, width: int) -> torch.Tensor:
     """``[B, width]``: 0 for the first ``width - real[i]`` columns of row i, then 1."""
     cols = torch.arange(width, device=real.device)
@@ -93,10 +128,17 @@ class LatentTrace:
         return sum(2 * k[0, :, 0].nelement() * k.element_size() for k in self.keys)
 
     # -- reading and writing ----------------------------------------------------------------------
-    def cache(self) -> DynamicCache:
-        """A fresh cache object over the trace tensors; a forward extends it, not the trace."""
+    def cache(self, reserve: int = 0) -> DynamicCache:
+        """A fresh cache object over the trace tensors; a forward extends it, not the trace.
+
+        ``reserve`` (only without autograd): copy the trace once into buffers with that many spare
+        columns, which forwards then fill in place (``GrowingLayer``): for decoding and latent steps.
+        """
         cache = DynamicCache()
-        cache.layers = [_layer_over(k, v) for k, v in zip(self.keys, self.values)]
+        if reserve > 0 and not torch.is_grad_enabled() and self.keys[0] is not None:
+            cache.layers = [GrowingLayer(k, v, reserve) for k, v in zip(self.keys, self.values)]
+        else:
+            cache.layers = [_layer_over(k, v) for k, v in zip(self.keys, self.values)]
         cache.layer_class_to_replicate = None
         return cache
 
