@@ -1,4 +1,5 @@
-"""``diffmas-eval``: ask a DiffMAS chain one question; build the leaderboard; generate code for EvalPlus."""
+"""``diffmas-eval``: ask a DiffMAS chain one question; the trace memory of a model; build the leaderboard;
+generate code for EvalPlus."""
 
 from __future__ import annotations
 
@@ -72,6 +73,18 @@ def sft_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory(args: argparse.Namespace) -> int:
+    import json
+
+    from .memory import format_memory, trace_memory
+
+    prompts = [int(p) for p in args.prompt_tokens.split(",")]
+    m = trace_memory(args.model, args.agents, args.latent_steps, prompts[0] if len(prompts) == 1 else prompts,
+                     args.final_tokens, args.dtype)
+    print(json.dumps(m.as_dict()) if args.json else format_memory(m))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffmas-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p_data.add_argument("--n", type=int, default=None, help="examples (default: the paper's 210/700/50)")
     p_data.add_argument("--data-dir", default=None, help="local benchmark data; default $DIFFMAS_DATA_DIR")
     p_data.set_defaults(func=sft_data)
+
+    p_mem = sub.add_parser("memory", help="trace bytes per position and per question, from the model config only")
+    p_mem.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME")
+    p_mem.add_argument("--agents", type=int, default=4, help="agents, final agent included (default: 4)")
+    p_mem.add_argument("--latent-steps", type=int, default=10, help="latent steps per upstream agent (default: 10)")
+    p_mem.add_argument("--prompt-tokens", default="200",
+                       help="tokens of each upstream agent's prompt (role + question), or one per upstream agent "
+                            "comma-separated (default: 200)")
+    p_mem.add_argument("--final-tokens", type=int, default=0,
+                       help="the final agent's prompt + answer tokens, held on top of the trace in stage 2")
+    p_mem.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p_mem.add_argument("--json", action="store_true", help="print one JSON object")
+    p_mem.set_defaults(func=memory)
 
     from .codegen.cli import add_codegen_parser
     from .leaderboard import add_leaderboard_parser

@@ -11,6 +11,11 @@
   Python, ``add_accounting(task, results["samples"][task])`` does the same, right after the run: the
   records kept are those of the latest ``diffmas``/``textmas`` model created in the process.
   The summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
+- ``join_data_parallel`` / ``Accounting.gather``: ``accelerate launch -m lm_eval`` on any device.
+  HFLM shards requests by rank only when it sees more than one GPU; on CPU (gloo) or one shared GPU
+  every process would score everything. Each rank's accounting is gathered to rank 0 at lm-eval's
+  barrier after each request type, and lm-eval's padding copies (ranks get equal request counts)
+  are not accounted.
 """
 
 from __future__ import annotations
@@ -103,10 +108,20 @@ class Accounting:
         self.method = method
         self.records: list[dict] = []
         self.by_sample: dict[tuple[str, str], dict] = {}
+        self._sent, self._unsent = 0, []  # what ``gather`` has not sent to rank 0 yet
         LATEST["by_sample"] = self.by_sample  # a new model starts a new run
 
     def record(self, request, agents: list[dict], seconds: float, **extra) -> dict:
-        """Account one answered request (one sample) and register the record for the sample log."""
+        """Account one answered request (one sample) and register the record for the sample log.
+
+        A request seen more often than its ``repeats`` is one of lm-eval's padding copies (data
+        parallel runs give every rank as many requests as the busiest one): it is not counted again.
+        """
+        seen = getattr(request, "_diffmas_accounted", 0)
+        if seen and seen >= (getattr(request, "repeats", 1) or 1):
+            return self.by_sample.get(sample_key(getattr(request, "task_name", None), request.args[0]), {})
+        if hasattr(request, "args"):
+            request._diffmas_accounted = seen + 1
         rec = {"method": self.method, "task": getattr(request, "task_name", None),
                "doc_id": getattr(request, "doc_id", None), "agents": agents,
                "tokens": sum(a.get("tokens") or 0 for a in agents), "seconds": round(seconds, 4), **extra}
@@ -118,7 +133,23 @@ class Accounting:
         """Remember ``record`` as the accounting of the sample that ``request`` (an Instance) belongs to."""
         args = getattr(request, "args", None)
         if args and isinstance(args[0], str):
-            self.by_sample[sample_key(getattr(request, "task_name", None), args[0])] = record
+            key = sample_key(getattr(request, "task_name", None), args[0])
+            self.by_sample[key] = record
+            self._unsent.append(key)
+
+    def gather(self, lm) -> None:
+        """Collect every rank's new records on rank 0 (a collective: all ranks must call it)."""
+        if getattr(lm, "world_size", 1) <= 1:
+            return
+        mine = (self.records[self._sent:], [(k, self.by_sample[k]) for k in self._unsent])
+        self._sent, self._unsent = len(self.records), []
+        gathered = lm.gather_object(mine, dst=0)
+        if lm.rank != 0:
+            return
+        for records, keyed in gathered[1:]:
+            self.records.extend(records)
+            self.by_sample.update(keyed)
+        self._sent = len(self.records)
 
     def summary(self) -> dict:
         """Means per sample, overall and per task: generated tokens (total and per agent), seconds."""
@@ -143,6 +174,17 @@ class Accounting:
 
 
 LATEST: dict[str, dict] = {"by_sample": {}}
+
+
+def join_data_parallel(lm) -> None:
+    """Take the rank and world size of ``accelerate launch`` where HFLM did not (no GPU, or one GPU).
+
+    HFLM keeps its ``Accelerator`` whenever several processes run, but shards the requests only with
+    more than one GPU; with this, ``accelerate launch --cpu --num_processes N -m lm_eval`` splits them too.
+    """
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and accelerator.num_processes > 1 and lm.world_size == 1:
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
 
 
 def sample_key(task: str | None, context: str) -> tuple[str, str]:

@@ -36,7 +36,7 @@ from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
 from .batching import CPU_SHARE, RowCost, cpu_batch_size, parse_batch_size
-from .common import Accounting, check_model_args, group_by_gen_kwargs
+from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
 OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME (default bundled:smollm2-135m-instruct)",
@@ -94,6 +94,12 @@ class DiffMASLM(HFLM):
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
         self.accounting = Accounting("diffmas")
+        join_data_parallel(self)
+
+    def barrier(self) -> None:
+        """lm-eval's barrier after each request type: also bring every rank's accounting to rank 0."""
+        super().barrier()
+        self.accounting.gather(self)
 
     # -- what each agent reads --------------------------------------------------------------------
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -21,7 +21,17 @@ MODELS = {
     "diffmas": "diffmas_eval.harness.diffmas_lm:DiffMASLM",
     "textmas": "diffmas_eval.harness.textmas_lm:TextMASLM",
 }
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+
+
+def _tasks_dir() -> Path:
+    """The task YAMLs: inside an installed wheel (``diffmas_eval/lm_eval_tasks``, see pyproject.toml's
+    force-include), else the checkout's top-level ``tasks/`` (editable install, PYTHONPATH)."""
+    package = Path(__file__).resolve().parent.parent
+    shipped = package / "lm_eval_tasks"
+    return shipped if shipped.is_dir() else package.parent / "tasks"
+
+
+TASKS_DIR = _tasks_dir()
 
 
 def _register_models(module) -> None:

@@ -1,1 +1,1 @@
-"""lm-eval task YAMLs for the DiffMAS benchmarks (found by the plain ``lm_eval`` CLI via the plugin)."""
+"""Data loading and scoring for the lm-eval tasks in the top-level ``tasks/`` folder (see ``utils``)."""

@@ -1,4 +1,4 @@
-"""Data loading and scoring for this directory's lm-eval tasks.
+"""Data loading and scoring for the lm-eval tasks (YAMLs in the top-level ``tasks/`` folder).
 
 Each loader reads the hub by default and, when ``DIFFMAS_DATA_DIR`` is set, the local files in the
 layout of ``../shared/data`` (offline machines). Local rows are validated, and a bad row fails

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
+from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
@@ -95,6 +96,24 @@ class _WithQuestions:
         return batch
 
 
+class _CallThrough(nn.Module):
+    """What the chain gets as its model under DDP/FSDP: calls go through the wrapper (so the wrapper
+    syncs gradients), attribute reads (``config``, ``get_input_embeddings``) go to the model inside,
+    which the wrappers do not expose. Neither is registered as a submodule (no second parameter copy)."""
+
+    def __init__(self, wrapped: nn.Module, inner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_wrapped", wrapped)
+        object.__setattr__(self, "_inner", inner)
+        del self.__dict__["training"]  # read the inner model's train/eval mode
+
+    def forward(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(object.__getattribute__(self, "_inner"), name)
+
+
 class DiffMASSFTTrainer(SFTTrainer):
     def __init__(self, model, args: SFTConfig | None = None, *, diffmas_config: LatentConfig | None = None,
                  trainable_realign: bool = False, train_dataset: Dataset | None = None,
@@ -136,7 +155,9 @@ class DiffMASSFTTrainer(SFTTrainer):
         if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
             raise RuntimeError("model-level gradient checkpointing is on: transformers drops the KV cache in training "
                                "mode, which cuts the latent trace; use DiffMAS's checkpoint_agents instead")
-        self.chain.model = model  # the accelerate-wrapped model (DDP gradient sync)
+        inner = self.accelerator.unwrap_model(model)
+        # always call the model compute_loss receives: the accelerate-wrapped one syncs gradients (DDP, FSDP)
+        self.chain.model = model if inner is model else _CallThrough(model, inner)
         rows, labels = [], []
         for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]):
             real = mask.bool()

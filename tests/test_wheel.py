@@ -1,0 +1,75 @@
+"""The package as users install it: a built wheel in a fresh virtual environment gives the plain lm-eval CLI
+our models and our tasks (the YAMLs ship inside the wheel), with no trace of this checkout on sys.path."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fresh_env(data_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    return {**env, "DIFFMAS_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A fresh venv with only the wheel installed into it.
+
+    Third-party dependencies (torch, lm-eval, ...) come from the test's own environment through a plain path
+    line, so nothing is downloaded and nothing is reinstalled; a path line does not run that environment's
+    ``.pth`` files, so its editable install of this package (and its ``diffmas_eval_lm_eval.pth``) stay out.
+    """
+    root = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"),
+                            str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (root / "dist").glob("diffmas_eval-*.whl")
+    venv.EnvBuilder(with_pip=False).create(root / "venv")
+    python = root / "venv" / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "_shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                              "--no-index", "-q", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python, site
+
+
+def test_wheel_ships_the_tasks_and_not_the_checkout(installed, local_data, tmp_path):
+    python, site = installed
+    code = ("import sys, diffmas_eval, lm_eval.tasks\n"
+            "from diffmas_eval.harness import plugin\n"
+            "print(diffmas_eval.__file__); print(plugin.TASKS_DIR)\n"
+            "print(any(p.startswith(sys.argv[1]) for p in sys.path))\n"
+            "print(','.join(sorted(lm_eval.tasks.TaskManager().all_tasks)))")
+    out = subprocess.run([str(python), "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=_fresh_env(local_data))
+    assert out.returncode == 0, out.stderr[-3000:]
+    package_file, tasks_dir, sees_checkout, tasks = out.stdout.strip().splitlines()[-4:]
+    assert Path(package_file).is_relative_to(site) and Path(tasks_dir) == site / "diffmas_eval" / "lm_eval_tasks"
+    assert sees_checkout == "False"
+    shipped = {p.stem for p in (ROOT / "tasks").glob("*.yaml")}
+    assert shipped <= set(tasks.split(",")) and "gsm8k" in tasks.split(",")  # ours beside lm-eval's own
+
+
+def test_installed_wheel_runs_lm_eval_diffmas(installed, tiny_path, local_data, tmp_path):
+    python, _ = installed
+    out = subprocess.run(
+        [str(python), "-m", "lm_eval", "--model", "diffmas", "--model_args",
+         f"pretrained={tiny_path},agents=2,latent_steps=1", "--tasks", "diffmas_arc_challenge", "--limit", "2",
+         "--device", "cpu", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_fresh_env(local_data))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result_file,) = (tmp_path / "out").rglob("results_*.json")
+    result = json.loads(result_file.read_text())
+    assert result["config"]["model"] == "diffmas"
+    assert 0 <= result["results"]["diffmas_arc_challenge"]["acc,none"] <= 1
+    assert result["n-samples"]["diffmas_arc_challenge"]["effective"] == 2
