@@ -238,7 +238,8 @@ class DiffMASLM(HFLM):
     @torch.no_grad()
     def _score(self, items: list[tuple[str, list[int], list[int]]], disable_tqdm: bool = False,
                desc: str = "diffmas loglikelihood", size: int | None = None) -> list[tuple[float, bool]]:
-        """One trace per distinct question, shared by all of that question's continuations."""
+        """One trace per distinct question and one prefill of each distinct context over it, shared by
+        all of that context's continuations (a multiple-choice question's choices)."""
         by_question: dict[str, list[int]] = defaultdict(list)
         for i, (question, _, _) in enumerate(items):
             by_question[question].append(i)
@@ -252,16 +253,26 @@ class DiffMASLM(HFLM):
                 chunk = [questions[r] for r in rows]
                 with self._precision():
                     trace = self.chain.stage1(chunk, final_tokens=[final[r] for r in rows])
-                pairs = [(row, i) for row, q in enumerate(chunk) for i in by_question[q]]
-                for p0 in range(0, len(pairs), bs):
-                    part = pairs[p0:p0 + bs]
-                    sub = trace.select([row for row, _ in part])
+                # each distinct (question, final-agent context) is prefilled once; its continuations go on from it
+                prefixes: dict[tuple, int] = {}
+                pairs = [(prefixes.setdefault((row, tuple(items[i][1])), len(prefixes)), i)
+                         for row, q in enumerate(chunk) for i in by_question[q]]
+                keys = list(prefixes)
+                for k0 in range(0, len(keys), bs):
+                    part = keys[k0:k0 + bs]
                     with self._precision():
-                        scores = self.chain.loglikelihood(sub, [items[i][1] for _, i in part],
-                                                          [items[i][2] for _, i in part])
-                    for (_, i), res in zip(part, scores):
-                        results[i] = res
-                    bar.update(len(part))
+                        prefixed, first = self.chain.extend(trace.select([row for row, _ in part]),
+                                                            [list(ctx) for _, ctx in part])
+                    todo = [(p - k0, i) for p, i in pairs if k0 <= p < k0 + len(part)]
+                    for t0 in range(0, len(todo), bs):
+                        sel = todo[t0:t0 + bs]
+                        rows = torch.tensor([p for p, _ in sel], device=first.device)
+                        with self._precision():
+                            scores = self.chain.continuation_scores(prefixed.select(rows), first[rows],
+                                                                    [items[i][2] for _, i in sel])
+                        for (_, i), res in zip(sel, scores):
+                            results[i] = res
+                        bar.update(len(sel))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -176,23 +176,45 @@ class AgentChain(nn.Module):
                          logits_to_keep=cols)
         return out.logits, lengths - (width - cols)
 
+    def extend(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[LatentTrace, torch.Tensor]:
+        """The final agent's shared prefix: ``rows`` prefilled over the trace (right-padded, then the
+        trace left-aligned again), and the logits ``[B, V]`` at each row's last token. A context is
+        prefilled once and every continuation, or the answer, goes on from it."""
+        work = trace.fork()
+        cache = work.cache()
+        ids, mask = self._right_pad(rows)
+        width, lengths = mask.shape[1], mask.sum(-1)
+        cols = width - int(lengths.min()) + 1
+        out = self.model(input_ids=ids, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
+                         cache=cache, use_cache=True, logits_to_keep=cols)
+        work.adopt(cache, mask)
+        work.left_align()
+        return work, out.logits[torch.arange(len(rows), device=mask.device), lengths - 1 - (width - cols)]
+
+    def continuation_scores(self, trace: LatentTrace, first: torch.Tensor,
+                            continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """``log p(continuation | trace)`` per row, over a trace that already holds the context
+        (``extend``; ``first``: its last logits, which predict each continuation's first token)."""
+        if any(not c for c in continuations):
+            raise ValueError("every continuation needs at least one token")
+        logits, ends = self.final_logits(trace, continuations, max(map(len, continuations)))
+        results = []
+        for i, cont in enumerate(continuations):
+            end = int(ends[i])  # columns end-n .. end-2 predict the continuation's tokens 2..n
+            pred = F.log_softmax(torch.cat([first[i:i + 1], logits[i, end - len(cont):end - 1]]).float(), dim=-1)
+            target = torch.tensor(cont, device=pred.device)
+            score = pred.gather(-1, target[:, None]).sum().item()
+            results.append((score, bool((pred.argmax(-1) == target).all())))
+        return results
+
     def loglikelihood(self, trace: LatentTrace, contexts: list[list[int]],
                       continuations: list[list[int]]) -> list[tuple[float, bool]]:
         """``log p(continuation | trace, context)`` per row, and whether it is the greedy choice."""
         if any(not c for c in continuations) or any(not c for c in contexts):
             raise ValueError("every context and continuation needs at least one token (prefix an empty "
                              "context with a BOS/EOT token, as lm-eval does)")
-        keep = max(len(d) for d in continuations) + 1
-        logits, ends = self.final_logits(trace, [c + d for c, d in zip(contexts, continuations)], keep)
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        results = []
-        for i, cont in enumerate(continuations):
-            end = int(ends[i])  # columns end-n-1 .. end-2 predict the continuation
-            pred = logprobs[i, end - len(cont) - 1:end - 1]
-            target = torch.tensor(cont, device=pred.device)
-            score = pred.gather(-1, target[:, None]).sum().item()
-            results.append((score, bool((pred.argmax(-1) == target).all())))
-        return results
+        prefixed, first = self.extend(trace, contexts)
+        return self.continuation_scores(prefixed, first, continuations)
 
     def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]],
              reduction: str = "mean") -> torch.Tensor:
@@ -221,18 +243,10 @@ class AgentChain(nn.Module):
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
-        # prefill the final agent's prompt (right-padded), left-align, then decode one column per row
-        work = trace.fork()
-        cache = work.cache()
-        ids, mask = self._right_pad(prompts)
-        width, lengths = mask.shape[1], mask.sum(-1)
-        cols = width - int(lengths.min()) + 1
-        out = self.model(input_ids=ids, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
-                         cache=cache, use_cache=True, logits_to_keep=cols)
-        work.adopt(cache, mask)
-        work.left_align()
+        # prefill the final agent's prompt (right-padded, then left-aligned), then decode one column per row
+        work, logits = self.extend(trace, prompts)
         cache = work.cache(reserve=max_new_tokens)  # decoding writes in place: O(1) bytes moved per token
-        logits = out.logits[torch.arange(len(prompts), device=mask.device), lengths - 1 - (width - cols)]
+        mask = work.mask
         step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)
         out_ids: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
