@@ -111,11 +111,12 @@ class AgentChain(nn.Module):
 
     # -- stage 1 ----------------------------------------------------------------------------------
     def stage1(self, questions: list[str], final_tokens: list[int] | None = None,
-               record: bool = False) -> LatentTrace:
+               record: bool = False, record_inputs: bool = False) -> LatentTrace:
         """Run the upstream agents over ``questions`` and return the trace they wrote.
 
         ``final_tokens``: per row, what stage 2 will add (prompt + generation), for the budget check.
         ``record``: keep each segment's KV tensors for ``gradient_probe``.
+        ``record_inputs``: keep what each agent fed the model (its prompt ids and latent vectors).
         """
         prompts = self.upstream_prompts(questions)
         self.check_budget(prompts, final_tokens)
@@ -125,30 +126,38 @@ class AgentChain(nn.Module):
         with torch.set_grad_enabled(grad):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
-                if self.config.checkpoint_agents and grad:
+                latents: list[torch.Tensor] | None = [] if record_inputs else None
+                if self.config.checkpoint_agents and grad and not record_inputs:
                     keys, values = checkpoint(self._agent, input_ids, mask, trace.fork(), use_reentrant=False)
                 else:
-                    keys, values = self._agent(input_ids, mask, trace)
+                    keys, values = self._agent(input_ids, mask, trace, latents)
                 if record and grad:  # frozen weights: still measure d loss / d segment
                     keys, values = ([t if t.requires_grad else t.detach().requires_grad_() for t in ts]
                                     for ts in (keys, values))
                 real = mask.sum(-1) + m
                 trace.extend(keys, values, real)
                 trace.add_segment(Segment(role, mask.shape[1], m, real.tolist(),
-                                          keys if record else None, values if record else None))
+                                          keys if record else None, values if record else None,
+                                          [list(r) for r in ids] if record_inputs else None,
+                                          torch.cat(latents, dim=1) if latents else None))
                 if self.config.trace == "overwrite":
                     trace.keep_last_segment()
         return trace
 
-    def _agent(self, input_ids: torch.Tensor, mask: torch.Tensor, past: LatentTrace):
-        """The trace after one agent: ``past``, its prompt, then ``m`` latent thoughts (left-aligned)."""
+    def _agent(self, input_ids: torch.Tensor, mask: torch.Tensor, past: LatentTrace,
+               latents: list[torch.Tensor] | None = None):
+        """The trace after one agent: ``past``, its prompt, then ``m`` latent thoughts (left-aligned);
+        ``latents`` collects the fed vectors (``[B, 1, hidden]`` each) when given."""
         work = past.fork()
         hidden = self._forward(work, work.cache(), mask, input_ids=input_ids)
         work.left_align()
         step = torch.ones(len(mask), 1, dtype=mask.dtype, device=mask.device)
         cache = work.cache(reserve=self.config.latent_steps)
         for _ in range(self.config.latent_steps):
-            hidden = self._forward(work, cache, step, inputs_embeds=self.realigner(hidden)[:, None])
+            fed = self.realigner(hidden)[:, None]
+            if latents is not None:
+                latents.append(fed)
+            hidden = self._forward(work, cache, step, inputs_embeds=fed)
         return work.keys, work.values
 
     def _forward(self, work: LatentTrace, cache, mask: torch.Tensor, **inputs) -> torch.Tensor:

@@ -36,6 +36,9 @@ class Segment:
     ``real``: per row, the segment's real positions (its prompt tokens + ``latent``); with the trace
     left-aligned they are each row's last ``real[i]`` columns right after the agent ran.
     ``keys``/``values`` (the gradient probe only): the whole trace right after this agent.
+    ``prompt_ids``/``latents`` (``stage1(record_inputs=True)``): what the agent fed the model, per row
+    its prompt's token ids and ``[B, latent, hidden]`` realigned vectors: the trace as a sequence of
+    input embeddings, e.g. for an engine that takes prompt embeddings (``stage2_vllm``).
     """
 
     agent: str
@@ -44,6 +47,8 @@ class Segment:
     real: list[int]
     keys: list[torch.Tensor] | None = None
     values: list[torch.Tensor] | None = None
+    prompt_ids: list[list[int]] | None = None
+    latents: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
