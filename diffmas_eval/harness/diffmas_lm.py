@@ -35,6 +35,8 @@ from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
+from ..stage2_vllm import PromptEmbedsBackend, Sampling, server_embed_scale, trace_embeddings
+from ..textmas.backends import Completion
 from .batching import CPU_SHARE, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
@@ -51,9 +53,35 @@ OPTIONS = {
     "batch_size": "questions per batch: an integer, auto or auto:N (sized for trace + final agent)",
     "max_trace_tokens": "refuse a latent trace longer than this",
     "enable_thinking": "passed to every agent's chat template (Qwen3; as with hf, needs think_end_token)",
+    "stage2": "hf (final agent in process, default) | vllm (its decoding on a `vllm serve --enable-prompt-embeds` "
+              "server, the trace sent as prompt embeddings; generate_until only)",
+    "base_url": "stage2=vllm: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
+    "served_model": "stage2=vllm: model name sent to the server (default: pretrained as given; with peft, the "
+                    "adapter's --lora-modules name)",
+    "timeout": "stage2=vllm: seconds per request attempt (default 120)",
+    "max_retries": "stage2=vllm: retries after a failed attempt, with backoff (default 2)",
+    "num_concurrent": "stage2=vllm: requests in flight (default 4)",
 }
 eval_logger = logging.getLogger("lm_eval.models.diffmas")  # under lm-eval's logger and verbosity
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+
+
+def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: str | None) -> None:
+    """``stage2=vllm`` (``stage2_vllm.py``) needs one causal sequence, a server and the name it serves."""
+    if stage2 not in ("hf", "vllm"):
+        raise ValueError(f"stage2={stage2!r} is not valid; use hf (in process) or vllm")
+    if stage2 == "hf":
+        return
+    if trace != "concat":
+        raise ValueError("stage2=vllm needs trace=concat: an overwrite trace is not one causal sequence of input "
+                         "embeddings, so vLLM cannot replay it; use stage2=hf for trace=overwrite")
+    if not base_url:
+        raise ValueError("stage2=vllm needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1 "
+                         "(a server started with `vllm serve MODEL --enable-prompt-embeds`)")
+    if not served_model:
+        raise ValueError("stage2=vllm needs served_model= with peft= (or a model object): the name the server "
+                         "serves, e.g. NAME of `vllm serve MODEL --enable-prompt-embeds --enable-lora "
+                         "--lora-modules NAME=ADAPTER_DIR`")
 
 
 class DiffMASLM(HFLM):
@@ -61,8 +89,11 @@ class DiffMASLM(HFLM):
                  latent_steps: int | None = None, realign: str | None = None, trace: str | None = None,
                  roles: str | None = None, family: str | None = None,
                  device: str | None = None, batch_size: int | str = 1,
-                 max_trace_tokens: int | None = None, enable_thinking: bool | None = None, **hf_args) -> None:
+                 max_trace_tokens: int | None = None, enable_thinking: bool | None = None, stage2: str = "hf",
+                 base_url: str | None = None, served_model: str | None = None, timeout: float = 120.0,
+                 max_retries: int = 2, num_concurrent: int = 4, **hf_args) -> None:
         hf_args = check_model_args("diffmas", hf_args, OPTIONS)
+        served_model = served_model or (pretrained if isinstance(pretrained, str) and not peft else None)
         parse_batch_size("diffmas", batch_size)
         if hf_args.get("backend") == "seq2seq":
             raise ValueError("diffmas needs a decoder-only (causal) model; drop backend=seq2seq")
@@ -83,6 +114,7 @@ class DiffMASLM(HFLM):
                               **{k: v for k, v in options.items() if v is not None})
         config.latent_steps = int(config.latent_steps)
         config.check_roles(role_map)
+        _check_stage2(stage2, config.trace, base_url, served_model)  # before loading the model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, str):
             pretrained = resolve_pretrained(pretrained)
@@ -94,6 +126,12 @@ class DiffMASLM(HFLM):
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
         self.accounting = Accounting("diffmas")
+        self.stage2_server: PromptEmbedsBackend | None = None  # stage2=vllm: the server the final agent decodes on
+        if stage2 == "vllm":
+            served = resolve_pretrained(served_model) if served_model.startswith("bundled:") else served_model
+            self.stage2_server = PromptEmbedsBackend(base_url, served, timeout=timeout, max_retries=max_retries,
+                                                     num_concurrent=num_concurrent)
+            self.stage2_server.embed_scale = server_embed_scale(self.model)
         join_data_parallel(self)
 
     def barrier(self) -> None:
@@ -214,7 +252,15 @@ class DiffMASLM(HFLM):
         return size
 
     # -- scoring ----------------------------------------------------------------------------------
+    def _in_process_only(self, what: str) -> None:
+        if self.stage2_server is not None:
+            raise NotImplementedError(
+                f"{what} with stage2=vllm: vLLM returns no prompt log-probabilities for prompt embeddings "
+                "(prompt_logprobs is refused with prompt_embeds); score multiple-choice and perplexity tasks with "
+                "stage2=hf (the default) and keep stage2=vllm for generation tasks")
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._in_process_only("loglikelihood")
         t0 = time.perf_counter()
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         by_question: dict[str, list] = defaultdict(list)
@@ -277,6 +323,7 @@ class DiffMASLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity of a document by the final agent, over a trace the upstream agents built from it."""
+        self._in_process_only("loglikelihood_rolling")
         out, size = [], None
         if self.batch_size == "auto" and requests:  # sized once, for the longest document's windows
             longest = max((r.args[0] for r in requests), key=len)
@@ -317,24 +364,38 @@ class DiffMASLM(HFLM):
                 batch = [indices[r] for r in rows]
                 t0 = time.perf_counter()
                 with torch.no_grad(), self._precision():
-                    trace = self.chain.stage1([questions[r] for r in rows], final_tokens=[need[r] for r in rows])
-                with self._precision():
-                    gens = self.chain.generate(trace, [finals[r] for r in rows], max_new_tokens=max_gen,
-                                               stop=until, **sampling)
+                    trace = self.chain.stage1([questions[r] for r in rows], final_tokens=[need[r] for r in rows],
+                                              record_inputs=self.stage2_server is not None)
+                if self.stage2_server is not None:  # the final agent decodes on the vLLM server
+                    gens = self._remote_generate(trace, [finals[r] for r in rows], max_gen, until, sampling)
+                else:
+                    with self._precision():
+                        gens = self.chain.generate(trace, [finals[r] for r in rows], max_new_tokens=max_gen,
+                                                   stop=until, **sampling)
                 per = (time.perf_counter() - t0) / len(batch)
                 for i, gen in zip(batch, gens):
                     results[i] = self._answer(gen, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
-                    self.accounting.record(requests[i], self._agents_log(len(gen.token_ids)), per)
+                    self.accounting.record(requests[i], self._agents_log(
+                        (gen.tokens or 0) if isinstance(gen, Completion) else len(gen.token_ids)), per)
                 bar.update(len(batch))
         bar.close()
         return results
+
+    def _remote_generate(self, trace, finals: list[list[int]], max_gen: int, until: list[str],
+                         sampling: dict) -> list[Completion]:
+        """``stage2=vllm``: each row's trace and final prompt as prompt embeddings, decoded by the server."""
+        rows = trace_embeddings(self.model, trace, finals)
+        return self.stage2_server.generate_embeds(rows, max_gen, until, Sampling(**sampling))
 
     def _answer(self, gen, until: list[str]) -> str:
         """The generated text, after the thinking part if ``think_end_token`` is set (exactly as ``hf``)."""
         end = self.think_end_token
         if end is None:
             return gen.text
+        if isinstance(gen, Completion):  # stage2=vllm: the server's text (a think token decoded to its text)
+            end = self.tok_decode([end], skip_special_tokens=False) if isinstance(end, int) else end
+            return postprocess_generated_text(gen.text, until, end)
         ids = gen.token_ids
         if isinstance(end, int):
             last = [k for k, t in enumerate(ids) if t == end]
