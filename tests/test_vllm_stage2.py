@@ -42,7 +42,7 @@ def _chain(arch: str, latent_steps: int = 3, agents: int = 3):
 
 
 # -- the export ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3-swa"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_exported_embeddings_are_the_final_agent_over_the_trace(arch):
     """Rows of different lengths, batched; gemma3 scales its embeddings and mixes sliding-window layers."""
     chain = _chain(arch)
@@ -183,7 +183,7 @@ def embeds_server(tiny_path):
 
 
 def _evaluate(args, tasks, **kw):
-    return simple_evaluate(model="diffmas", model_args=args, tasks=tasks, limit=3, log_samples=True,
+    return simple_evaluate(model="diffmas", model_args=args, tasks=tasks, limit=2, log_samples=True,
                            gen_kwargs={"max_gen_toks": 10}, device="cpu", batch_size=2, **kw)
 
 
@@ -195,7 +195,7 @@ def test_lm_eval_stage2_vllm_gives_the_in_process_answers(tiny_path, local_data,
     by_doc = [sorted(r["samples"][task], key=lambda s: s["doc_id"]) for r in (local, remote)]
     assert [s["resps"] for s in by_doc[0]] == [s["resps"] for s in by_doc[1]]
     assert any(s["resps"][0][0] for s in by_doc[0])
-    assert len(embeds_server.bodies) >= 3 and embeds_server.bodies[-1]["model"] == str(tiny_path)
+    assert len(embeds_server.bodies) >= 2 and embeds_server.bodies[-1]["model"] == str(tiny_path)
     assert local["results"][task] == remote["results"][task]
 
 
