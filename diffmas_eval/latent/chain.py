@@ -245,10 +245,12 @@ class AgentChain(nn.Module):
     @torch.no_grad()
     def generate(self, trace: LatentTrace, prompts: list[list[int]], max_new_tokens: int = 256,
                  stop: list[str] | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> list[Generation]:
-        """Decode the final agent's answer over the trace; a row ends at EOS or at a stop string."""
+                 top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+                 ignore_eos: bool = False) -> list[Generation]:
+        """Decode the final agent's answer over the trace; a row ends at EOS (unless ``ignore_eos``: fixed
+        budgets for benchmarks) or at a stop string."""
         stop = [s for s in (stop or []) if s]
-        eos = self._eos_ids()
+        eos = set() if ignore_eos else self._eos_ids()
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
