@@ -48,7 +48,7 @@ def test_wheel_ships_the_tasks_and_not_the_checkout(installed, local_data, tmp_p
     code = ("import sys, diffmas_eval, lm_eval.tasks\n"
             "from diffmas_eval.harness import plugin\n"
             "print(diffmas_eval.__file__); print(plugin.TASKS_DIR)\n"
-            "print(any(p.startswith(sys.argv[1]) for p in sys.path))\n"
+            "print(any(p.rstrip('/') in (sys.argv[1], sys.argv[1] + '/tasks') for p in sys.path))\n"
             "print(','.join(sorted(lm_eval.tasks.TaskManager().all_tasks)))")
     out = subprocess.run([str(python), "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env=_fresh_env(local_data))

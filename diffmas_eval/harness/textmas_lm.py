@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from lm_eval.api.model import TemplateLM
+from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
@@ -58,6 +59,29 @@ OPTIONS = {
     "enable_thinking": "passed to the chat template (Qwen3)",
     "trust_remote_code": "passed to from_pretrained",
 }
+
+
+class FinalAgentLM(HFLM):
+    """lm-eval's ``hf`` model as the text MAS's final agent: it answers exactly as ``hf`` does, and
+    remembers how many tokens it generated for each context (for the accounting)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.generated: dict[str, int] = {}
+        self._batch: list[str] = []
+
+    def tok_batch_encode(self, strings: list[str], *args, **kwargs):
+        self._batch = list(strings)  # the contexts of the batch _model_generate is about to decode
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context, *args, **kwargs):
+        out = super()._model_generate(context, *args, **kwargs)
+        pad = self.tokenizer.pad_token_id
+        for text, row in zip(self._batch, out[:, context.shape[1]:].tolist()):
+            while row and row[-1] == pad:  # finished rows are padded to the batch's longest
+                row.pop()
+            self.generated[text] = len(row)
+        return out
 
 
 @dataclass
@@ -95,9 +119,8 @@ class TextMASLM(TemplateLM):
         self.enable_thinking = enable_thinking
         if backend == "hf":
             import torch
-            from lm_eval.models.huggingface import HFLM
 
-            self.hf = HFLM(pretrained=resolve_pretrained(pretrained), dtype=dtype,
+            self.hf = FinalAgentLM(pretrained=resolve_pretrained(pretrained), dtype=dtype,
                            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                            batch_size=self.batch_size, max_batch_size=max_batch_size, max_length=max_length,
                            enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
@@ -105,7 +128,6 @@ class TextMASLM(TemplateLM):
             self.tokenizer = self.hf.tokenizer
             text_backend = HFBackend(self.hf.model, self.tokenizer, self.hf.tok_encode, self.batch_size)
             self._chunk = self.batch_size
-            self._count_final_tokens()
         else:
             if not base_url:
                 raise ValueError("backend=openai needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1")
@@ -126,29 +148,6 @@ class TextMASLM(TemplateLM):
         self.accounting = Accounting("textmas")
         self._chats: dict[str, tuple[list[dict], bool]] = {}
 
-    def _count_final_tokens(self) -> None:
-        """Record, per context, how many tokens HFLM's final-agent decoding generated for it.
-
-        Wraps the ``hf`` instance's ``tok_batch_encode`` (to learn each batch row's context string) and
-        ``_model_generate`` (to count the row's new tokens, trailing padding of finished rows excluded)."""
-        hf, counts, rows = self.hf, {}, []
-        encode, generate = hf.tok_batch_encode, hf._model_generate
-
-        def tok_batch_encode(strings, *args, **kwargs):
-            rows[:] = list(strings)
-            return encode(strings, *args, **kwargs)
-
-        def model_generate(context, *args, **kwargs):
-            out = generate(context, *args, **kwargs)
-            pad = hf.tokenizer.pad_token_id
-            for text, row in zip(rows, out[:, context.shape[1]:].tolist()):
-                while row and row[-1] == pad:
-                    row.pop()
-                counts[text] = len(row)
-            return out
-
-        hf.tok_batch_encode, hf._model_generate = tok_batch_encode, model_generate
-        self._final_tokens = counts
 
     # -- tokenizer, as HFLM ---------------------------------------------------------------------
     @property
@@ -237,7 +236,7 @@ class TextMASLM(TemplateLM):
                 if self.hf is not None:
                     texts = self.hf.generate_until([_Req((f, copy.deepcopy(a[1]))) for f, a in zip(finals, args)],
                                                    disable_tqdm=True)
-                    tokens = [self._final_tokens.pop(f, None) for f in finals]
+                    tokens = [self.hf.generated.pop(f, None) for f in finals]
                 else:
                     outs = self.text_backend.generate(finals, max_gen, stop=until)
                     texts, tokens = [o.text for o in outs], [o.tokens for o in outs]
