@@ -21,7 +21,7 @@ the result):
 - a sanity column: the largest |log-likelihood difference| between ``diffmas agents=1`` and ``hf``
   (they run the same model on the same tokens, so it is rounding).
 
-    DIFFMAS_DATA_DIR=/work/shared/data python benchmarks/multiple_choice.py --limit 16 --json mc.json
+    DIFFMAS_DATA_DIR=/work/shared/data python benchmarks/multiple_choice.py --json mc.json
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def build_requests(manager, lm, chat: bool, limit: int) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled:smollm2-135m-instruct", help="hub id, local path or bundled:NAME")
-    p.add_argument("--limit", type=int, default=16, help="first N docs of the task")
+    p.add_argument("--limit", type=int, default=8, help="first N docs of the task")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--chat", choices=["off", "on"], nargs="+", default=["off", "on"], help="chat template")
     p.add_argument("--agents", type=int, default=4)
