@@ -154,3 +154,23 @@ def test_trained_methods_never_score_their_training_items():
         check_disjoint("commonsense", bounds, ["diffmas_arc_challenge"], 823)
     with pytest.raises(ValueError, match="--limit is all"):
         check_disjoint("commonsense", bounds, ["diffmas_commonsense_qa"], 0)
+
+
+def test_interrupted_training_restarts_cleanly_and_a_finished_adapter_is_reused(mini, tiny_path, data_dir, capsys):
+    from diffmas_eval.leaderboard import train
+    from diffmas_eval.leaderboard.config import Settings
+
+    settings = Settings(model=str(tiny_path), agents=2, latent_steps=2, train_steps=2, train_batch_size=1,
+                        train_max_length=2048, sft_examples={"commonsense": 4})
+    work = mini / "cache"
+    data, _ = train.sft_set("commonsense", 4, work, str(data_dir))
+    out = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
+    assert "reusing" in capsys.readouterr().out  # the mini leaderboard trained exactly this one
+    (out / train.MARKER).unlink()  # as if killed after a checkpoint that cannot be read
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{not json")
+    assert not train.finished(out, out.name.rsplit("-", 1)[1])
+    again = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
+    printed = capsys.readouterr().out
+    assert again == out and "resuming from checkpoint-1" in printed and "restarting" in printed
+    assert train.finished(out, out.name.rsplit("-", 1)[1]) and not list(out.glob("checkpoint-*"))

@@ -71,8 +71,9 @@ def budgets(rows: list[dict]) -> str:
         if method == "textmas":
             parts.append(f"agent_max_tokens={r['agent_max_tokens']} per upstream agent")
         parts.append(f"max_gen_toks={r['max_gen_toks']}")
-        if r.get("adapter"):
-            parts.append(f"LoRA adapter `{Path(r['adapter']).name}`")
+        adapters = sorted({Path(x["adapter"]).name for x in rows if x["method"] == method and x.get("adapter")})
+        if adapters:
+            parts.append("LoRA adapters " + ", ".join(f"`{a}`" for a in adapters))
         lines.append(f"- `{method}`: " + ", ".join(parts))
     models = sorted({r["model"] for r in rows})
     ns = sorted({int(float(r["n"])) for r in rows if _float(r["n"]) is not None})
@@ -112,6 +113,24 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def beyond_noise(rows: list[dict]) -> list[str]:
+    """Pairs of methods whose headline scores on a task differ by more than twice their combined stderr."""
+    cells = primary(rows)
+    methods, tasks = methods_and_tasks(rows)
+    found = []
+    for t in tasks:
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                ra, rb = cells.get((a, t)), cells.get((b, t))
+                if ra is None or rb is None:
+                    continue
+                diff = float(rb["value"]) - float(ra["value"])
+                bound = 2 * ((_float(ra["stderr"]) or 0) ** 2 + (_float(rb["stderr"]) or 0) ** 2) ** 0.5
+                if abs(diff) > bound:
+                    found.append(f"{t}: {b} {'+' if diff > 0 else '-'}{abs(diff):.2f} vs {a} (2 x stderr: {bound:.2f})")
+    return found
+
+
 def document(rows: list[dict], charts_dir: str | None = None) -> str:
     """leaderboard.md (and README's section): the budgets, the table, the charts."""
     text = budgets(rows) + "\n\n" + markdown(rows) + "\n\n" + (
@@ -119,6 +138,9 @@ def document(rows: list[dict], charts_dir: str | None = None) -> str:
         "latent steps), averaged over the tasks; seconds per sample: wall time of a batch / its samples (for "
         "`single`/`single-sft`, the task's wall time / items, model loading included). All metrics (acc_norm, "
         "HumanEval base tests) are in `leaderboard.csv`.")
+    found = beyond_noise(rows)
+    text += ("\n\nDifferences beyond noise (more than 2 x sqrt(stderr_a^2 + stderr_b^2)): "
+             + ("; ".join(found) if found else "none at this n") + ".")
     if charts_dir is not None:
         text += "\n\n" + "\n".join(f"![{c[:-4]}]({charts_dir}{c})" for c in CHARTS)
     return text + "\n"
