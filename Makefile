@@ -11,6 +11,9 @@ MODEL ?= bundled:smollm2-135m-instruct
 LIMIT ?= 5
 TASKS ?= diffmas_gsm8k,math500,diffmas_aime24,gpqa_diamond,diffmas_arc_challenge,diffmas_commonsense_qa,humanevalplus
 METHODS ?= single,single-sft,textmas,latentmas,diffmas
+# torch threads: 1 on this shared 2-core CPU, where 2 threads spin-wait against other jobs (several times
+# slower); THREADS= (empty) leaves torch's default (a quiet machine, a GPU)
+THREADS ?= 1
 LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -31,7 +34,7 @@ test: $(STAMP)
 
 leaderboard: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMIT) \
-		--tasks $(TASKS) --methods $(METHODS) $(LEADERBOARD_ARGS)
+		--tasks $(TASKS) --methods $(METHODS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
 # README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)

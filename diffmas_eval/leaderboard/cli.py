@@ -55,6 +55,9 @@ def add_leaderboard_parser(sub) -> None:
                    help="SFT set sizes (default: sft-data's 210 math / 700 commonsense / 50 code)")
     p.add_argument("--batch-size", default="8", help="scoring batch size (an integer or auto; %(default)s)")
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch here and in training (default: torch's). On a CPU shared with other "
+                        "jobs, 1 avoids threads spin-waiting on each other (many times faster there)")
     p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
     p.add_argument("--output", default="leaderboards/leaderboard.csv",
@@ -126,6 +129,9 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
     batch_size: int | str = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     if args.data_dir:
         os.environ["DIFFMAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # EvalPlus's and accelerate's subprocesses
     runs = output.parent / "runs"
     work = Path(args.work_dir) if args.work_dir else output.parent / "cache"
     t_start = time.perf_counter()
@@ -162,7 +168,8 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
                 print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "
                       f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
                 data, _ = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
-                adapters[method, family] = train.adapter(settings, method, family, data, work, device == "cuda")
+                adapters[method, family] = train.adapter(settings, method, family, data, work, device == "cuda",
+                                                            args.threads)
             adapter = adapters[method, family]
         print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
               flush=True)

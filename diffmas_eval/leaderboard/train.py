@@ -53,12 +53,15 @@ def finished(out: Path, digest: str) -> bool:
         return False
 
 
-def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda: bool) -> list[str]:
+def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda: bool,
+                   threads: int | None = None) -> list[str]:
     """``accelerate launch trainers/sft.py ...`` for one adapter (no accelerate config file needed)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     launcher = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--num_processes", "1",
                 "--num_machines", "1", "--dynamo_backend", "no"]
     launcher += [] if cuda else ["--cpu", "--mixed_precision", "no"]
+    if threads:
+        launcher += ["--num_cpu_threads_per_process", str(threads)]
     steps = spec["steps"]
     cmd = [*launcher, str(REPO / "trainers" / "sft.py"), "--model_name_or_path", spec["model"],
            "--dataset_name", str(data), "--use_peft", "--lora_r", str(spec["lora_r"]),
@@ -92,7 +95,8 @@ def _last_checkpoint(out: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def adapter(settings: Settings, method: str, family: str, data: Path, work: Path, cuda: bool) -> Path:
+def adapter(settings: Settings, method: str, family: str, data: Path, work: Path, cuda: bool,
+            threads: int | None = None) -> Path:
     """The finished adapter of ``method`` on ``family`` (trained now unless a finished one is there)."""
     spec = settings.training(method, family)
     digest = short_hash(spec)
@@ -105,12 +109,12 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     resume = _last_checkpoint(out)
     print(f"== {method} adapter ({family}): training {spec['steps']} steps x batch {spec['batch_size']} at "
           f"{spec['agents']} agent(s){' (resuming from ' + resume.name + ')' if resume else ''}; log {log}", flush=True)
-    code = _stream(launch_command(spec, data, out, resume, cuda), log)
+    code = _stream(launch_command(spec, data, out, resume, cuda, threads), log)
     if code != 0 and resume is not None:  # an unreadable checkpoint (killed mid-save): start over, cleanly
         print(f"resuming from {resume} failed (exit {code}); restarting {method} ({family}) from scratch", flush=True)
         shutil.rmtree(out)
         out.mkdir(parents=True)
-        code = _stream(launch_command(spec, data, out, None, cuda), log)
+        code = _stream(launch_command(spec, data, out, None, cuda, threads), log)
     if code != 0:
         raise RuntimeError(f"training {method} ({family}) failed (exit {code}); see {log}")
     missing = [f for f in ADAPTER_FILES if not (out / f).exists()]
