@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,17 +23,22 @@ def mini_args(model: Path, out: Path) -> list[str]:
     return ["leaderboard", "--model", str(model), "--methods", METHODS, "--tasks", TASKS, "--limit", "2",
             "--agents", "2", "--latent-steps", "2", "--max-gen-toks", "8", "--train-steps", "2",
             "--train-batch-size", "1", "--train-max-length", "2048", "--sft-examples", "commonsense=4,code=4",
-            "--batch-size", "2", "--output", str(out / "leaderboard.csv")]
+            "--batch-size", "2", "--threads", "1", "--output", str(out / "leaderboard.csv")]
 
 
 @pytest.fixture(scope="module")
 def mini(tiny_path, data_dir, tmp_path_factory):
     """A miniature `make leaderboard`: 2 items, two tasks, two methods, 2 training steps per adapter."""
+    import torch
+
     mp = pytest.MonkeyPatch()
     mp.setenv("DIFFMAS_DATA_DIR", str(data_dir))
+    mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # --threads sets it; restored after
+    threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("leaderboard")
     assert main(mini_args(tiny_path, out)) == 0
     yield out
+    torch.set_num_threads(threads)
     mp.undo()
 
 
