@@ -5,13 +5,20 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # offline benchmark data when present (CI, this project's machines); otherwise the hub
 DATA_DIR ?= $(abspath $(wildcard ../shared/data))
-# the offline default, sized for a CPU (override on a GPU, e.g. LEADERBOARD_ARGS="--model Qwen/Qwen3-8B --limit 0")
-LEADERBOARD_ARGS ?= --tasks diffmas_arc_challenge,diffmas_commonsense_qa,diffmas_gsm8k --limit 10 \
-	--agent-max-tokens 48 --max-gen-toks 128
+# the leaderboard: the offline default is sized for a 2-core CPU (see README); on a GPU, e.g.
+# make leaderboard MODEL=Qwen/Qwen3-8B LIMIT=800 LEADERBOARD_ARGS="--agents 4 --latent-steps 10 --train-steps 100 ..."
+MODEL ?= bundled:smollm2-135m-instruct
+LIMIT ?= 5
+TASKS ?= diffmas_gsm8k,math500,diffmas_aime24,gpqa_diamond,diffmas_arc_challenge,diffmas_commonsense_qa,humanevalplus
+METHODS ?= single,single-sft,textmas,latentmas,diffmas
+# torch threads: 1 on this shared 2-core CPU, where 2 threads spin-wait against other jobs (several times
+# slower); THREADS= (empty) leaves torch's default (a quiet machine, a GPU)
+THREADS ?= 1
+LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test leaderboard lint clean
+.PHONY: install test leaderboard readme lint clean
 
 install: $(STAMP)
 
@@ -26,7 +33,13 @@ test: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests
 
 leaderboard: $(STAMP)
-	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard $(LEADERBOARD_ARGS)
+	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMIT) \
+		--tasks $(TASKS) --methods $(METHODS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
+	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
+
+# README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)
+readme: $(STAMP)
+	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffmas_eval tests benchmarks trainers

@@ -1,0 +1,21 @@
+"""``diffmas-eval leaderboard``: every method (single, single-sft, textmas, latentmas, diffmas) trained and scored
+on the same items of every task; a tidy CSV, a Markdown table, charts, and README's results section.
+
+``config`` (methods, tasks, hashes) · ``train`` (SFT sets, adapters via ``accelerate launch trainers/sft.py``) ·
+``cells`` (one method x task through lm-eval or ``diffmas-eval codegen``) · ``collect`` (results files made
+anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``cli``.
+"""
+
+from .cli import add_leaderboard_parser
+from .collect import FIELDS, collect, rows_from_lm_eval
+from .config import METHODS, method_model_args
+
+
+def rows_from_results(results: dict, method: str, seconds: float | None = None) -> list[dict]:
+    """Rows of one lm-eval results JSON for ``method`` (kept for callers of the first leaderboard)."""
+    from pathlib import Path
+
+    return rows_from_lm_eval(results, Path("<memory>"), method)
+
+
+__all__ = ["FIELDS", "METHODS", "add_leaderboard_parser", "collect", "method_model_args", "rows_from_results"]

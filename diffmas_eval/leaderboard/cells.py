@@ -1,0 +1,124 @@
+"""Scoring one method x task cell: lm-eval's ``simple_evaluate`` for the lm-eval tasks, ``diffmas-eval
+codegen`` (its Python API, scored by EvalPlus) for HumanEval+.
+
+A cell's results file is written once the cell is done and named by the hash of its settings, so a
+rerun skips it; lm-eval's request cache (per cell) makes an interrupted cell resume. Each results file
+is the tool's own (lm-eval's results JSON; EvalPlus's ``*_eval_results.json``) plus our metadata (the
+``leaderboard`` key; ``leaderboard.json`` beside the EvalPlus run), so the collector reads them the same
+way as results made anywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from .config import CODE_TASKS, Settings, method_model_args, short_hash
+
+META = "leaderboard"
+
+
+def metadata(settings: Settings, method: str, task: str, adapter: Path | None, seconds: float) -> dict:
+    spec = settings.cell(method, task)
+    return {"method": method, "task": task, "config_hash": short_hash(spec), "config": spec,
+            "adapter": str(adapter) if adapter else "", "seconds": round(seconds, 1),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "version": __version__}
+
+
+def lm_eval_path(runs: Path, settings: Settings, method: str, task: str) -> Path:
+    return runs / method / f"results_{task}_{short_hash(settings.cell(method, task))}.json"
+
+
+def code_dir(runs: Path, settings: Settings, method: str, task: str) -> Path:
+    return runs / "evalplus" / CODE_TASKS[task] / f"{method}-{short_hash(settings.cell(method, task))}"
+
+
+def result_path(runs: Path, settings: Settings, method: str, task: str) -> Path:
+    """The file the collector reads for this cell (it exists once the cell is finished)."""
+    if task in CODE_TASKS:
+        return code_dir(runs, settings, method, task) / "samples_eval_results.json"
+    return lm_eval_path(runs, settings, method, task)
+
+
+def done(runs: Path, settings: Settings, method: str, task: str) -> bool:
+    if task in CODE_TASKS:
+        return (code_dir(runs, settings, method, task) / f"{META}.json").exists()
+    return result_path(runs, settings, method, task).exists()
+
+
+def _generated_tokens(samples: list[dict], pretrained: str) -> float:
+    """Mean generated tokens per sample, from lm-eval's logged responses (for models without accounting)."""
+    from transformers import AutoTokenizer
+
+    texts = [r[0] for s in samples for r in s.get("resps", []) if r and isinstance(r[0], str)]
+    if not texts:  # log-likelihood requests generate nothing
+        return 0.0
+    tok = AutoTokenizer.from_pretrained(pretrained)
+    return round(sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(samples), 2)
+
+
+def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path, cache: Path,
+                  batch_size: int | str, device: str) -> Path:
+    from lm_eval import simple_evaluate
+
+    model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
+                                          settings.agent_max_tokens, settings.textmas_args,
+                                          str(adapter) if adapter else None)
+    path = lm_eval_path(runs, settings, method, task)
+    print(f"   lm_eval --model {model} --model_args {model_args} --tasks {task} --limit {settings.limit}", flush=True)
+    t0 = time.perf_counter()
+    seed = settings.seed
+    results = simple_evaluate(
+        model=model, model_args=model_args, tasks=[task], limit=settings.limit or None, batch_size=batch_size,
+        device=device, apply_chat_template=settings.chat_template, gen_kwargs={"max_gen_toks": settings.max_gen_toks},
+        use_cache=str(cache / "lm_eval" / path.stem / method), log_samples=True, random_seed=seed,
+        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    seconds = time.perf_counter() - t0
+    samples = results.pop("samples", {}).get(task, [])
+    meta = metadata(settings, method, task, adapter, seconds)
+    spent = results.get("config", {}).get("accounting", {}).get("per_task", {}).get(task, {})
+    n = max(1, len({s.get("doc_id") for s in samples}))
+    if "tokens_per_sample" in spent:
+        meta.update(tokens_per_sample=spent["tokens_per_sample"], seconds_per_sample=spent["seconds_per_sample"])
+    else:  # lm-eval's hf: count what it generated; time per sample includes loading the model
+        pretrained = model_args.split(",")[0].split("=", 1)[1]
+        meta.update(tokens_per_sample=_generated_tokens(samples, pretrained),
+                    seconds_per_sample=round(seconds / n, 3))
+    results[META] = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def score_code(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path,
+               batch_size: int | str, device: str) -> Path:
+    """HumanEval+ through ``diffmas-eval codegen --evaluate`` (resumable: it appends samples per batch)."""
+    from ..codegen.cli import codegen
+
+    model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
+                                          settings.agent_max_tokens, settings.textmas_args,
+                                          str(adapter) if adapter else None)
+    out = code_dir(runs, settings, method, task)
+    print(f"   diffmas-eval codegen --model {model} --model_args {model_args} --dataset {CODE_TASKS[task]} "
+          f"--limit {settings.limit} --max-new-tokens {settings.max_gen_toks} --evaluate", flush=True)
+    t0 = time.perf_counter()
+    codegen(argparse.Namespace(
+        model=model, model_args=model_args, dataset=CODE_TASKS[task], limit=settings.limit or None, n_samples=1,
+        temperature=0.0, max_new_tokens=settings.max_gen_toks,
+        batch_size=batch_size if isinstance(batch_size, int) else 1, device=device, seed=settings.seed,
+        out=str(out.parent.parent), name=out.name, evaluate=True, parallel=None, min_time_limit=None,
+        gt_time_limit_factor=None))
+    meta = metadata(settings, method, task, adapter, time.perf_counter() - t0)
+    summary = json.loads((out / "summary.json").read_text())
+    acc = summary.get("accounting", {})
+    meta.update(tokens_per_sample=acc.get("tokens_per_sample", ""),
+                seconds_per_sample=acc.get("seconds_per_sample", ""), model=settings.model,
+                max_gen_toks=settings.max_gen_toks)
+    (out / f"{META}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out / "samples_eval_results.json"

@@ -1,0 +1,181 @@
+"""``diffmas-eval leaderboard``: train, score and compare every method on every task; or collect results made
+elsewhere (``--from-results``); or regenerate README's results section (``--readme``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from .config import CODE_TASKS, FAMILY, METHODS, TASKS, TRAINED, Settings, parse_list
+
+DEFAULT_METHODS = ",".join(METHODS)
+DEFAULT_TASKS = ",".join(TASKS)
+
+
+def _families(text: str) -> dict:
+    out = {}
+    for item in (x for x in text.split(",") if x.strip()):
+        family, sep, n = item.partition("=")
+        if not sep or not n.isdigit():
+            raise ValueError(f"--sft-examples takes FAMILY=N,..., got {item!r}")
+        out[family.strip()] = int(n)
+    return out
+
+
+def add_leaderboard_parser(sub) -> None:
+    d = Settings()
+    p = sub.add_parser("leaderboard", help="train, score and compare every method; write CSV, table and charts",
+                       description=__doc__)
+    p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {DEFAULT_METHODS}")
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help=f"comma-separated lm-eval task names, and humanevalplus (default: {DEFAULT_TASKS})")
+    p.add_argument("--limit", type=int, default=d.limit, help="first N items per task (default %(default)s; 0 = all)")
+    p.add_argument("--agents", type=int, default=d.agents, help="textmas/latentmas/diffmas agents (%(default)s)")
+    p.add_argument("--latent-steps", type=int, default=d.latent_steps, help="latentmas/diffmas (%(default)s)")
+    p.add_argument("--agent-max-tokens", type=int, default=d.agent_max_tokens,
+                   help="textmas: tokens each upstream agent writes (%(default)s)")
+    p.add_argument("--max-gen-toks", type=int, default=d.max_gen_toks,
+                   help="the answer's token budget, every method (%(default)s)")
+    p.add_argument("--textmas-args", default="",
+                   help="extra textmas model_args, e.g. backend=openai,base_url=http://127.0.0.1:8000/v1")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="score plain prompts (default: the model's chat template, as an instruct model expects)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("training (single-sft and diffmas: trainers/sft.py, LoRA, same data/steps/seed)")
+    g.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps (%(default)s)")
+    g.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="(%(default)s)")
+    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
+    g.add_argument("--lora-r", type=int, default=d.lora_r, help="(%(default)s)")
+    g.add_argument("--train-max-length", type=int, default=d.train_max_length,
+                   help="tokens per training row (%(default)s)")
+    g.add_argument("--sft-examples", default="", metavar="FAMILY=N,...",
+                   help="SFT set sizes (default: sft-data's 210 math / 700 commonsense / 50 code)")
+    p.add_argument("--batch-size", default="8", help="scoring batch size (an integer or auto; %(default)s)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch here and in training (default: torch's). On a CPU shared with other "
+                        "jobs, 1 avoids threads spin-waiting on each other (many times faster there)")
+    p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
+                   help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
+    p.add_argument("--output", default="leaderboards/leaderboard.csv",
+                   help="the CSV; leaderboard.md, the charts and runs/ go beside it")
+    p.add_argument("--work-dir", default=None, help="SFT sets, adapters, request caches (default: OUTPUT_DIR/cache)")
+    p.add_argument("--from-results", nargs="+", metavar="[METHOD=]PATH",
+                   help="skip running: collect lm-eval results JSONs / EvalPlus *_eval_results.json (files or "
+                        "directories) made anywhere")
+    p.add_argument("--skip-bad", action="store_true", help="leave malformed results files out (default: an error)")
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="only regenerate README's results section from the CSV (--output)")
+    p.set_defaults(func=run)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    return Settings(model=args.model, limit=args.limit, agents=args.agents, latent_steps=args.latent_steps,
+                    agent_max_tokens=args.agent_max_tokens, max_gen_toks=args.max_gen_toks,
+                    chat_template=args.chat_template, seed=args.seed, textmas_args=args.textmas_args,
+                    train_steps=args.train_steps, train_batch_size=args.train_batch_size,
+                    learning_rate=args.learning_rate, lora_r=args.lora_r, train_max_length=args.train_max_length,
+                    sft_examples=_families(args.sft_examples))
+
+
+def publish(rows: list[dict], output: Path) -> None:
+    """The CSV, leaderboard.md and the charts, side by side."""
+    from .report import charts, document, write_csv
+
+    write_csv(rows, output)
+    (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, ""))
+    for path in charts(rows, output.parent):
+        print(f"wrote {path}")
+    print(f"wrote {output} and {output.parent / 'leaderboard.md'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .collect import collect
+    from .report import markdown, read_csv, update_readme
+
+    output = Path(args.output)
+    if args.readme:
+        changed = update_readme(Path(args.readme), read_csv(output))
+        print(f"{args.readme}: results section {'updated' if changed else 'already up to date'} from {output}")
+        return 0
+    if args.from_results:
+        rows = collect(args.from_results, args.skip_bad)
+        if not rows:
+            raise ValueError(f"no results in {' '.join(args.from_results)}")
+        publish(rows, output)
+        print(markdown(rows))
+        return 0
+    paths = run_all(settings_of(args), args, output)
+    rows = collect([str(p) for p in paths])
+    publish(rows, output)
+    print(markdown(rows))
+    return 0
+
+
+def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[Path]:
+    """Train what is missing, score what is missing; return the results file of every cell."""
+    import torch
+
+    from . import cells, train
+
+    methods = parse_list(args.methods, METHODS, "methods")
+    tasks = parse_list(args.tasks, None, "tasks")
+    if settings.limit < 0:
+        raise ValueError("--limit must be >= 0 (0 = every item)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size: int | str = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
+    if args.data_dir:
+        os.environ["DIFFMAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # EvalPlus's and accelerate's subprocesses
+    runs = output.parent / "runs"
+    work = Path(args.work_dir) if args.work_dir else output.parent / "cache"
+    t_start = time.perf_counter()
+
+    # 1. adapters: one per trained method and task family (the SFT set of that family)
+    adapters: dict[tuple[str, str], Path] = {}
+    trained = [m for m in methods if m in TRAINED]
+    families = list(dict.fromkeys(FAMILY[t] for t in tasks if t in FAMILY))
+    unknown = [t for t in tasks if t not in FAMILY]
+    if trained and unknown:
+        raise ValueError(f"no SFT family for task(s) {', '.join(unknown)}, so {', '.join(trained)} cannot be scored "
+                         f"on them; drop them from --tasks or --methods (families: {sorted(set(FAMILY.values()))})")
+    todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
+    need = sorted({(m, FAMILY[t]) for m, t in todo if m in TRAINED})
+    for family in families if trained else []:  # before anything runs: no trained method sees a scored item
+        data, bounds = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
+        train.check_disjoint(family, bounds, tasks, settings.limit)
+
+    # 2. cells: the untrained methods first (their numbers come before any training time), then each trained
+    # method's cells, its family's adapter trained (or reused) right before the first cell that needs it
+    order = sorted([(m, t) for m in methods for t in tasks], key=lambda c: (c[0] in TRAINED, methods.index(c[0])))
+    paths = []
+    for k, (method, task) in enumerate(order, 1):
+        path = cells.result_path(runs, settings, method, task)
+        paths.append(path)
+        if (method, task) not in todo:
+            print(f"[cell {k}/{len(order)}] {method} x {task}: done ({path})", flush=True)
+            continue
+        adapter = None
+        if method in TRAINED:
+            family = FAMILY[task]
+            if (method, family) not in adapters:
+                done_n = sum(1 for x in need if x in adapters) + 1
+                print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "
+                      f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
+                data, _ = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
+                adapters[method, family] = train.adapter(settings, method, family, data, work, device == "cuda",
+                                                            args.threads)
+            adapter = adapters[method, family]
+        print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
+              flush=True)
+        if task in CODE_TASKS:
+            cells.score_code(settings, method, task, adapter, runs, batch_size, device)
+        else:
+            cells.score_lm_eval(settings, method, task, adapter, runs, work, batch_size, device)
+    print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
+    return paths

@@ -1,0 +1,114 @@
+"""What a leaderboard is made of: methods, tasks, their training families, and the hashes that key each cell.
+
+Every finished piece (an SFT set, an adapter, a scored method x task cell) is stored under a short hash
+of exactly the settings that determine it, so a rerun with the same settings reuses it and a changed
+setting recomputes only what it touches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
+TRAINED = {"single-sft": 1, "diffmas": None}  # method -> agents it trains with (None: the chain's --agents)
+LM_EVAL_TASKS = ("diffmas_gsm8k", "math500", "diffmas_aime24", "gpqa_diamond", "diffmas_arc_challenge",
+                 "diffmas_commonsense_qa")
+CODE_TASKS = {"humanevalplus": "humaneval"}  # leaderboard task -> EvalPlus dataset (scored by diffmas-eval codegen)
+TASKS = (*LM_EVAL_TASKS, *CODE_TASKS)
+# the SFT family (``diffmas-eval sft-data --family``) whose adapter scores a task: LatentMAS's and DiffMAS's
+# grouping (math & science reasoning; commonsense multiple choice; code)
+FAMILY = {"diffmas_gsm8k": "math", "math500": "math", "diffmas_aime24": "math", "diffmas_aime25": "math",
+          "gpqa_diamond": "math", "diffmas_arc_challenge": "commonsense", "diffmas_commonsense_qa": "commonsense",
+          "diffmas_arc_challenge_gen": "commonsense", "diffmas_commonsense_qa_gen": "commonsense",
+          "humanevalplus": "code", "mbppplus": "code"}
+# the metric a task's column shows in leaderboard.md (the CSV has all of them)
+PRIMARY = {"diffmas_arc_challenge": "acc", "diffmas_commonsense_qa": "acc", "humanevalplus": "pass@1"}
+
+
+def primary_metric(task: str) -> str:
+    return PRIMARY.get(task, "exact_match")
+
+
+def short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Settings:
+    """Everything that determines the numbers of a leaderboard (not where files go, not the batch size)."""
+
+    model: str = "bundled:smollm2-135m-instruct"
+    limit: int = 5
+    agents: int = 3
+    latent_steps: int = 4
+    agent_max_tokens: int = 32
+    max_gen_toks: int = 96
+    chat_template: bool = True
+    seed: int = 1234
+    textmas_args: str = ""
+    # training (single-sft and diffmas share all of it; only --agents differs)
+    train_steps: int = 4
+    train_batch_size: int = 1
+    learning_rate: float = 3e-4
+    lora_r: int = 8
+    train_max_length: int = 256
+    sft_examples: dict = field(default_factory=dict)  # family -> n (default: sft-data's paper sizes)
+
+    def training(self, method: str, family: str) -> dict:
+        """The settings of one adapter: ``trainers/sft.py``'s, i.e. everything the adapter depends on."""
+        agents = TRAINED[method] or self.agents
+        return {"model": self.model, "family": family, "sft_examples": self.sft_examples.get(family),
+                "agents": agents, "latent_steps": self.latent_steps if agents > 1 else 0,
+                "steps": self.train_steps, "batch_size": self.train_batch_size, "learning_rate": self.learning_rate,
+                "lora_r": self.lora_r, "max_length": self.train_max_length, "seed": self.seed}
+
+    def cell(self, method: str, task: str) -> dict:
+        """The settings of one method x task cell (an adapter's own settings included)."""
+        spec = {"model": self.model, "method": method, "task": task, "limit": self.limit,
+                "max_gen_toks": self.max_gen_toks, "chat_template": self.chat_template, "seed": self.seed}
+        if method in ("textmas", "latentmas", "diffmas"):
+            spec["agents"] = self.agents
+        if method in ("latentmas", "diffmas"):
+            spec["latent_steps"] = self.latent_steps
+        if method == "textmas":
+            spec.update(agent_max_tokens=self.agent_max_tokens, textmas_args=self.textmas_args)
+        if method in TRAINED:
+            spec["training"] = self.training(method, FAMILY[task])
+        return spec
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def method_model_args(method: str, pretrained: str, agents: int, latent_steps: int, agent_max_tokens: int = 512,
+                      textmas_args: str = "", adapter: str | None = None) -> tuple[str, str]:
+    """The lm-eval model name and ``model_args`` of a leaderboard method (``adapter``: its trained LoRA)."""
+    from ..models import resolve_pretrained
+
+    if method in TRAINED and not adapter:
+        raise ValueError(f"method {method!r} needs its trained adapter")
+    if method in ("single", "single-sft"):
+        peft = f",peft={adapter}" if method == "single-sft" else ""
+        return "hf", f"pretrained={resolve_pretrained(pretrained)}{peft}"
+    if method in ("latentmas", "diffmas"):
+        peft = f",peft={adapter}" if method == "diffmas" else ""
+        return "diffmas", (f"pretrained={pretrained},agents={agents},latent_steps={latent_steps},realign=ridge,"
+                           f"trace=concat{peft}")
+    if method == "textmas":
+        extra = f",{textmas_args}" if textmas_args else ""
+        return "textmas", f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}"
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def parse_list(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    """A comma-separated option, checked against ``allowed`` (None: anything)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"--{what} is empty")
+    if allowed is not None:
+        bad = [x for x in items if x not in allowed]
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items

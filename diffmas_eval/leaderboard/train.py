@@ -1,0 +1,126 @@
+"""The trained methods' adapters, made exactly as users make them.
+
+The SFT set of a family is what ``diffmas-eval sft-data`` writes (the last rows of each source file),
+and training is a subprocess ``accelerate launch trainers/sft.py ...``, so the leaderboard measures the
+commands the README documents. An adapter directory is named by the hash of its training settings;
+it counts as finished only when the adapter files, ``diffmas.json`` and our marker (holding that
+hash) are all there. An interrupted training resumes from its last checkpoint (the same settings, by
+the directory's name), or restarts cleanly when that checkpoint cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import FAMILY, Settings, short_hash
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = "leaderboard-adapter.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "diffmas.json")
+
+
+def sft_set(family: str, n: int | None, work: Path, data_dir: str | None) -> tuple[Path, dict[str, int]]:
+    """Write the family's SFT set (``diffmas-eval sft-data``); return it and its disjointness bounds."""
+    from ..training.data import build
+
+    path = work / "sft" / f"{family}{'' if n is None else f'-{n}'}.jsonl"
+    bounds = build(family, path, n, data_dir)
+    return path, bounds
+
+
+def check_disjoint(family: str, bounds: dict[str, int], tasks: list[str], limit: int) -> None:
+    """Refuse to score a trained method on items its SFT set contains (``--limit`` beyond the bound)."""
+    for task in tasks:
+        bound = bounds.get(task)
+        if FAMILY.get(task) == family and bound is not None and (limit == 0 or limit > bound):
+            raise ValueError(f"{task}: the {family} SFT set holds its last rows, so a trained method may score at "
+                             f"most its first {bound} items, but --limit is {limit or 'all'}; use --limit <= {bound} "
+                             f"or fewer SFT examples (--sft-examples {family}=N)")
+
+
+def finished(out: Path, digest: str) -> bool:
+    marker = out / MARKER
+    if not marker.exists() or not all((out / f).exists() for f in ADAPTER_FILES):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("hash") == digest
+    except json.JSONDecodeError:
+        return False
+
+
+def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda: bool,
+                   threads: int | None = None) -> list[str]:
+    """``accelerate launch trainers/sft.py ...`` for one adapter (no accelerate config file needed)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launcher = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--num_processes", "1",
+                "--num_machines", "1", "--dynamo_backend", "no"]
+    launcher += [] if cuda else ["--cpu", "--mixed_precision", "no"]
+    if threads:
+        launcher += ["--num_cpu_threads_per_process", str(threads)]
+    steps = spec["steps"]
+    cmd = [*launcher, str(REPO / "trainers" / "sft.py"), "--model_name_or_path", spec["model"],
+           "--dataset_name", str(data), "--use_peft", "--lora_r", str(spec["lora_r"]),
+           "--lora_alpha", str(2 * spec["lora_r"]), "--agents", str(spec["agents"]),
+           "--latent_steps", str(spec["latent_steps"]), "--max_steps", str(steps),
+           "--per_device_train_batch_size", str(spec["batch_size"]), "--learning_rate", str(spec["learning_rate"]),
+           "--lr_scheduler_type", "constant", "--max_length", str(spec["max_length"]), "--seed", str(spec["seed"]),
+           "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(max(1, steps // 4)),
+           "--save_total_limit", "1", "--report_to", "none", "--output_dir", str(out)]
+    if resume is not None:
+        cmd += ["--resume_from_checkpoint", str(resume)]
+    return cmd
+
+
+def _stream(cmd: list[str], log: Path) -> int:
+    """Run ``cmd``, showing its output (progress bars included) and keeping it in ``log``."""
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=REPO)
+        assert proc.stdout is not None
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            f.write(chunk)
+        return proc.wait()
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def adapter(settings: Settings, method: str, family: str, data: Path, work: Path, cuda: bool,
+            threads: int | None = None) -> Path:
+    """The finished adapter of ``method`` on ``family`` (trained now unless a finished one is there)."""
+    spec = settings.training(method, family)
+    digest = short_hash(spec)
+    out = work / "adapters" / f"{method}-{family}-{digest}"
+    if finished(out, digest):
+        print(f"== {method} adapter ({family}): reusing {out}", flush=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train.log"
+    resume = _last_checkpoint(out)
+    print(f"== {method} adapter ({family}): training {spec['steps']} steps x batch {spec['batch_size']} at "
+          f"{spec['agents']} agent(s){' (resuming from ' + resume.name + ')' if resume else ''}; log {log}", flush=True)
+    code = _stream(launch_command(spec, data, out, resume, cuda, threads), log)
+    if code != 0 and resume is not None:  # an unreadable checkpoint (killed mid-save): start over, cleanly
+        print(f"resuming from {resume} failed (exit {code}); restarting {method} ({family}) from scratch", flush=True)
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+        code = _stream(launch_command(spec, data, out, None, cuda, threads), log)
+    if code != 0:
+        raise RuntimeError(f"training {method} ({family}) failed (exit {code}); see {log}")
+    missing = [f for f in ADAPTER_FILES if not (out / f).exists()]
+    if missing:
+        raise RuntimeError(f"training {method} ({family}) finished without {', '.join(missing)} in {out}")
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    (out / MARKER).write_text(json.dumps({"hash": digest, "training": spec, "data": str(data)}, indent=1) + "\n")
+    return out

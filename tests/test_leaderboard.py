@@ -1,0 +1,182 @@
+"""The leaderboard end to end on a tiny model (training, lm-eval, EvalPlus), and the collector on its files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffmas_eval.cli import main
+from diffmas_eval.leaderboard.collect import collect
+from diffmas_eval.leaderboard.report import README_END, README_START, update_readme
+from diffmas_eval.leaderboard.train import check_disjoint
+
+TASKS = "diffmas_arc_challenge,humanevalplus"
+METHODS = "single,diffmas"
+
+
+def mini_args(model: Path, out: Path) -> list[str]:
+    return ["leaderboard", "--model", str(model), "--methods", METHODS, "--tasks", TASKS, "--limit", "2",
+            "--agents", "2", "--latent-steps", "2", "--max-gen-toks", "8", "--train-steps", "2",
+            "--train-batch-size", "1", "--train-max-length", "2048", "--sft-examples", "commonsense=4,code=4",
+            "--batch-size", "2", "--threads", "1", "--output", str(out / "leaderboard.csv")]
+
+
+@pytest.fixture(scope="module")
+def mini(tiny_path, data_dir, tmp_path_factory):
+    """A miniature `make leaderboard`: 2 items, two tasks, two methods, 2 training steps per adapter."""
+    import torch
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIFFMAS_DATA_DIR", str(data_dir))
+    mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # --threads sets it; restored after
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("leaderboard")
+    assert main(mini_args(tiny_path, out)) == 0
+    yield out
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_miniature_leaderboard_writes_csv_table_and_charts(mini):
+    rows = read_rows(mini / "leaderboard.csv")
+    cells = {(r["method"], r["task"], r["metric"]) for r in rows}
+    assert cells == {(m, t, k) for m in ("single", "diffmas") for t, ks in
+                     (("diffmas_arc_challenge", ("acc", "acc_norm")), ("humanevalplus", ("pass@1", "pass@1_base")))
+                     for k in ks}
+    assert {r["n"] for r in rows} == {"2"}
+    diffmas = [r for r in rows if r["method"] == "diffmas"]
+    assert all(r["adapter"] and Path(r["adapter"], "diffmas.json").exists() for r in diffmas)  # trained, then scored
+    assert {r["agents"] for r in diffmas} == {"2"} and {r["latent_steps"] for r in diffmas} == {"2"}
+    for r in rows:  # the lm-eval numbers are the results JSON's own
+        if r["task"] == "diffmas_arc_challenge":
+            res = json.loads(Path(r["source"]).read_text())["results"]["diffmas_arc_challenge"]
+            assert float(r["value"]) == pytest.approx(res[f"{r['metric']},none"], abs=1e-4)
+        else:  # EvalPlus's pass@1, as diffmas-eval codegen reports it
+            summary = json.loads(Path(r["source"]).with_name("summary.json").read_text())["pass@1"]
+            assert float(r["value"]) == pytest.approx(summary["plus" if r["metric"] == "pass@1" else "base"])
+    table = (mini / "leaderboard.md").read_text()
+    assert "| single |" in table and "| diffmas |" in table and "humanevalplus (pass@1)" in table
+    assert "latent_steps=2" in table  # the budgets are stated above the table
+    for chart in ("accuracy.png", "accuracy_vs_tokens.png"):
+        assert (mini / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_reuses_every_finished_cell_and_adapter(mini, tiny_path, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (mini / "runs").rglob("*.json")}
+    assert main(mini_args(tiny_path, mini)) == 0
+    printed = capsys.readouterr().out
+    assert "training" not in printed and printed.count(": done (") == 4
+    assert {p: p.stat().st_mtime_ns for p in (mini / "runs").rglob("*.json")} == before
+
+
+def _foreign(mini: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The mini's files as if made elsewhere: lm-eval's JSON without our metadata; EvalPlus's file alone."""
+    (lm,) = (mini / "runs" / "diffmas").glob("results_*.json")
+    data = json.loads(lm.read_text())
+    del data["leaderboard"]
+    lm_copy = tmp_path / "cluster" / "results_2026.json"
+    lm_copy.parent.mkdir()
+    lm_copy.write_text(json.dumps(data))
+    (ep,) = (mini / "runs" / "evalplus").rglob("single-*/samples_eval_results.json")
+    ep_copy = tmp_path / "cluster" / "humaneval_eval_results.json"
+    shutil.copy(ep, ep_copy)
+    return lm_copy, ep_copy
+
+
+def test_collector_reads_results_made_anywhere(mini, tmp_path):
+    lm, ep = _foreign(mini, tmp_path)
+    ours = {(r["method"], r["task"], r["metric"]): r for r in read_rows(mini / "leaderboard.csv")}
+    rows = collect([str(lm), f"single={ep}"])
+    got = {(r["method"], r["task"], r["metric"]): r for r in rows}
+    # the method comes from the model it names (diffmas with peft= is the trained chain)
+    assert set(got) == {("diffmas", "diffmas_arc_challenge", "acc"), ("diffmas", "diffmas_arc_challenge", "acc_norm"),
+                        ("single", "humanevalplus", "pass@1"), ("single", "humanevalplus", "pass@1_base")}
+    for key, row in got.items():
+        assert float(row["value"]) == float(ours[key]["value"]) and int(row["n"]) == 2
+        assert float(row["stderr"] or 0) == pytest.approx(float(ours[key]["stderr"] or 0))
+    with pytest.raises(ValueError, match="METHOD="):  # an EvalPlus file alone does not say whose it is
+        collect([str(ep)])
+
+
+def test_duplicates_and_malformed_files(mini, tmp_path, capsys):
+    lm, _ = _foreign(mini, tmp_path)
+    own = mini / "runs"
+    same = collect([str(own), str(lm)])  # the same numbers twice: kept once
+    assert len(same) == len(read_rows(mini / "leaderboard.csv"))
+    data = json.loads(lm.read_text())
+    data["results"]["diffmas_arc_challenge"]["acc,none"] += 0.5
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="two results for .*diffmas / diffmas_arc_challenge / acc") as err:
+        collect([str(own), str(other)])
+    assert str(other) in str(err.value) and "runs/diffmas/results_diffmas_arc_challenge" in str(err.value)
+
+    bad = tmp_path / "bad" / "results_bad.json"
+    bad.parent.mkdir()
+    bad.write_text('{"results": {"diffmas_arc_challenge": ')
+    with pytest.raises(ValueError, match=f"{bad}: not valid JSON.*--skip-bad"):
+        collect([str(own), str(bad.parent)])
+    assert len(collect([str(own), str(bad)], skip_bad=True)) == len(same)
+    assert "skipping" in capsys.readouterr().err
+    # the command line: one clear line, exit 2
+    assert main(["leaderboard", "--from-results", str(bad), "--output", str(tmp_path / "x.csv")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"eval": {"HumanEval/0": [{"solution": "x"}]}}))
+    with pytest.raises(ValueError, match=f"{wrong}: EvalPlus results without base/plus status"):
+        collect([f"single={wrong}"])
+
+
+def test_readme_section_round_trips(mini, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    rows = read_rows(mini / "leaderboard.csv")
+    assert update_readme(readme, rows) is True
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n") and text.endswith(f"{README_END}\n\nafter\n")
+    assert "old table" not in text and "| diffmas |" in text and "leaderboards/accuracy.png" in text
+    assert update_readme(readme, rows) is False and readme.read_text() == text  # twice: nothing changes
+    assert main(["leaderboard", "--readme", str(readme), "--output", str(mini / "leaderboard.csv")]) == 0
+    assert readme.read_text() == text
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no leaderboard markers"):
+        update_readme(tmp_path / "plain.md", rows)
+
+
+def test_trained_methods_never_score_their_training_items():
+    bounds = {"diffmas_arc_challenge": 822, "diffmas_commonsense_qa": 871}
+    check_disjoint("commonsense", bounds, ["diffmas_arc_challenge", "math500"], 822)
+    with pytest.raises(ValueError, match="diffmas_arc_challenge: .* at most its first 822 items.*--limit <= 822"):
+        check_disjoint("commonsense", bounds, ["diffmas_arc_challenge"], 823)
+    with pytest.raises(ValueError, match="--limit is all"):
+        check_disjoint("commonsense", bounds, ["diffmas_commonsense_qa"], 0)
+
+
+def test_interrupted_training_restarts_cleanly_and_a_finished_adapter_is_reused(mini, tiny_path, data_dir, capsys):
+    from diffmas_eval.leaderboard import train
+    from diffmas_eval.leaderboard.config import Settings
+
+    settings = Settings(model=str(tiny_path), agents=2, latent_steps=2, train_steps=2, train_batch_size=1,
+                        train_max_length=2048, sft_examples={"commonsense": 4})
+    work = mini / "cache"
+    data, _ = train.sft_set("commonsense", 4, work, str(data_dir))
+    out = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
+    assert "reusing" in capsys.readouterr().out  # the mini leaderboard trained exactly this one
+    (out / train.MARKER).unlink()  # as if killed after a checkpoint that cannot be read
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{not json")
+    assert not train.finished(out, out.name.rsplit("-", 1)[1])
+    again = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
+    printed = capsys.readouterr().out
+    assert again == out and "resuming from checkpoint-1" in printed and "restarting" in printed
+    assert train.finished(out, out.name.rsplit("-", 1)[1]) and not list(out.glob("checkpoint-*"))
