@@ -18,7 +18,7 @@ LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test leaderboard readme lint clean
+.PHONY: install test leaderboard readme performance lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,22 @@ leaderboard: $(STAMP)
 # README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)
 readme: $(STAMP)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
+
+# the performance tables of README.md: each benchmark prints Markdown into benchmarks/results/ (about 40 min here)
+BENCH_ENV := DIFFMAS_DATA_DIR=$(DATA_DIR)
+performance: $(STAMP)
+	mkdir -p benchmarks/results
+	$(BENCH_ENV) $(PY) benchmarks/latency.py --questions 8 --new-tokens 48 --agent-tokens 48 --batch 1 8 \
+		--json benchmarks/results/latency.json > benchmarks/results/latency.md
+	$(BENCH_ENV) $(PY) benchmarks/multiple_choice.py --limit 4 --batch 1 4 --chat on --json benchmarks/results/multiple_choice.json \
+		> benchmarks/results/multiple_choice.md
+	$(BENCH_ENV) $(PY) benchmarks/scaling.py --agents 1 2 3 4 6 8 --latent-steps 0 10 20 40 80 --repeats 1 \
+		--json benchmarks/results/scaling.json > benchmarks/results/scaling.md
+	$(BENCH_ENV) $(PY) benchmarks/training.py --agents 1 2 4 6 --json benchmarks/results/training.json \
+		> benchmarks/results/training.md
+	$(BENCH_ENV) $(PY) benchmarks/trace_layout.py --baseline d8d0c75 --batch 1 4 --repeats 2 \
+		> benchmarks/results/trace_layout.md
+	$(PY) benchmarks/readme.py README.md benchmarks/results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffmas_eval tests benchmarks trainers

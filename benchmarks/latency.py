@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def main() -> None:
                 t, tokens = t + time.perf_counter() - t0, tokens + n
             rows.append({"method": name, "batch": bs, "s_per_q": t / len(questions),
                          "tokens_per_q": tokens * bs / len(questions)})
-            print(f"  measured {name} batch {bs}: {t / len(questions):.3f} s/question", flush=True)
+            print(f"  measured {name} batch {bs}: {t / len(questions):.3f} s/question", file=sys.stderr, flush=True)
 
     # floors: sequential forwards x the measured price of a bare forward of that shape (batch 1)
     q_ids = [bench.ids(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -213,6 +214,12 @@ def main() -> None:
     text = by[("textmas", b1)]["s_per_q"]
     for m in chains:
         print(f"textmas / diffmas m={m} (batch {b1}): {text / by[(f'diffmas m={m}', b1)]['s_per_q']:.2f}x")
+    # where batching can and cannot help here: a prefill is compute-bound, a decode step reads the weights
+    cached = int(statistics.mean(stages[(next(iter(chains)), b1)]["trace"]))
+    pre = bench.prefill(1, int(prompt_len), cached) * bn / bench.prefill(bn, int(prompt_len), cached)
+    dec = bench.step(1, cached) * bn / bench.step(bn, cached)
+    print(f"\nbare forwards, batch {bn} vs 1 (rows per second): a prefill of {int(prompt_len)} tokens over {cached} "
+          f"cached positions {pre:.2f}x; a decode step over {cached} {dec:.2f}x")
     long_rows = []
     if args.long:
         per_pos = 2 * sum(layer.keys[0, :, 0].numel() * 4 for layer in bench._cache(1, 1, 0).layers)
@@ -225,6 +232,7 @@ def main() -> None:
             print(f"| {n} | {grow:.4f} | {cat:.4f} | {cat / grow:.2f} | {per_pos:,} | {per_pos * (n + 1):,} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "floors": floors, "long": long_rows,
+                                               "bare_batch_speedup": {"prefill": pre, "decode_step": dec},
                                                "stages": {f"{m}@{b}": v for (m, b), v in stages.items()}}, indent=1))
 
 
