@@ -18,7 +18,7 @@ LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test leaderboard readme performance lint clean
+.PHONY: install test leaderboard readme performance codegen-table lint clean
 
 install: $(STAMP)
 
@@ -56,6 +56,21 @@ performance: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/trace_layout.py --baseline d8d0c75 --batch 1 4 --repeats 2 \
 		> benchmarks/results/trace_layout.md
 	$(PY) benchmarks/readme.py README.md benchmarks/results
+
+# README's HumanEval+/MBPP+ table: hf, textmas and diffmas on the same first CODEGEN_LIMIT tasks, scored by EvalPlus
+CODEGEN_LIMIT ?= 5
+CODEGEN := $(VENV)/bin/diffmas-eval codegen --limit $(CODEGEN_LIMIT) --max-new-tokens 256 --batch-size 5 \
+	--out leaderboards/codegen --evaluate
+codegen-table: $(STAMP)
+	for ds in humaneval mbpp; do \
+	  $(BENCH_ENV) $(CODEGEN) --dataset $$ds --name hf --model hf --model_args pretrained=$(MODEL) && \
+	  $(BENCH_ENV) $(CODEGEN) --dataset $$ds --name textmas --model textmas \
+	    --model_args pretrained=$(MODEL),agents=3,agent_max_tokens=32 && \
+	  $(BENCH_ENV) $(CODEGEN) --dataset $$ds --name diffmas --model diffmas \
+	    --model_args pretrained=$(MODEL),agents=3,latent_steps=4 || exit 1; \
+	done
+	$(VENV)/bin/diffmas-eval codegen-table leaderboards/codegen > leaderboards/codegen/table.md
+	$(PY) benchmarks/readme.py README.md leaderboards/codegen --section codegen
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffmas_eval tests benchmarks trainers

@@ -1,8 +1,13 @@
-"""Put the benchmark tables (``benchmarks/results/*.md``, what the scripts printed) into README.md.
+"""Put generated tables (Markdown files a command printed) into README.md between two markers.
 
-``make performance`` runs each script with its stdout saved as ``benchmarks/results/<script>.md`` and
-then this, which replaces the text between the two performance markers of README.md with those files
-in a fixed order. Running it twice changes nothing; numbers in the README are never typed by hand.
+``make performance`` runs each benchmark with its stdout saved as ``benchmarks/results/<script>.md`` and
+then this, which replaces the text between ``<!-- performance:start -->`` and ``<!-- performance:end -->``
+with those files in a fixed order; ``--section NAME`` fills ``<!-- NAME:start/end -->`` with every
+``*.md`` of the folder instead (``make codegen-table``). Running it twice changes nothing; numbers in
+the README are never typed by hand.
+
+    python benchmarks/readme.py README.md benchmarks/results
+    python benchmarks/readme.py README.md leaderboards/codegen --section codegen
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)"),
          ("multiple_choice", "Multiple-choice scoring (`benchmarks/multiple_choice.py`)"),
          ("scaling", "Scaling with agents and latent steps (`benchmarks/scaling.py`)"),
@@ -18,27 +22,30 @@ ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)
          ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)")]
 
 
-def section(results: Path) -> str:
+def section(results: Path, name: str = "performance") -> str:
+    order = ORDER if name == "performance" else [(f.stem, None) for f in sorted(results.glob("*.md"))]
     parts = []
-    for name, title in ORDER:
-        path = results / f"{name}.md"
+    for stem, title in order:
+        path = results / f"{stem}.md"
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if not ln.startswith(("Loading", "wrote "))]
-            parts.append(f"#### {title}\n\n" + "\n".join(lines).strip() + "\n")
+            parts.append((f"#### {title}\n\n" if title else "") + "\n".join(lines).strip() + "\n")
     return "\n".join(parts)
 
 
-def main(readme: str = "README.md", results: str = "benchmarks/results") -> int:
+def main(readme: str = "README.md", results: str = "benchmarks/results", *opts: str) -> int:
+    name = opts[1] if len(opts) == 2 and opts[0] == "--section" else "performance"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     path = Path(readme)
     text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no performance markers; add {START} and {END} where the tables go")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{section(Path(results))}{END}{tail}"
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {name} markers; add {start} and {end} where the tables go")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{section(Path(results), name)}{end}{tail}"
     if new != text:
         path.write_text(new)
-    print(f"{readme}: performance section {'updated' if new != text else 'unchanged'}")
+    print(f"{readme}: {name} section {'updated' if new != text else 'unchanged'}")
     return 0
 
 

@@ -201,7 +201,7 @@ def main() -> None:
         for method, agents, ckpt in tqdm(configs, desc="training configurations", unit="config"):
             rows.append(run_one(args, method, agents, ckpt, data, work))
             tqdm.write(f"{method} agents={agents} checkpointing={ckpt}: {rows[-1]['s_per_step']:.3f} s/step, "
-                       f"peak {rows[-1]['peak_mib']:.0f} MiB")
+                       f"peak {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr)
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     fits = summarize(rows, args)

@@ -1,4 +1,4 @@
-"""``accelerate launch -m lm_eval --model diffmas``: requests split across processes, same per-sample results."""
+"""``accelerate launch -m lm_eval --model diffmas|textmas``: requests split across processes, same results."""
 
 import json
 import os
@@ -6,13 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 TASKS = ["diffmas_arc_challenge", "diffmas_gsm8k"]  # loglikelihood (shared traces) and generate_until
 
 
-def _run(launcher: list[str], model_args: str, out: Path, data_dir: Path) -> subprocess.CompletedProcess:
+def _run(launcher: list[str], model_args: str, out: Path, data_dir: Path,
+         model: str = "diffmas") -> subprocess.CompletedProcess:
     # 3 docs on 2 ranks: rank 1 gets lm-eval's padding copies, which must change nothing
-    cmd = [*launcher, "--model", "diffmas", "--model_args", model_args, "--tasks", ",".join(TASKS),
+    cmd = [*launcher, "--model", model, "--model_args", model_args, "--tasks", ",".join(TASKS),
            "--limit", "3", "--gen_kwargs", "max_gen_toks=6", "--log_samples", "--output_path", str(out)]
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (multi-CPU wants mpirun); its torchrun
     # launcher (--multi_gpu) with ACCELERATE_USE_CPU starts two on gloo
@@ -28,12 +31,14 @@ def _samples(out: Path, task: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["doc_id"], r["filter"]))
 
 
-def test_two_processes_give_the_single_process_samples(tiny_path, local_data, tmp_path):
-    args = f"pretrained={tiny_path},agents=2,latent_steps=1,dtype=float32"
-    _run([str(BIN / "lm_eval")], args, tmp_path / "one", local_data)
+@pytest.mark.parametrize("model", ["diffmas", "textmas"])
+def test_two_processes_give_the_single_process_samples(tiny_path, local_data, tmp_path, model):
+    args = f"pretrained={tiny_path},agents=2,dtype=float32," + (
+        "latent_steps=1" if model == "diffmas" else "agent_max_tokens=4")
+    _run([str(BIN / "lm_eval")], args, tmp_path / "one", local_data, model)
     two = _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval"], args, tmp_path / "two",
-               local_data)
+               local_data, model)
     # the requests really were split: rank 0 built contexts for 2 of the 3 docs (rank 1 logs nothing)
     assert "100%|██████████| 2/2" in two.stderr and "3/3" not in two.stderr
     for task in TASKS:

@@ -33,7 +33,7 @@ from ..models import resolve_pretrained
 from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
-from .common import Accounting, check_model_args, group_by_gen_kwargs
+from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
 OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME (backend=hf: the model; backend=openai: its tokenizer "
@@ -142,6 +142,9 @@ class TextMASLM(TemplateLM):
                                          num_concurrent=int(num_concurrent))
             self._chunk = max(self.batch_size, int(num_concurrent))
         self.text_backend = text_backend
+        if self.hf is not None:  # accelerate launch: take the inner HFLM's rank, as diffmas does
+            join_data_parallel(self.hf)
+            self._rank, self._world_size = self.hf.rank, self.hf.world_size
         self.chain = TextChain(text_backend, self.tokenizer, order, role_map, topology, int(agent_max_tokens),
                                enable_thinking)
         self.final_role = order[-1]
@@ -219,7 +222,7 @@ class TextMASLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         results: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="textmas generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="textmas generate_until")
         for indices in group_by_gen_kwargs(requests).values():
             gen_kwargs = requests[indices[0]].args[1]
             kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
@@ -258,7 +261,7 @@ class TextMASLM(TemplateLM):
             by_question[self._question(req.args[0])].append(i)
         questions = list(by_question)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="textmas loglikelihood")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="textmas loglikelihood")
         for q0 in range(0, len(questions), self._chunk):
             chunk = questions[q0:q0 + self._chunk]
             t0 = time.perf_counter()
@@ -306,6 +309,19 @@ class TextMASLM(TemplateLM):
         if self.hf is not None and not self.chain.upstream:
             return self.hf.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         raise NotImplementedError("textmas supports loglikelihood_rolling only with backend=hf and agents=1")
+
+    # -- data parallel (backend=hf under accelerate launch): the inner HFLM's collectives -------------
+    def all_gather(self, tensor):
+        return self.hf.all_gather(tensor) if self.hf is not None else tensor
+
+    def gather_object(self, obj, dst=0):
+        return self.hf.gather_object(obj, dst) if self.hf is not None else [obj]
+
+    def barrier(self) -> None:
+        """lm-eval's barrier after each request type: also bring every rank's accounting to rank 0."""
+        if self.hf is not None:
+            self.hf.barrier()
+            self.accounting.gather(self)
 
     # -- reporting --------------------------------------------------------------------------------
     def get_model_info(self) -> dict:
