@@ -166,8 +166,9 @@ class AgentChain(nn.Module):
         out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
-        last = mask.sum(-1) - 1
-        return out.hidden_states[-1][torch.arange(len(mask), device=mask.device), last]
+        hidden = out.hidden_states[-1]  # on the last layer's device when the model is sharded
+        last = (mask.sum(-1) - 1).to(hidden.device)
+        return hidden[torch.arange(len(mask), device=hidden.device), last]
 
     # -- stage 2 ----------------------------------------------------------------------------------
     def final_logits(self, trace: LatentTrace, rows: list[list[int]],
@@ -198,7 +199,8 @@ class AgentChain(nn.Module):
                          cache=cache, use_cache=True, logits_to_keep=cols)
         work.adopt(cache, mask)
         work.left_align()
-        return work, out.logits[torch.arange(len(rows), device=mask.device), lengths - 1 - (width - cols)]
+        rows_at = (lengths - 1 - (width - cols)).to(out.logits.device)
+        return work, out.logits[torch.arange(len(rows), device=rows_at.device), rows_at]
 
     def continuation_scores(self, trace: LatentTrace, first: torch.Tensor,
                             continuations: list[list[int]]) -> list[tuple[float, bool]]:

@@ -63,6 +63,6 @@ class Realigner(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return hidden
-        mapped = hidden.float() @ self.weight
+        mapped = hidden.to(self.weight.device).float() @ self.weight  # last layer -> first layer's device
         mapped = mapped * (self.target_norm / mapped.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return mapped.to(hidden.dtype)

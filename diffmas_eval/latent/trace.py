@@ -185,7 +185,8 @@ class LatentTrace:
         def rotate(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            return t.gather(-2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+            index = src.to(t.device)  # a sharded model (device_map) keeps each layer's trace on its device
+            return t.gather(-2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
 
         self.keys = [rotate(k) for k in self.keys]
         self.values = [rotate(v) for v in self.values]
