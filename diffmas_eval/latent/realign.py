@@ -10,7 +10,7 @@ input-embedding module. For most models that is the weight matrix itself; some f
 and 3) multiply inside the module by sqrt(hidden_size), and ``inputs_embeds`` skip that module,
 so targeting the weight rows would feed latent vectors at 1/sqrt(hidden) of a token's norm. The
 module's scale is measured, not looked up per family; a module that does more than scale its rows
-is refused. ``target="weight_rows"`` keeps the pre-0.2 meaning for chains saved before it.
+is refused. ``realign_target=weight_rows`` keeps the old meaning for chains saved before the target existed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TARGETS = ("embedding_output", "weight_rows")
+from .config import CHOICES
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def embedding_scale(embedding: nn.Module, probe: int = 512) -> float:
     scale = float((out * rows).sum() / (rows * rows).sum())
     if not torch.allclose(out, scale * rows, rtol=1e-2, atol=1e-3 * float(out.abs().max())):
         raise ValueError(f"{type(embedding).__name__} does more than scale its weight rows, so latent vectors "
-                         "cannot be matched to its output; use realign=none (or target='weight_rows')")
+                         "cannot be matched to its output; use realign=none (or realign_target=weight_rows)")
     return scale
 
 
@@ -41,8 +41,9 @@ class Realigner(nn.Module):
     def __init__(self, model: nn.Module, mode: str = "ridge", lam: float = 1e-5, trainable: bool = False,
                  target: str = "embedding_output"):
         super().__init__()
-        if target not in TARGETS:
-            raise ValueError(f"realign target {target!r} is not valid; choose one of {', '.join(TARGETS)}")
+        if target not in CHOICES["realign_target"]:
+            raise ValueError(f"realign_target={target!r} is not valid; choose one of "
+                             f"{', '.join(CHOICES['realign_target'])}")
         self.mode = mode
         embedding = model.get_input_embeddings()
         w_in = embedding.weight.detach().float()
