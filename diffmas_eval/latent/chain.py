@@ -40,6 +40,14 @@ class Generation:
     token_ids: list[int]
 
 
+def _at_last_token(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's ``[B, T, ...] -> [B, ...]`` value at its last real token of a right-padded block
+    (``mask``), where ``out`` holds the block's last ``T`` columns; on ``out``'s device (the last
+    layer's, when the model is sharded)."""
+    last = (mask.sum(-1) - 1 - (mask.shape[1] - out.shape[1])).to(out.device)
+    return out[torch.arange(len(mask), device=out.device), last]
+
+
 class AgentChain(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, config: LatentConfig | None = None,
                  roles: dict[str, Role] | None = None, trainable_realign: bool = False):
@@ -166,9 +174,7 @@ class AgentChain(nn.Module):
         out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
-        hidden = out.hidden_states[-1]  # on the last layer's device when the model is sharded
-        last = (mask.sum(-1) - 1).to(hidden.device)
-        return hidden[torch.arange(len(mask), device=hidden.device), last]
+        return _at_last_token(out.hidden_states[-1], mask)
 
     # -- stage 2 ----------------------------------------------------------------------------------
     def final_logits(self, trace: LatentTrace, rows: list[list[int]],
@@ -193,14 +199,12 @@ class AgentChain(nn.Module):
         work = trace.fork()
         cache = work.cache()
         ids, mask = self._right_pad(rows)
-        width, lengths = mask.shape[1], mask.sum(-1)
-        cols = width - int(lengths.min()) + 1
+        cols = mask.shape[1] - int(mask.sum(-1).min()) + 1  # from the shortest row's last token on
         out = self.model(input_ids=ids, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, logits_to_keep=cols)
         work.adopt(cache, mask)
         work.left_align()
-        rows_at = (lengths - 1 - (width - cols)).to(out.logits.device)
-        return work, out.logits[torch.arange(len(rows), device=rows_at.device), rows_at]
+        return work, _at_last_token(out.logits, mask)
 
     def continuation_scores(self, trace: LatentTrace, first: torch.Tensor,
                             continuations: list[list[int]]) -> list[tuple[float, bool]]:
