@@ -19,36 +19,34 @@ class Role:
     instruction: str
 
 
-ROLES: dict[str, Role] = {
-    r.name: r
-    for r in [
-        Role("planner", "You are the Planner. Break the question into steps and outline how to solve it. "
-                        "Do not give the final answer."),
-        Role("critic", "You are the Critic. Check the plan that precedes you for mistakes and gaps, "
-                       "and point out how to fix them."),
-        Role("refiner", "You are the Refiner. Combine the plan and the critique into an improved, "
-                        "step-by-step solution path."),
-        Role("solver", "You are the Solver. Earlier agents left latent thoughts before this message; use "
-                       "them if they help and ignore them otherwise. Solve the question and state the "
-                       "final answer clearly."),
-    ]
-}
+def _by_name(*roles: Role) -> dict[str, Role]:
+    return {r.name: r for r in roles}
+
+
+ROLES: dict[str, Role] = _by_name(
+    Role("planner", "You are the Planner. Break the question into steps and outline how to solve it. "
+                    "Do not give the final answer."),
+    Role("critic", "You are the Critic. Check the plan that precedes you for mistakes and gaps, "
+                   "and point out how to fix them."),
+    Role("refiner", "You are the Refiner. Combine the plan and the critique into an improved, "
+                    "step-by-step solution path."),
+    Role("solver", "You are the Solver. Earlier agents left latent thoughts before this message; use "
+                   "them if they help and ignore them otherwise. Solve the question and state the "
+                   "final answer clearly."),
+)
 # the same agents for code generation (``family=code``): they reason about the program; the final agent writes it
-CODE_ROLES: dict[str, Role] = {
-    r.name: r
-    for r in [
-        Role("planner", "You are the Planner for a programming task. Work out what the function must do (inputs, "
-                        "outputs, edge cases) and outline an algorithm step by step. Do not write the program."),
-        Role("critic", "You are the Critic for a programming task. Check the plan that precedes you against the "
-                       "problem and its examples: wrong logic, missed edge cases, off-by-one errors, wrong types. "
-                       "Point out how to fix them."),
-        Role("refiner", "You are the Refiner for a programming task. Combine the plan and the critique into a "
-                        "corrected step-by-step algorithm, precise enough to translate directly into Python."),
-        Role("solver", "You are the Coder. Earlier agents left latent thoughts before this message; use them if "
-                       "they help and ignore them otherwise. Write a complete, self-contained Python program that "
-                       "solves the problem, in one markdown code block."),
-    ]
-}
+CODE_ROLES: dict[str, Role] = _by_name(
+    Role("planner", "You are the Planner for a programming task. Work out what the function must do (inputs, "
+                    "outputs, edge cases) and outline an algorithm step by step. Do not write the program."),
+    Role("critic", "You are the Critic for a programming task. Check the plan that precedes you against the "
+                   "problem and its examples: wrong logic, missed edge cases, off-by-one errors, wrong types. "
+                   "Point out how to fix them."),
+    Role("refiner", "You are the Refiner for a programming task. Combine the plan and the critique into a "
+                    "corrected step-by-step algorithm, precise enough to translate directly into Python."),
+    Role("solver", "You are the Coder. Earlier agents left latent thoughts before this message; use them if "
+                   "they help and ignore them otherwise. Write a complete, self-contained Python program that "
+                   "solves the problem, in one markdown code block."),
+)
 FAMILIES = ("general", "code")
 UPSTREAM_CYCLE = ("planner", "critic", "refiner")
 FINAL_ROLE = "solver"
@@ -61,7 +59,7 @@ FINAL_PREAMBLE = (
 # hierarchical text MAS (LatentMAS): independent domain agents, then a summarizer (text MAS only)
 TEXT_ROLES: dict[str, Role] = {
     **ROLES,
-    **{r.name: r for r in [
+    **_by_name(
         Role("math", "You are the Math agent. Solve the question with careful mathematical reasoning, "
                      "step by step, and state your answer."),
         Role("science", "You are the Science agent. Solve the question with scientific knowledge and "
@@ -70,7 +68,7 @@ TEXT_ROLES: dict[str, Role] = {
                      "reasoning, and state your answer."),
         Role("summarizer", "You are the Summarizer. The domain agents' answers precede this message; weigh "
                            "them, resolve disagreements, and state the final answer clearly."),
-    ]},
+    ),
 }
 DOMAIN_CYCLE = ("math", "science", "code")
 SUMMARIZER_ROLE = "summarizer"

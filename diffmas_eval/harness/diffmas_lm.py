@@ -312,9 +312,9 @@ class DiffMASLM(HFLM):
                     todo = [(p - k0, i) for p, i in pairs if k0 <= p < k0 + len(part)]
                     for t0 in range(0, len(todo), bs):
                         sel = todo[t0:t0 + bs]
-                        rows = torch.tensor([p for p, _ in sel], device=first.device)
+                        picks = torch.tensor([p for p, _ in sel], device=first.device)
                         with self._precision():
-                            scores = self.chain.continuation_scores(prefixed.select(rows), first[rows],
+                            scores = self.chain.continuation_scores(prefixed.select(picks), first[picks],
                                                                     [items[i][2] for _, i in sel])
                         for (_, i), res in zip(sel, scores):
                             results[i] = res
