@@ -9,39 +9,42 @@ final agent's answer is one ``/v1/completions`` request whose ``prompt_embeds`` 
 tensor, ``torch.save``-d and base64-encoded (vLLM's documented encoding; its server decodes it with
 ``torch.load(..., weights_only=True)``, accepts float32/bfloat16/float16 and a 2-D tensor).
 
+The request carries no text prompt: vLLM serves a text prompt sent beside ``prompt_embeds`` as a
+second prompt of its own (an empty one is refused as "The decoder prompt cannot be empty" when the
+tokenizer adds no BOS, as Llama-3/Qwen/SmolLM2 tokenizers do).
+
 The ``overwrite`` trace is not one causal sequence (its keys were computed over segments it then
 dropped), so it cannot be replayed from embeddings: refused. vLLM refuses ``prompt_logprobs`` with
-prompt embeddings, so log-likelihoods stay in process (``stage2=hf``).
+prompt embeddings, so log-likelihood requests are scored in process (the model is loaded for stage 1
+anyway) and only decoding goes to the server.
 
-Gemma: transformers 5.x puts sqrt(hidden) in the embedding module (``get_input_embeddings`` output is
-already scaled) and never rescales ``inputs_embeds``; vLLM's Gemma 3 does the same, but its Gemma and
-Gemma 2 multiply ``inputs_embeds`` by the normalizer in ``forward``. ``server_embed_scale`` is that
-factor; the request carries the embeddings divided by it, so the server's model sees what the
-in-process chain feeds.
+Before any answer, ``PromptEmbedsBackend.preflight`` measures what the server does with embeddings
+instead of trusting a per-family table: it asks for the first token's top log-probabilities of a short
+prompt sent as token ids (the server embeds them itself) and sent as the chain's own embeddings, and
+keeps the scale under which the two agree. vLLM 0.32 feeds ``inputs_embeds`` unscaled for Gemma, Gemma 2
+and Gemma 3 (it applies sqrt(hidden) only when it embeds token ids, as transformers' embedding module
+does), so the scale is 1 there; older vLLM releases multiplied Gemma/Gemma 2 ``inputs_embeds`` by it, which
+the measurement catches (the request then carries the embeddings divided by it). The same probe turns a
+server without ``--enable-prompt-embeds``, a served model of another hidden size, a name the server does
+not serve, and a served model that is not the chain's (another checkpoint, a LoRA not applied) into
+errors that name the fix, before anything is written.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from concurrent.futures import ThreadPoolExecutor
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from .latent.realign import embedding_scale
 from .latent.trace import LatentTrace
-from .textmas.backends import BackendError, Completion, OpenAIBackend, cut_at_stop
+from .serving.client import BackendError, Completion, OpenAIClient, cut_at_stop
 
-# model types whose vLLM implementation multiplies inputs_embeds by sqrt(hidden_size) (models/gemma.py, gemma2.py)
-RESCALES_PROMPT_EMBEDS = ("gemma", "gemma2")
-
-
-def server_embed_scale(model) -> float:
-    """The factor vLLM's implementation of this architecture applies to prompt embeddings (1 for most)."""
-    config = model.config.get_text_config()
-    if getattr(config, "model_type", None) in RESCALES_PROMPT_EMBEDS:
-        return float(config.hidden_size) ** 0.5
-    return 1.0
+log = logging.getLogger(__name__)
+PROBE_TEXT = "The capital of France is"  # any short prompt: the preflight compares next-token distributions
 
 
 @torch.no_grad()
@@ -114,43 +117,120 @@ class Sampling:
         return out
 
 
-class PromptEmbedsBackend(OpenAIBackend):
+def _max_gap(a: dict[int, float], b: dict[int, float]) -> float:
+    """How far two top-k next-token distributions are apart: the largest log-probability difference over
+    the tokens both list (inf if they share none)."""
+    shared = set(a) & set(b)
+    return max((abs(a[t] - b[t]) for t in shared), default=float("inf"))
+
+
+class PromptEmbedsBackend(OpenAIClient):
     """``/v1/completions`` with ``prompt_embeds`` on a ``vllm serve --enable-prompt-embeds`` server.
 
-    The OpenAI client, its timeout, bounded retries with backoff and the errors naming the URL are
-    ``OpenAIBackend``'s; ``model`` is the served name (the model, or a LoRA module's name)."""
+    The client, its timeout, bounded retries and errors naming the URL are ``serving.OpenAIClient``'s;
+    ``model`` is the served name (the model, or a LoRA module's name)."""
 
     name = "vllm"
-    embed_scale = 1.0  # ``server_embed_scale`` of the model: the request carries embeddings / embed_scale
+    embed_scale = 1.0  # measured by ``preflight``: the request carries embeddings / embed_scale
+    tokenizer = None  # set by ``preflight``: answers are decoded here from the server's token ids
+    eos: frozenset[int] = frozenset()
 
-    def complete(self, embeds: torch.Tensor, max_tokens: int, stop: list[str] | None = None,
-                 sampling: Sampling | None = None) -> Completion:
+    def _explain(self, err: BackendError) -> BackendError:
+        """vLLM's refusals of prompt embeddings, said as what to change."""
+        text = str(err)
+        if "enable-prompt-embeds" in text or "enable_prompt_embeds" in text:
+            return BackendError(f"{self._where()} was started without --enable-prompt-embeds, which stage2=vllm "
+                                "needs: restart it as `vllm serve MODEL --enable-prompt-embeds` (see README 'DiffMAS "
+                                f"stage 2 on vLLM').\n{text}")
+        if "hidden_size" in text:
+            return BackendError(f"{self._where()} serves a model whose hidden size is not the chain's: serve the "
+                                f"chain's own model (pretrained=) or point base_url= at a server that does.\n{text}")
+        return BackendError(f"{text}\n(stage2=vllm needs `vllm serve MODEL --enable-prompt-embeds`; see README "
+                            "'DiffMAS stage 2 on vLLM')")
+
+    def complete_embeds(self, embeds: torch.Tensor, max_tokens: int, stop: list[str] | None = None,
+                        sampling: Sampling | None = None, **extra) -> Completion:
+        """One answer. With a tokenizer (after ``preflight``) the text is decoded here from the token ids the
+        server generated, as the in-process chain decodes its own (EOS dropped, special tokens skipped, cut at
+        the first stop string): vLLM's detokenizer holds back a trailing partial UTF-8 character, which the
+        in-process decode writes as U+FFFD, so decoding on the server would make the two differ there."""
         payload = (sampling or Sampling()).payload()
-        extra = payload.pop("extra_body", {})
-        extra["prompt_embeds"] = encode_prompt_embeds(embeds if self.embed_scale == 1.0 else embeds / self.embed_scale)
-        stop = [s for s in (stop or []) if s]
-        if stop:
-            payload["stop"] = stop
+        body = {**payload.pop("extra_body", {}), **extra.pop("extra_body", {})}
+        body["prompt_embeds"] = encode_prompt_embeds(embeds if self.embed_scale == 1.0 else embeds / self.embed_scale)
+        if self.tokenizer is not None:
+            payload["logprobs"] = 0  # the sampled tokens (and their log-probabilities), as ids
+            body["return_tokens_as_token_ids"] = True
         try:
-            # ``prompt`` is required by the client; vLLM answers the prompt embeddings and ignores an empty prompt
-            resp = self._call(prompt="", max_tokens=int(max_tokens), extra_body=extra, **payload)
+            out, resp = self.complete_with_response(None, max_tokens, stop, extra_body=body, **payload, **extra)
         except BackendError as err:
-            raise BackendError(f"{err}\n(stage2=vllm needs `vllm serve MODEL --enable-prompt-embeds`; see README "
-                               "'DiffMAS stage 2 on vLLM')") from err
-        choices = getattr(resp, "choices", None)
-        text = getattr(choices[0], "text", None) if isinstance(choices, list) and choices else None
-        if not isinstance(text, str):
-            raise BackendError(f"{self._where()} returned something that is not a completion: {str(resp)[:300]}")
-        tokens = getattr(getattr(resp, "usage", None), "completion_tokens", None)
-        return Completion(cut_at_stop(text, stop), tokens if isinstance(tokens, int) else None)
+            raise self._explain(err) from err
+        if self.tokenizer is None:
+            return out
+        try:
+            tokens = resp.choices[0].logprobs.tokens
+            ids = [int(t.removeprefix("token_id:")) for t in tokens]
+        except (AttributeError, IndexError, TypeError, ValueError) as err:
+            raise BackendError(f"{self._where()} returned no token ids (logprobs=0, return_tokens_as_token_ids)"
+                               ) from err
+        ids = [t for t in ids if t not in self.eos]
+        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), [s for s in stop or [] if s])
+        return Completion(text, out.tokens, out.finish_reason)
 
     def generate_embeds(self, rows: list[torch.Tensor], max_tokens: int, stop: list[str] | None = None,
                         sampling: Sampling | None = None) -> list[Completion]:
         """One request per row, ``num_concurrent`` in flight, answers in row order."""
-        def one(embeds):
-            return self.complete(embeds, max_tokens, stop, sampling)
+        return self.map(lambda embeds: self.complete_embeds(embeds, max_tokens, stop, sampling), rows)
 
-        if len(rows) <= 1 or self.num_concurrent == 1:
-            return [one(r) for r in rows]
-        with ThreadPoolExecutor(min(self.num_concurrent, len(rows))) as pool:
-            return list(pool.map(one, rows))
+    @torch.no_grad()
+    def preflight(self, model, tokenizer, tolerance: float | None = None, eos: set[int] | None = None) -> float:
+        """Check the server can decode this chain's embeddings and measure the scale it applies to them.
+
+        Three one-token requests: the probe prompt as token ids (the server's own embedding), as the chain's
+        embeddings (``model.get_input_embeddings()``, scale included), and as those divided by the
+        embedding module's measured scale. The first agreeing within ``tolerance`` (log-probability; by default
+        1e-3 for float32, 0.25 for 16-bit weights, where kernels round differently) sets ``embed_scale``. The
+        server's answer is then compared with ``model`` in process, so a served name that is another
+        checkpoint, or a LoRA the server does not apply, is an error too."""
+        served = self.served_models()
+        if self.model not in served:
+            raise BackendError(f"{self._where()} does not serve {self.model!r}; it serves {served}. Pass "
+                               "served_model=<one of those>, or, for a trained chain (peft=DIR), start vLLM with "
+                               "--enable-lora --lora-modules NAME=DIR and pass served_model=NAME")
+        embed = model.get_input_embeddings()
+        tol = tolerance if tolerance is not None else (1e-3 if embed.weight.dtype == torch.float32 else 0.25)
+        ids = tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+        by_ids = self.next_token_logprobs(ids)
+        vectors = embed(torch.tensor(ids, device=embed.weight.device))
+        gaps = {}
+        for scale in dict.fromkeys([1.0, embedding_scale(embed)]):
+            self.embed_scale = scale
+            try:
+                by_embeds = self._embeds_logprobs(vectors)
+            except BackendError as err:
+                raise self._explain(err) from err
+            gaps[scale] = _max_gap(by_ids, by_embeds)
+            if gaps[scale] <= tol:
+                break
+        else:
+            self.embed_scale = 1.0
+            raise BackendError(f"{self._where()} reads prompt embeddings differently from token ids: the next-token "
+                               f"log-probabilities of {PROBE_TEXT!r} differ by {gaps} (embedding scale: gap) beyond "
+                               f"{tol}; this vLLM version treats inputs_embeds in a way stage2=vllm does not know")
+        logits = model(input_ids=torch.tensor([ids], device=embed.weight.device)).logits[0, -1].float()
+        ours = torch.log_softmax(logits, -1)
+        local = {int(t): float(ours[t]) for t in ours.topk(len(by_ids)).indices}
+        gap = _max_gap(by_ids, local)
+        self.probe_gaps = {**gaps, "in_process": gap}
+        if gap > tol:
+            raise BackendError(f"{self._where()} is not the chain's model: its next-token log-probabilities for "
+                               f"{PROBE_TEXT!r} differ from the model in process by {gap:.3g} (> {tol}). Serve the "
+                               "same checkpoint (pretrained=), and for peft=DIR the same adapter under "
+                               "served_model= (--lora-modules NAME=DIR)")
+        self.tokenizer, self.eos = tokenizer, frozenset(eos or {tokenizer.eos_token_id} - {None})
+        log.info("stage2=vllm: %s decodes the chain's embeddings (embedding scale %s, probe gap %.2e)",
+                 self._where(), self.embed_scale, gaps[self.embed_scale])
+        return self.embed_scale
+
+    def _embeds_logprobs(self, vectors: torch.Tensor, k: int = 5) -> dict[int, float]:
+        body = {"prompt_embeds": encode_prompt_embeds(vectors / self.embed_scale)}
+        return self.next_token_logprobs(None, k, extra_body=body)

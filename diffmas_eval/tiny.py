@@ -37,6 +37,8 @@ ARCHS = {
     "qwen3-swa": lambda c: Qwen3Config(**c, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
                                        max_window_layers=1, layer_types=MIXED),
 }
+# vLLM's CPU attention refuses head_dim 16, and its Gemma 2/3 load no separate lm_head (they are tied, as real Gemmas)
+VLLM_SERVABLE = {"head_dim": 32, "tie_word_embeddings": True}
 SLIDING_ARCHS = ("gemma3", "gemma2", "ministral", "mistral", "qwen3-swa")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -83,9 +85,11 @@ def make_tokenizer(vocab_size: int = 384, template: str = "system") -> PreTraine
     return fast
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096, template: str = "system"):
+def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096, template: str = "system",
+                    **overrides):
     """Return ``(model, tokenizer)``: 2 layers, hidden 64, 4 query / 2 KV heads, float32, eval mode
-    (``arch``: a key of ``ARCHS``; ``template``: a key of ``TEMPLATES``)."""
+    (``arch``: a key of ``ARCHS``; ``template``: a key of ``TEMPLATES``; ``overrides``: config values, e.g.
+    ``VLLM_SERVABLE`` for a checkpoint that vLLM's CPU build serves)."""
     tokenizer = make_tokenizer(template=template)
     common = dict(
         vocab_size=len(tokenizer),
@@ -101,6 +105,7 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096, tem
         bos_token_id=None,
         tie_word_embeddings=False,
     )
+    common.update(overrides)
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     config = ARCHS[arch](common)
@@ -111,8 +116,9 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, context: int = 4096, tem
     return model.eval(), tokenizer
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, template: str = "system") -> Path:
-    model, tokenizer = make_tiny_model(arch, seed, template=template)
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, template: str = "system",
+                    **overrides) -> Path:
+    model, tokenizer = make_tiny_model(arch, seed, template=template, **overrides)
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -35,8 +35,8 @@ from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
-from ..stage2_vllm import PromptEmbedsBackend, Sampling, server_embed_scale, trace_embeddings
-from ..textmas.backends import Completion
+from ..serving import Completion
+from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from .batching import CPU_SHARE, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
@@ -54,7 +54,7 @@ OPTIONS = {
     "max_trace_tokens": "refuse a latent trace longer than this",
     "enable_thinking": "passed to every agent's chat template (Qwen3; as with hf, needs think_end_token)",
     "stage2": "hf (final agent in process, default) | vllm (its decoding on a `vllm serve --enable-prompt-embeds` "
-              "server, the trace sent as prompt embeddings; generate_until only)",
+              "server, the trace sent as prompt embeddings; log-likelihoods stay in process)",
     "base_url": "stage2=vllm: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
     "served_model": "stage2=vllm: model name sent to the server (default: pretrained as given; with peft, the "
                     "adapter's --lora-modules name)",
@@ -131,7 +131,8 @@ class DiffMASLM(HFLM):
             served = resolve_pretrained(served_model) if served_model.startswith("bundled:") else served_model
             self.stage2_server = PromptEmbedsBackend(base_url, served, timeout=timeout, max_retries=max_retries,
                                                      num_concurrent=num_concurrent)
-            self.stage2_server.embed_scale = server_embed_scale(self.model)
+            # before any answer: a clear error, or the embedding scale the server applies
+            self.stage2_server.preflight(self.model, self.tokenizer, eos=self.chain._eos_ids())
         join_data_parallel(self)
 
     def barrier(self) -> None:
@@ -251,16 +252,8 @@ class DiffMASLM(HFLM):
         torch.cuda.empty_cache()  # what the probes held
         return size
 
-    # -- scoring ----------------------------------------------------------------------------------
-    def _in_process_only(self, what: str) -> None:
-        if self.stage2_server is not None:
-            raise NotImplementedError(
-                f"{what} with stage2=vllm: vLLM returns no prompt log-probabilities for prompt embeddings "
-                "(prompt_logprobs is refused with prompt_embeds); score multiple-choice and perplexity tasks with "
-                "stage2=hf (the default) and keep stage2=vllm for generation tasks")
-
+    # -- scoring (always in process: vLLM refuses prompt_logprobs with prompt embeddings) ------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        self._in_process_only("loglikelihood")
         t0 = time.perf_counter()
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         by_question: dict[str, list] = defaultdict(list)
@@ -323,7 +316,6 @@ class DiffMASLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity of a document by the final agent, over a trace the upstream agents built from it."""
-        self._in_process_only("loglikelihood_rolling")
         out, size = [], None
         if self.batch_size == "auto" and requests:  # sized once, for the longest document's windows
             longest = max((r.args[0] for r in requests), key=len)

@@ -1,0 +1,154 @@
+"""One client for every OpenAI-compatible server this package talks to (``vllm serve``, ``transformers serve``).
+
+``OpenAIClient`` owns what every caller needs once: the ``openai`` client with its own ``timeout`` and
+``max_retries`` (with backoff), errors that name the URL and the model (``BackendError``), ``num_concurrent``
+requests in flight (``map``), parsing a ``/v1/completions`` answer into one result type (``Completion``),
+and the served model names. Text prompts (``textmas backend=openai``) and prompt embeddings
+(``diffmas stage2=vllm``, ``stage2_vllm.py``) are two payloads of the same ``complete`` call.
+
+``cut_at_stop`` is lm-eval's stop convention, used by the servers' answers and the in-process chain alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+# the OpenAI completions API (and vLLM, which validates it) takes at most 4 stop strings; the rest are cut on
+# the client (``cut_at_stop``), which gives the same text: the server just stops later
+MAX_SERVER_STOPS = 4
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BackendError(RuntimeError):
+    """A server could not produce a completion (down, too slow, refused the request, malformed answer)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int | None  # generated tokens (None: the server did not say)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" (the token cap); None: unknown
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """lm-eval's convention: the text before the first occurrence of any stop string."""
+    for s in stop or []:
+        if s:
+            text = text.split(s)[0]
+    return text
+
+
+class OpenAIClient:
+    """``/v1/completions`` and ``/v1/models`` of one OpenAI-compatible server, for one served model name."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+                 max_retries: int = 2, num_concurrent: int = 4):
+        import openai
+
+        self.base_url, self.model = base_url.rstrip("/"), model
+        self.timeout, self.max_retries, self.num_concurrent = float(timeout), int(max_retries), max(1, num_concurrent)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=self.timeout,
+                                    max_retries=self.max_retries)
+
+    def _where(self) -> str:
+        return f"the OpenAI-compatible server at {self.base_url} (model {self.model!r})"
+
+    def _guard(self, call: Callable[[], R]) -> R:
+        """Every failure of the ``openai`` client as one ``BackendError`` that names the URL and what to do."""
+        import openai
+
+        try:
+            return call()
+        except openai.APITimeoutError as err:
+            raise BackendError(f"{self._where()} did not answer within timeout={self.timeout}s "
+                               f"(after {self.max_retries} retries): {err}") from err
+        except openai.APIConnectionError as err:
+            raise BackendError(f"cannot reach {self._where()} (timeout={self.timeout}s, {self.max_retries} "
+                               f"retries): {err}. Is the server running? (see README: vllm serve / "
+                               "transformers serve)") from err
+        except openai.APIStatusError as err:
+            raise BackendError(f"{self._where()} answered HTTP {err.status_code}: {str(err)[:500]}") from err
+        except openai.APIError as err:  # e.g. a body that is not a completion
+            raise BackendError(f"{self._where()} returned an invalid response: {str(err)[:500]}") from err
+
+    def _call(self, **payload):
+        return self._guard(lambda: self.client.completions.create(model=self.model, **payload))
+
+    def served_models(self) -> list[str]:
+        """The names the server answers to (a vLLM server: the model and each ``--lora-modules`` name)."""
+        return [m.id for m in self._guard(lambda: list(self.client.models.list()))]
+
+    def complete(self, prompt: str | list[int] | None, max_tokens: int, stop: list[str] | None = None,
+                 **payload) -> Completion:
+        """One completion; ``prompt=None`` sends no prompt (the request carries ``prompt_embeds`` instead)."""
+        return self.complete_with_response(prompt, max_tokens, stop, **payload)[0]
+
+    def complete_with_response(self, prompt: str | list[int] | None, max_tokens: int,
+                               stop: list[str] | None = None, **payload) -> tuple[Completion, object]:
+        """``complete``, and the server's whole answer (for a caller that asked for more, e.g. logprobs)."""
+        stop = [s for s in (stop or []) if s]
+        if stop:
+            payload["stop"] = stop[:MAX_SERVER_STOPS]
+        payload.setdefault("temperature", 0.0)
+        resp = self._call(prompt=prompt, max_tokens=int(max_tokens), **payload)
+        return self._completion(resp, stop), resp
+
+    def _completion(self, resp, stop: list[str]) -> Completion:
+        choices = getattr(resp, "choices", None)
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        text = getattr(choice, "text", None)
+        if not isinstance(text, str):
+            raise BackendError(f"{self._where()} returned something that is not a completion: {str(resp)[:300]}")
+        tokens = getattr(getattr(resp, "usage", None), "completion_tokens", None)
+        reason = getattr(choice, "finish_reason", None)
+        return Completion(cut_at_stop(text, stop), tokens if isinstance(tokens, int) else None,
+                          reason if isinstance(reason, str) else None)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``fn`` over ``items`` with ``num_concurrent`` in flight, results in order."""
+        items = list(items)
+        if len(items) <= 1 or self.num_concurrent == 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(self.num_concurrent, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[tuple[float | None, bool]]:
+        """Per prompt token: its log-probability and whether it was the top choice (echo + logprobs).
+
+        vLLM answers this (``echo=True, logprobs=1, max_tokens=1`` with a token-id prompt, as lm-eval's
+        ``local-completions`` asks); ``transformers serve`` does not implement echo/logprobs."""
+        hint = ("loglikelihood with backend=openai needs a server that implements echo=True with logprobs for a "
+                "token-id prompt on /v1/completions (vLLM does, transformers serve does not)")
+        try:
+            resp = self._call(prompt=token_ids, max_tokens=1, temperature=0.0, echo=True, logprobs=1)
+        except BackendError as err:
+            raise BackendError(f"{err}\n{hint}") from err
+        try:
+            lp = resp.choices[0].logprobs
+            values = lp.token_logprobs[:len(token_ids)]
+            tops = lp.top_logprobs[:len(token_ids)]
+            tokens = lp.tokens[:len(token_ids)]
+        except (AttributeError, IndexError, TypeError) as err:
+            raise BackendError(f"{self._where()} returned no prompt log-probabilities; {hint}") from err
+        out = []
+        for value, top, tok in zip(values, tops or [None] * len(values), tokens):
+            greedy = bool(top) and max(top, key=top.get) == tok
+            out.append((value, greedy))
+        return out
+
+    def next_token_logprobs(self, prompt: str | list[int] | None, k: int = 5,
+                            extra_body: dict | None = None) -> dict[int, float]:
+        """Token id -> log-probability of the first generated token's top ``k`` (a one-token greedy completion;
+        ids, not strings, since several tokens can decode to the same text: vLLM's ``return_tokens_as_token_ids``)."""
+        body = {**(extra_body or {}), "return_tokens_as_token_ids": True}
+        resp = self._call(prompt=prompt, max_tokens=1, temperature=0.0, logprobs=k, extra_body=body)
+        try:
+            top = resp.choices[0].logprobs.top_logprobs[0]
+            return {int(key.removeprefix("token_id:")): float(v) for key, v in top.items()}
+        except (AttributeError, IndexError, TypeError, ValueError) as err:
+            raise BackendError(f"{self._where()} returned no token-id log-probabilities for logprobs={k} "
+                               "(return_tokens_as_token_ids; vLLM answers it)") from err
