@@ -15,6 +15,7 @@ layout (``trace.py``) is why batching never changes a row, sliding-window layers
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,30 @@ class TraceTooLongError(ValueError):
     """The chain would not fit in ``max_trace_tokens`` or the model's context; raised before compute."""
 
 
+class NonFiniteTraceError(FloatingPointError):
+    """An agent wrote inf/NaN into the trace (float16 overflow, typically): every later number would be NaN."""
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def _upcast(model: nn.Module):
+    """``model``'s half-precision parameters and buffers in float32 inside, restored exactly after
+    (float32 holds every bf16/float16 value); tensors in other dtypes (RoPE's float32 ``inv_freq``)
+    are left alone. Swapping ``.data`` keeps each ``Parameter`` object, so optimizers and hooks still
+    hold the same ones."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in HALF]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
+
+
 @dataclass
 class Generation:
     text: str
@@ -46,6 +71,30 @@ def _at_last_token(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     layer's, when the model is sharded)."""
     last = (mask.sum(-1) - 1 - (mask.shape[1] - out.shape[1])).to(out.device)
     return out[torch.arange(len(mask), device=out.device), last]
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _check_finite(role: str, keys: list[torch.Tensor], values: list[torch.Tensor], real: torch.Tensor) -> None:
+    """Refuse a segment whose real columns (each row's last ``real[i]``, every layer) hold inf/NaN; one
+    device sync per agent. Pad columns are not looked at: they are masked, and a pad query whose
+    sliding window holds only pads may legitimately compute garbage there. Names the cause and the
+    fixes instead of letting NaN scores or empty answers through."""
+    new = int(real.max())
+    pad = ~left_aligned_mask(real, new).bool()[:, None, :, None]
+    finite = torch.stack([(torch.isfinite(t[..., -new:, :]) | pad.to(t.device)).all().to(keys[0].device)
+                          for t in (*keys, *values)])
+    if not bool(finite.all()):
+        layer = int((~finite).nonzero()[0]) % len(keys)
+        raise NonFiniteTraceError(
+            f"the {role} agent wrote non-finite values (inf/NaN) into the latent trace (layer {layer}, dtype "
+            f"{keys[0].dtype}); in float16 this is an overflow: load the model in bfloat16 or float32, or set "
+            "latent_dtype=float32 (stage 1 in float32), or lower latent_steps; in float64 with eager attention "
+            "a padded sliding-window batch computes NaN (its softmax runs in float32): use "
+            "attn_implementation=sdpa or batch size 1")
 
 
 class AgentChain(nn.Module):
@@ -131,7 +180,13 @@ class AgentChain(nn.Module):
         trace = LatentTrace(len(questions), self.num_layers, self.device)
         m = self.config.latent_steps
         grad = self.config.stage1_grad == "full" and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad):
+        model_dtype = self.model.get_input_embeddings().weight.dtype
+        upcast = self.config.latent_dtype == "float32" and model_dtype in HALF and bool(prompts)
+        if upcast and grad:
+            raise ValueError("latent_dtype=float32 runs stage 1 on float32 copies of half-precision weights, without "
+                             "autograd: train with latent_dtype=model (or stage1_grad=none), or load the model in "
+                             "float32")
+        with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else _nothing()):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None
@@ -143,6 +198,10 @@ class AgentChain(nn.Module):
                     keys, values = ([t if t.requires_grad else t.detach().requires_grad_() for t in ts]
                                     for ts in (keys, values))
                 real = mask.sum(-1) + m
+                _check_finite(role, keys, values, real)
+                if upcast:  # stage 2 reads the trace in the model's dtype
+                    keys, values = ([t.to(model_dtype) for t in ts] for ts in (keys, values))
+                    latents = [x.to(model_dtype) for x in latents] if latents else latents
                 trace.extend(keys, values, real)
                 trace.add_segment(Segment(role, mask.shape[1], m, real.tolist(),
                                           keys if record else None, values if record else None,
