@@ -97,6 +97,36 @@ def _check_finite(role: str, keys: list[torch.Tensor], values: list[torch.Tensor
             "attn_implementation=sdpa or batch size 1")
 
 
+def fsdp_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder layers sharded by FSDP2 (``fully_shard``), by the ``layer_idx`` of their attention: each
+    is the FSDP unit that owns the weights writing that layer's cache. Empty for an unsharded model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return {}
+    found = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            idx = next((c.layer_idx for c in module.modules()
+                        if c is not module and isinstance(getattr(c, "layer_idx", None), int)), None)
+            if idx is not None and idx not in found:
+                found[idx] = module
+    return found
+
+
+def _unshard_in_backward(layers: dict[int, nn.Module], keys: list, values: list) -> None:
+    """FSDP2 re-gathers a layer's weights for backward through hooks on the layer's *outputs*; the KV
+    cache bypasses them (a layer writes it in place and returns only its hidden state), so under
+    ``reshard_after_forward=True`` a gradient reaching an earlier agent's cache columns (the final
+    agent's attention into the trace) would run that layer's backward on freed weights. A hook on each
+    cache tensor gathers the layer first; ``unshard`` is a no-op when it is already gathered, and
+    FSDP2's end-of-backward callback reduce-scatters what this adds."""
+    for idx, layer in layers.items():
+        for t in (keys[idx], values[idx]):
+            if t is not None and t.requires_grad:
+                t.register_hook(lambda grad, layer=layer: (layer.unshard(), grad)[1])
+
+
 class AgentChain(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, config: LatentConfig | None = None,
                  roles: dict[str, Role] | None = None, trainable_realign: bool = False):
@@ -233,7 +263,20 @@ class AgentChain(nn.Module):
         out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
+        if torch.is_grad_enabled():
+            layers = self._fsdp_layers()
+            if layers:
+                _unshard_in_backward(layers, work.keys, work.values)
         return _at_last_token(out.hidden_states[-1], mask)
+
+    def _fsdp_layers(self) -> dict[int, nn.Module]:
+        """``fsdp_layers`` of the model the chain calls now (the trainer swaps it per step), cached."""
+        model = self.model
+        if getattr(self, "_fsdp_for", None) is not model:
+            inner = object.__getattribute__(model, "_wrapped") if "_wrapped" in model.__dict__ else model
+            self._fsdp_cache = fsdp_layers(inner)
+            object.__setattr__(self, "_fsdp_for", model)  # a reference, not a registered submodule
+        return self._fsdp_cache
 
     # -- stage 2 ----------------------------------------------------------------------------------
     def final_logits(self, trace: LatentTrace, rows: list[list[int]],
