@@ -37,7 +37,7 @@ from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, server_embed_scale, trace_embeddings
 from ..textmas.backends import Completion
-from .batching import CPU_SHARE, RowCost, cpu_batch_size, parse_batch_size
+from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
 OPTIONS = {
@@ -246,7 +246,11 @@ class DiffMASLM(HFLM):
         except RuntimeError as e:
             if "No executable batch size found" not in str(e):
                 raise
-            size = 1
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise NoRowFitsError(
+                f"diffmas batch_size auto: even one row ran out of {self.device.type} memory (stage 1 and the final "
+                f"agent's forward over the trace, {final} final-agent positions); {FIXES}") from None
         gc.collect()
         torch.cuda.empty_cache()  # what the probes held
         return size
