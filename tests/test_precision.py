@@ -203,3 +203,41 @@ def test_float16_overflow_in_the_trace_is_a_clear_error():
     chain = AgentChain(model, tok, LatentConfig(latent_steps=2))
     with pytest.raises(NonFiniteTraceError, match=r"planner agent wrote non-finite values .* float16.*bfloat16"):
         chain.stage1(QUESTIONS[:2])
+
+
+def test_latent_dtype_reaches_the_chain_from_lm_eval_model_args(tiny_path):
+    from lm_eval.api.instance import Instance
+
+    from diffmas_eval.harness.diffmas_lm import DiffMASLM
+
+    lm = DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},dtype=bfloat16,device=cpu,agents=3,"
+                                          "latent_steps=2,latent_dtype=float32")
+    assert lm.chain.config.latent_dtype == "float32" and lm.model.dtype == torch.bfloat16
+    score = lm.loglikelihood([Instance("loglikelihood", {}, ("Question: What is 12 + 30?\nAnswer:", " 42"), 0)],
+                             disable_tqdm=True)[0][0]
+    assert score < 0 and lm.model.dtype == torch.bfloat16  # ran, and the weights are back in bf16
+    with pytest.raises(ValueError, match="latent_dtype='fp32' is not valid; choose one of model, float32"):
+        DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},device=cpu,latent_dtype=fp32")
+
+
+# -- device placement -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_a_trace_on_another_device_than_its_layer_is_a_clear_error(tiny_llama):
+    """A trace lives where the layers that wrote it run; reading it after the placement changed (here:
+    layer 1's cache moved to the meta device, as a changed device_map would leave it) is refused before
+    any forward, naming the layer, both devices and the fix."""
+    from diffmas_eval.latent.chain import layer_devices
+
+    model, tok = tiny_llama
+    assert layer_devices(model) == {0: torch.device("cpu"), 1: torch.device("cpu")}
+    chain = AgentChain(model, tok, LatentConfig(latent_steps=1))
+    trace = chain.stage1(QUESTIONS[:1])
+    final = [chain.final_prompt(QUESTIONS[0])]
+    chain.extend(trace, final)  # the same placement reads fine
+    trace.keys[1] = trace.keys[1].to("meta")
+    with pytest.raises(ValueError, match=r"trace's layer 1 is on meta but the model runs layer 1 on cpu.*one "
+                                         r"device_map"):
+        chain.extend(trace, final)
+    with pytest.raises(ValueError, match="trace's layer 1 is on meta"):
+        chain.final_logits(trace, final)

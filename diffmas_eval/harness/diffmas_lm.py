@@ -52,6 +52,8 @@ OPTIONS = {
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch: an integer, auto or auto:N (sized for trace + final agent)",
     "max_trace_tokens": "refuse a latent trace longer than this",
+    "latent_dtype": "model (default) | float32: a bf16/float16 model's stage 1 in float32 (2x weight memory "
+                    "during stage 1; README 'What dtype and batching can and cannot change')",
     "enable_thinking": "passed to every agent's chat template (Qwen3; as with hf, needs think_end_token)",
     "stage2": "hf (final agent in process, default) | vllm (its decoding on a `vllm serve --enable-prompt-embeds` "
               "server, the trace sent as prompt embeddings; generate_until only)",
@@ -90,6 +92,7 @@ class DiffMASLM(HFLM):
                  roles: str | None = None, family: str | None = None,
                  device: str | None = None, batch_size: int | str = 1,
                  max_trace_tokens: int | None = None, enable_thinking: bool | None = None, stage2: str = "hf",
+                 latent_dtype: str = "model",
                  base_url: str | None = None, served_model: str | None = None, timeout: float = 120.0,
                  max_retries: int = 2, num_concurrent: int = 4, **hf_args) -> None:
         hf_args = check_model_args("diffmas", hf_args, OPTIONS)
@@ -111,7 +114,7 @@ class DiffMASLM(HFLM):
         options = {k: saved.get(k) if v is None else v for k, v in pick.items()}
         options["realign_target"] = saved.get("realign_target")
         config = LatentConfig(roles=order, max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking,
-                              **{k: v for k, v in options.items() if v is not None})
+                              latent_dtype=latent_dtype, **{k: v for k, v in options.items() if v is not None})
         config.latent_steps = int(config.latent_steps)
         config.check_roles(role_map)
         _check_stage2(stage2, config.trace, base_url, served_model)  # before loading the model

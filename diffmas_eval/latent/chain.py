@@ -127,6 +127,26 @@ def _unshard_in_backward(layers: dict[int, nn.Module], keys: list, values: list)
                 t.register_hook(lambda grad, layer=layer: (layer.unshard(), grad)[1])
 
 
+def layer_devices(model: nn.Module) -> dict[int, torch.device]:
+    """Where each decoder layer runs (by its attention's ``layer_idx``): the execution device of an
+    accelerate hook (``device_map``; offloaded weights sit elsewhere), else the device of its weights."""
+    found: dict[int, torch.device] = {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is None:
+            continue
+        for sub in module.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int) and sub.layer_idx not in found:
+                found[sub.layer_idx] = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx not in found:
+            weight = next(module.parameters(), None)
+            if weight is not None:
+                found[module.layer_idx] = weight.device
+    return found
+
+
 class AgentChain(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, config: LatentConfig | None = None,
                  roles: dict[str, Role] | None = None, trainable_realign: bool = False):
@@ -278,6 +298,26 @@ class AgentChain(nn.Module):
             object.__setattr__(self, "_fsdp_for", model)  # a reference, not a registered submodule
         return self._fsdp_cache
 
+    def check_devices(self, trace: LatentTrace) -> None:
+        """Refuse a trace whose cache for some layer lies on another device than the one that layer runs
+        on (a ``device_map`` changed, or the model moved, after stage 1): the forward would fail deep in
+        attention, or copy the trace every call. Names the layer, both devices and the fix."""
+        if trace.keys[0] is None:
+            return
+        for idx, device in self._layer_devices().items():
+            if idx < len(trace.keys) and trace.keys[idx] is not None and trace.keys[idx].device != device:
+                raise ValueError(
+                    f"the latent trace's layer {idx} is on {trace.keys[idx].device} but the model runs layer {idx} "
+                    f"on {device}: a trace lives where the layers that wrote it run. Keep one device_map (and do "
+                    "not move the model) between stage 1 and stage 2, or rebuild the trace with stage1()")
+
+    def _layer_devices(self) -> dict[int, torch.device]:
+        model = self.model
+        if getattr(self, "_devices_for", None) is not model:
+            self._devices_cache = layer_devices(model)
+            object.__setattr__(self, "_devices_for", model)  # a reference, not a registered submodule
+        return self._devices_cache
+
     # -- stage 2 ----------------------------------------------------------------------------------
     def final_logits(self, trace: LatentTrace, rows: list[list[int]],
                      keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +326,7 @@ class AgentChain(nn.Module):
         ``logits[i, ends[i] - keep:ends[i]]``. Rows are right-padded (so they follow their trace with no
         pad in between); only the columns some row needs get logits (a 150k vocabulary makes them the
         largest tensor of the call)."""
+        self.check_devices(trace)
         input_ids, mask = self._right_pad(rows)
         width, lengths = mask.shape[1], mask.sum(-1)
         cols = width if keep <= 0 else min(width, keep + width - int(lengths.min()))
@@ -298,6 +339,7 @@ class AgentChain(nn.Module):
         """The final agent's shared prefix: ``rows`` prefilled over the trace (right-padded, then the
         trace left-aligned again), and the logits ``[B, V]`` at each row's last token. A context is
         prefilled once and every continuation, or the answer, goes on from it."""
+        self.check_devices(trace)
         work = trace.fork()
         cache = work.cache()
         ids, mask = self._right_pad(rows)
