@@ -55,6 +55,7 @@ performance: $(STAMP)
 		> benchmarks/results/training.md
 	$(BENCH_ENV) $(PY) benchmarks/trace_layout.py --baseline d8d0c75 --batch 1 4 --repeats 2 \
 		> benchmarks/results/trace_layout.md
+	$(PY) benchmarks/precision.py --threads 1 --json benchmarks/results/precision.json > benchmarks/results/precision.md
 	$(PY) benchmarks/readme.py README.md benchmarks/results
 
 # README's HumanEval+/MBPP+ table: hf, textmas and diffmas on the same first CODEGEN_LIMIT tasks, scored by EvalPlus

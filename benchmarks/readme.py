@@ -19,7 +19,9 @@ ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)
          ("multiple_choice", "Multiple-choice scoring (`benchmarks/multiple_choice.py`)"),
          ("scaling", "Scaling with agents and latent steps (`benchmarks/scaling.py`)"),
          ("training", "Training (`benchmarks/training.py`)"),
-         ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)")]
+         ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)"),
+         ("precision", "Precision of the latent loop: bf16 / float16 against float32, float32 against float64 "
+                       "(`benchmarks/precision.py`)")]
 
 
 def section(results: Path, name: str = "performance") -> str:
