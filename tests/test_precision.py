@@ -241,3 +241,32 @@ def test_a_trace_on_another_device_than_its_layer_is_a_clear_error(tiny_llama):
         chain.extend(trace, final)
     with pytest.raises(ValueError, match="trace's layer 1 is on meta"):
         chain.final_logits(trace, final)
+
+
+def test_bf16_single_agent_equals_lm_eval_hf(tiny_path, local_data):
+    """``--model diffmas agents=1`` against lm-eval's own ``hf``, both in bf16, through lm-eval: the same
+    requests, the same greedy generations and choices picked; log-likelihoods within bf16's floor. ``hf``
+    takes its log-softmax in the logits' dtype (bf16), the chain in float32, so each continuation token may
+    differ by one bf16 rounding of its log-probability, ``ULP * |log p|`` per token: measured 3.1e-3 of
+    ``1 + |log p|`` at worst (0.8 ULP), allowed BF16_SLACK (4 ULP)."""
+    from lm_eval import simple_evaluate
+
+    tasks = ["diffmas_arc_challenge", "diffmas_gsm8k"]
+    run = {name: simple_evaluate(model=name, model_args=f"pretrained={tiny_path},{extra}dtype=bfloat16", tasks=tasks,
+                                 limit=3, log_samples=True, gen_kwargs={"max_gen_toks": 12}, device="cpu",
+                                 batch_size=bs)
+           for name, extra, bs in (("hf", "", 1), ("diffmas", "agents=1,", 2))}
+    worst = 0.0
+    for task in tasks:
+        pairs = zip(*(sorted(run[m]["samples"][task], key=lambda s: s["doc_id"]) for m in ("hf", "diffmas")))
+        for h, d in pairs:
+            assert h["arguments"] == d["arguments"]
+            if isinstance(h["resps"][0][0], (list, tuple)):
+                for (lh, gh), (ld, gd) in zip([r[0] for r in h["resps"]], [r[0] for r in d["resps"]]):
+                    worst = max(worst, abs(lh - ld) / (1 + abs(lh)))
+                    assert abs(lh - ld) <= BF16_SLACK * (1 + abs(lh)) and gh == gd
+            else:
+                assert h["resps"] == d["resps"]
+        assert {k: v for k, v in run["hf"]["results"][task].items() if "acc" in k or "exact" in k} == \
+               {k: v for k, v in run["diffmas"]["results"][task].items() if "acc" in k or "exact" in k}
+    print(f"bf16 hf vs diffmas agents=1: worst relative log-likelihood difference {worst:.2e}")
