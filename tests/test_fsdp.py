@@ -23,12 +23,21 @@ PROBE = Path(__file__).with_name("fsdp_probe.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(launcher: list[str], tiny_path: Path, out: Path, extra: list[str]) -> tuple[dict, dict]:
+def _launch(launcher: list[str], tiny_path: Path, out: Path, extra: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([*launcher, str(PROBE), str(tiny_path), str(out), *extra], capture_output=True, text=True,
+    return subprocess.run([*launcher, str(PROBE), str(tiny_path), str(out), *extra], capture_output=True, text=True,
                           timeout=600, env=env, cwd=ROOT)
+
+
+def _run(launcher: list[str], tiny_path: Path, out: Path, extra: list[str]) -> tuple[dict, dict]:
+    proc = _launch(launcher, tiny_path, out, extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "step.json").read_text()), torch.load(out / "grads.pt")
+
+
+def _torchrun() -> list[str]:
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port())]
 
 
 def _free_port() -> int:
@@ -42,9 +51,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("extra", [[], ["--checkpoint"]], ids=["plain", "checkpoint_agents"])
 def test_fsdp2_first_step_equals_one_process_and_the_adapter_loads(tiny_path, tmp_path, extra):
     one, grads_one = _run([sys.executable], tiny_path, tmp_path / "one", extra)
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port())]
-    two, grads_two = _run(torchrun, tiny_path, tmp_path / "two", extra)
+    two, grads_two = _run(_torchrun(), tiny_path, tmp_path / "two", extra)
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["n_items"] == two["n_items"]
     # float32; measured: the losses are equal to the last bit, gradients within 5e-7 of their largest entry
     assert abs(one["loss"] - two["loss"]) < 1e-5 * max(1.0, abs(one["loss"]))
@@ -69,3 +76,10 @@ def test_fsdp2_first_step_equals_one_process_and_the_adapter_loads(tiny_path, tm
     base = DiffMASLM(pretrained=str(tiny_path), device="cpu", batch_size=1, agents=3, latent_steps=2)
     assert abs(scores[0] - scores[1]) < 1e-4  # same trained adapter (float32)
     assert abs(scores[0] - base.loglikelihood(request, disable_tqdm=True)[0][0]) > 1e-3  # and it was trained
+
+
+def test_fsdp2_backward_through_the_trace_needs_the_unshard_hook(tiny_path, tmp_path):
+    """Without the hook on the cache tensors, the sharded backward runs an earlier agent's layer on
+    resharded (freed) weights: the failure the hook exists for, so it cannot silently become dead code."""
+    proc = _launch(_torchrun(), tiny_path, tmp_path / "nohook", ["--no-unshard-hook"])
+    assert proc.returncode != 0 and "storage of size 0" in proc.stderr
