@@ -15,7 +15,7 @@ layout (``trace.py``) is why batching never changes a row, sliding-window layers
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +71,6 @@ def _at_last_token(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     layer's, when the model is sharded)."""
     last = (mask.sum(-1) - 1 - (mask.shape[1] - out.shape[1])).to(out.device)
     return out[torch.arange(len(mask), device=out.device), last]
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _check_finite(role: str, keys: list[torch.Tensor], values: list[torch.Tensor], real: torch.Tensor) -> None:
@@ -236,7 +231,7 @@ class AgentChain(nn.Module):
             raise ValueError("latent_dtype=float32 runs stage 1 on float32 copies of half-precision weights, without "
                              "autograd: train with latent_dtype=model (or stage1_grad=none), or load the model in "
                              "float32")
-        with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else _nothing()):
+        with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else nullcontext()):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None
