@@ -57,6 +57,7 @@ performance: $(STAMP)
 		> benchmarks/results/trace_layout.md
 	$(BENCH_ENV) $(PY) benchmarks/vllm.py --questions 8 --new-tokens 32 --batch 8 --json benchmarks/results/vllm.json \
 		> benchmarks/results/vllm.md
+	$(PY) benchmarks/precision.py --threads 1 --json benchmarks/results/precision.json > benchmarks/results/precision.md
 	$(PY) benchmarks/readme.py README.md benchmarks/results
 
 # README's HumanEval+/MBPP+ table: hf, textmas and diffmas on the same first CODEGEN_LIMIT tasks, scored by EvalPlus

@@ -20,7 +20,9 @@ ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)
          ("scaling", "Scaling with agents and latent steps (`benchmarks/scaling.py`)"),
          ("training", "Training (`benchmarks/training.py`)"),
          ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)"),
-         ("vllm", "vLLM against in process (`benchmarks/vllm.py`)")]
+         ("vllm", "vLLM against in process (`benchmarks/vllm.py`)"),
+         ("precision", "Precision of the latent loop: bf16 / float16 against float32, float32 against float64 "
+                       "(`benchmarks/precision.py`)")]
 
 
 def section(results: Path, name: str = "performance") -> str:

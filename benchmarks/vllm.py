@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_pretrained(args.model)
     questions = gsm8k(args.questions)
     with VLLMServer(path, ["--enable-prompt-embeds", "--dtype", "float32", "--max-model-len", "4096"]) as server:
-        model, tok = load_model(path, dtype=torch.float32, device="cpu")
+        model, tok = load_model(path, dtype="float32", device="cpu")
         chain = AgentChain(model, tok, LatentConfig.from_dict({"agents": 4, "latent_steps": args.latent_steps}))
         backend = PromptEmbedsBackend(server.url, path, timeout=600)
         backend.preflight(model, tok)

@@ -160,6 +160,26 @@ def test_probe_shrinks_on_out_of_memory(tiny_path, monkeypatch):
     assert tried[0] == 16 and 1 <= size <= 5 and tried[-1] == size
 
 
+def test_auto_with_no_room_for_one_row_is_a_clear_error(tiny_path, monkeypatch):
+    """CPU: the estimate says one row does not fit; CUDA: the probe ran out of memory even at one row.
+    Either way an error naming the cause and the fixes, not a batch of 1 that dies later."""
+    with pytest.raises(batching.NoRowFitsError, match=r"one row needs about 2 MiB .* is 0 MiB; lower latent_steps"):
+        batching.cpu_batch_size(2 * 2**20, 64, free=2**20)
+    lm = DiffMASLM(pretrained=str(tiny_path), device="cpu", dtype="float32", agents=2, latent_steps=1,
+                   max_batch_size=4)
+    tried = []
+
+    def never(self, qs, **kw):
+        tried.append(len(qs))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AgentChain, "stage1", never)
+    with pytest.raises(batching.NoRowFitsError, match=r"even one row ran out of cpu memory .* 30 final-agent "
+                                                      r"positions\); lower latent_steps, agents or max_gen_toks"):
+        lm._probe("What is 12 + 30?", final=30, scored=2)
+    assert tried[0] == 4 and tried[-1] == 1  # from max_batch_size down to one row
+
+
 def test_bad_batch_size_names_the_choices(tiny_path):
     with pytest.raises(ValueError, match="batch_size must be a positive integer, auto or auto:N"):
         DiffMASLM(pretrained=str(tiny_path), device="cpu", batch_size="big")

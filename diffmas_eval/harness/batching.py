@@ -83,10 +83,24 @@ def available_memory() -> int:
     return max(0, free)
 
 
+class NoRowFitsError(MemoryError):
+    """``--batch_size auto`` found no room for even one row: a clear error instead of a batch of 1 that
+    would then be killed (CPU) or run out of memory mid-run (CUDA)."""
+
+
+FIXES = ("lower latent_steps, agents or max_gen_toks (or max_length), shard the model (parallelize=True), or "
+         "pass a fixed --batch_size 1 to try anyway")
+
+
 def cpu_batch_size(per_row: int, max_batch_size: int | None, free: int | None = None) -> int:
-    """Rows that fit in ``CPU_SHARE`` of the free memory, at least 1 and at most ``max_batch_size``."""
+    """Rows that fit in ``CPU_SHARE`` of the free memory, at most ``max_batch_size``; refuses (rather
+    than answering 1) when not even one row fits."""
     free = available_memory() if free is None else free
-    size = max(1, int(free * CPU_SHARE) // max(1, per_row))
+    size = int(free * CPU_SHARE) // max(1, per_row)
+    if size < 1:
+        raise NoRowFitsError(
+            f"diffmas batch_size auto: one row needs about {per_row / 2**20:,.0f} MiB at its peak but "
+            f"{CPU_SHARE:.0%} of the free memory is {free * CPU_SHARE / 2**20:,.0f} MiB; {FIXES}")
     return min(size, max_batch_size) if max_batch_size else size
 
 

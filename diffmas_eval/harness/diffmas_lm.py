@@ -37,7 +37,7 @@ from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
 from ..serving import Completion
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
-from .batching import CPU_SHARE, RowCost, cpu_batch_size, parse_batch_size
+from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
 OPTIONS = {
@@ -52,6 +52,8 @@ OPTIONS = {
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch: an integer, auto or auto:N (sized for trace + final agent)",
     "max_trace_tokens": "refuse a latent trace longer than this",
+    "latent_dtype": "model (default) | float32: a bf16/float16 model's stage 1 in float32 (2x weight memory "
+                    "during stage 1; README 'What dtype and batching can and cannot change')",
     "enable_thinking": "passed to every agent's chat template (Qwen3; as with hf, needs think_end_token)",
     "stage2": "hf (final agent in process, default) | vllm (its decoding on a `vllm serve --enable-prompt-embeds` "
               "server, the trace sent as prompt embeddings; log-likelihoods stay in process)",
@@ -90,6 +92,7 @@ class DiffMASLM(HFLM):
                  roles: str | None = None, family: str | None = None,
                  device: str | None = None, batch_size: int | str = 1,
                  max_trace_tokens: int | None = None, enable_thinking: bool | None = None, stage2: str = "hf",
+                 latent_dtype: str = "model",
                  base_url: str | None = None, served_model: str | None = None, timeout: float = 120.0,
                  max_retries: int = 2, num_concurrent: int = 4, **hf_args) -> None:
         hf_args = check_model_args("diffmas", hf_args, OPTIONS)
@@ -111,7 +114,7 @@ class DiffMASLM(HFLM):
         options = {k: saved.get(k) if v is None else v for k, v in pick.items()}
         options["realign_target"] = saved.get("realign_target")
         config = LatentConfig(roles=order, max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking,
-                              **{k: v for k, v in options.items() if v is not None})
+                              latent_dtype=latent_dtype, **{k: v for k, v in options.items() if v is not None})
         config.latent_steps = int(config.latent_steps)
         config.check_roles(role_map)
         _check_stage2(stage2, config.trace, base_url, served_model)  # before loading the model
@@ -247,7 +250,11 @@ class DiffMASLM(HFLM):
         except RuntimeError as e:
             if "No executable batch size found" not in str(e):
                 raise
-            size = 1
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise NoRowFitsError(
+                f"diffmas batch_size auto: even one row ran out of {self.device.type} memory (stage 1 and the final "
+                f"agent's forward over the trace, {final} final-agent positions); {FIXES}") from None
         gc.collect()
         torch.cuda.empty_cache()  # what the probes held
         return size

@@ -15,6 +15,7 @@ layout (``trace.py``) is why batching never changes a row, sliding-window layers
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,30 @@ class TraceTooLongError(ValueError):
     """The chain would not fit in ``max_trace_tokens`` or the model's context; raised before compute."""
 
 
+class NonFiniteTraceError(FloatingPointError):
+    """An agent wrote inf/NaN into the trace (float16 overflow, typically): every later number would be NaN."""
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def _upcast(model: nn.Module):
+    """``model``'s half-precision parameters and buffers in float32 inside, restored exactly after
+    (float32 holds every bf16/float16 value); tensors in other dtypes (RoPE's float32 ``inv_freq``)
+    are left alone. Swapping ``.data`` keeps each ``Parameter`` object, so optimizers and hooks still
+    hold the same ones."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in HALF]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
+
+
 @dataclass
 class Generation:
     text: str
@@ -46,6 +71,75 @@ def _at_last_token(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     layer's, when the model is sharded)."""
     last = (mask.sum(-1) - 1 - (mask.shape[1] - out.shape[1])).to(out.device)
     return out[torch.arange(len(mask), device=out.device), last]
+
+
+def _check_finite(role: str, keys: list[torch.Tensor], values: list[torch.Tensor], real: torch.Tensor) -> None:
+    """Refuse a segment whose real columns (each row's last ``real[i]``, every layer) hold inf/NaN; one
+    device sync per agent. Pad columns are not looked at: they are masked, and a pad query whose
+    sliding window holds only pads may legitimately compute garbage there. Names the cause and the
+    fixes instead of letting NaN scores or empty answers through."""
+    new = int(real.max())
+    pad = ~left_aligned_mask(real, new).bool()[:, None, :, None]
+    finite = torch.stack([(torch.isfinite(t[..., -new:, :]) | pad.to(t.device)).all().to(keys[0].device)
+                          for t in (*keys, *values)])
+    if not bool(finite.all()):
+        layer = int((~finite).nonzero()[0]) % len(keys)
+        raise NonFiniteTraceError(
+            f"the {role} agent wrote non-finite values (inf/NaN) into the latent trace (layer {layer}, dtype "
+            f"{keys[0].dtype}); in float16 this is an overflow: load the model in bfloat16 or float32, or set "
+            "latent_dtype=float32 (stage 1 in float32), or lower latent_steps; in float64 with eager attention "
+            "a padded sliding-window batch computes NaN (its softmax runs in float32): use "
+            "attn_implementation=sdpa or batch size 1")
+
+
+def fsdp_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder layers sharded by FSDP2 (``fully_shard``), by the ``layer_idx`` of their attention: each
+    is the FSDP unit that owns the weights writing that layer's cache. Empty for an unsharded model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return {}
+    found = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            idx = next((c.layer_idx for c in module.modules()
+                        if c is not module and isinstance(getattr(c, "layer_idx", None), int)), None)
+            if idx is not None and idx not in found:
+                found[idx] = module
+    return found
+
+
+def _unshard_in_backward(layers: dict[int, nn.Module], keys: list, values: list) -> None:
+    """FSDP2 re-gathers a layer's weights for backward through hooks on the layer's *outputs*; the KV
+    cache bypasses them (a layer writes it in place and returns only its hidden state), so under
+    ``reshard_after_forward=True`` a gradient reaching an earlier agent's cache columns (the final
+    agent's attention into the trace) would run that layer's backward on freed weights. A hook on each
+    cache tensor gathers the layer first; ``unshard`` is a no-op when it is already gathered, and
+    FSDP2's end-of-backward callback reduce-scatters what this adds."""
+    for idx, layer in layers.items():
+        for t in (keys[idx], values[idx]):
+            if t is not None and t.requires_grad:
+                t.register_hook(lambda grad, layer=layer: (layer.unshard(), grad)[1])
+
+
+def layer_devices(model: nn.Module) -> dict[int, torch.device]:
+    """Where each decoder layer runs (by its attention's ``layer_idx``): the execution device of an
+    accelerate hook (``device_map``; offloaded weights sit elsewhere), else the device of its weights."""
+    found: dict[int, torch.device] = {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is None:
+            continue
+        for sub in module.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int) and sub.layer_idx not in found:
+                found[sub.layer_idx] = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx not in found:
+            weight = next(module.parameters(), None)
+            if weight is not None:
+                found[module.layer_idx] = weight.device
+    return found
 
 
 class AgentChain(nn.Module):
@@ -131,7 +225,13 @@ class AgentChain(nn.Module):
         trace = LatentTrace(len(questions), self.num_layers, self.device)
         m = self.config.latent_steps
         grad = self.config.stage1_grad == "full" and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad):
+        model_dtype = self.model.get_input_embeddings().weight.dtype
+        upcast = self.config.latent_dtype == "float32" and model_dtype in HALF and bool(prompts)
+        if upcast and grad:
+            raise ValueError("latent_dtype=float32 runs stage 1 on float32 copies of half-precision weights, without "
+                             "autograd: train with latent_dtype=model (or stage1_grad=none), or load the model in "
+                             "float32")
+        with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else nullcontext()):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None
@@ -143,6 +243,10 @@ class AgentChain(nn.Module):
                     keys, values = ([t if t.requires_grad else t.detach().requires_grad_() for t in ts]
                                     for ts in (keys, values))
                 real = mask.sum(-1) + m
+                _check_finite(role, keys, values, real)
+                if upcast:  # stage 2 reads the trace in the model's dtype
+                    keys, values = ([t.to(model_dtype) for t in ts] for ts in (keys, values))
+                    latents = [x.to(model_dtype) for x in latents] if latents else latents
                 trace.extend(keys, values, real)
                 trace.add_segment(Segment(role, mask.shape[1], m, real.tolist(),
                                           keys if record else None, values if record else None,
@@ -174,7 +278,40 @@ class AgentChain(nn.Module):
         out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
+        if torch.is_grad_enabled():
+            layers = self._fsdp_layers()
+            if layers:
+                _unshard_in_backward(layers, work.keys, work.values)
         return _at_last_token(out.hidden_states[-1], mask)
+
+    def _fsdp_layers(self) -> dict[int, nn.Module]:
+        """``fsdp_layers`` of the model the chain calls now (the trainer swaps it per step), cached."""
+        model = self.model
+        if getattr(self, "_fsdp_for", None) is not model:
+            inner = object.__getattribute__(model, "_wrapped") if "_wrapped" in model.__dict__ else model
+            self._fsdp_cache = fsdp_layers(inner)
+            object.__setattr__(self, "_fsdp_for", model)  # a reference, not a registered submodule
+        return self._fsdp_cache
+
+    def check_devices(self, trace: LatentTrace) -> None:
+        """Refuse a trace whose cache for some layer lies on another device than the one that layer runs
+        on (a ``device_map`` changed, or the model moved, after stage 1): the forward would fail deep in
+        attention, or copy the trace every call. Names the layer, both devices and the fix."""
+        if trace.keys[0] is None:
+            return
+        for idx, device in self._layer_devices().items():
+            if idx < len(trace.keys) and trace.keys[idx] is not None and trace.keys[idx].device != device:
+                raise ValueError(
+                    f"the latent trace's layer {idx} is on {trace.keys[idx].device} but the model runs layer {idx} "
+                    f"on {device}: a trace lives where the layers that wrote it run. Keep one device_map (and do "
+                    "not move the model) between stage 1 and stage 2, or rebuild the trace with stage1()")
+
+    def _layer_devices(self) -> dict[int, torch.device]:
+        model = self.model
+        if getattr(self, "_devices_for", None) is not model:
+            self._devices_cache = layer_devices(model)
+            object.__setattr__(self, "_devices_for", model)  # a reference, not a registered submodule
+        return self._devices_cache
 
     # -- stage 2 ----------------------------------------------------------------------------------
     def final_logits(self, trace: LatentTrace, rows: list[list[int]],
@@ -184,6 +321,7 @@ class AgentChain(nn.Module):
         ``logits[i, ends[i] - keep:ends[i]]``. Rows are right-padded (so they follow their trace with no
         pad in between); only the columns some row needs get logits (a 150k vocabulary makes them the
         largest tensor of the call)."""
+        self.check_devices(trace)
         input_ids, mask = self._right_pad(rows)
         width, lengths = mask.shape[1], mask.sum(-1)
         cols = width if keep <= 0 else min(width, keep + width - int(lengths.min()))
@@ -196,6 +334,7 @@ class AgentChain(nn.Module):
         """The final agent's shared prefix: ``rows`` prefilled over the trace (right-padded, then the
         trace left-aligned again), and the logits ``[B, V]`` at each row's last token. A context is
         prefilled once and every continuation, or the answer, goes on from it."""
+        self.check_devices(trace)
         work = trace.fork()
         cache = work.cache()
         ids, mask = self._right_pad(rows)

@@ -13,6 +13,7 @@ CHOICES = {
     "trace": ("concat", "overwrite"),
     "stage1_grad": ("full", "none"),
     "realign_target": ("embedding_output", "weight_rows"),
+    "latent_dtype": ("model", "float32"),
 }
 
 
@@ -29,6 +30,11 @@ class LatentConfig:
     ``stage1_grad``: ``none`` runs stage 1 without autograd (cheaper; no learning to communicate).
     ``max_trace_tokens``: refuse (before any compute) a stage-1 trace longer than this.
     ``checkpoint_agents``: recompute each agent's forward in backward (activation checkpointing).
+    ``latent_dtype``: ``model`` runs stage 1 in the model's dtype; ``float32`` runs a half-precision
+    model's stage 1 (prompts, latent steps, realignment, feedback) with its weights upcast to float32,
+    then casts the trace to the model's dtype for stage 2: the latent loop can amplify bf16 rounding
+    (``benchmarks/precision.py``). Costs 2x the half-precision weight memory during stage 1 and
+    float32 speed; inference only (stage 1 without autograd).
     """
 
     roles: list[str] = field(default_factory=lambda: default_roles(4))
@@ -41,6 +47,7 @@ class LatentConfig:
     realign_lambda: float = 1e-5
     realign_target: str = "embedding_output"
     enable_thinking: bool | None = None
+    latent_dtype: str = "model"
 
     def __post_init__(self) -> None:
         for key, valid in CHOICES.items():

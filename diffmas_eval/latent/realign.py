@@ -46,17 +46,20 @@ class Realigner(nn.Module):
                              f"{', '.join(CHOICES['realign_target'])}")
         self.mode = mode
         embedding = model.get_input_embeddings()
-        w_in = embedding.weight.detach().float()
+        # float32 whatever the model's dtype (bf16 would round the ridge solve and every mapped vector);
+        # float64 for a float64 model, so a float64 reference chain is float64 throughout
+        work = torch.float64 if embedding.weight.dtype == torch.float64 else torch.float32
+        w_in = embedding.weight.detach().to(work)
         scale = embedding_scale(embedding) if target == "embedding_output" and mode != "none" else 1.0
         if scale != 1.0:
             w_in = w_in * scale
         hidden = w_in.shape[1]
         if mode == "ridge":
-            w_out = model.get_output_embeddings().weight.detach().float()
+            w_out = model.get_output_embeddings().weight.detach().to(work)
             gram = w_out.T @ w_out + lam * torch.eye(hidden, device=w_out.device)
             w_a = torch.linalg.solve(gram, w_out.T @ w_in)
         else:
-            w_a = torch.eye(hidden, device=w_in.device)
+            w_a = torch.eye(hidden, device=w_in.device, dtype=work)
         self.weight = nn.Parameter(w_a, requires_grad=trainable)
         self.register_buffer("target_norm", w_in.norm(dim=-1).mean())
         self.input_scale = scale
@@ -64,6 +67,6 @@ class Realigner(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return hidden
-        mapped = hidden.to(self.weight.device).float() @ self.weight  # last layer -> first layer's device
+        mapped = hidden.to(self.weight.device, self.weight.dtype) @ self.weight  # last layer -> first layer's device
         mapped = mapped * (self.target_norm / mapped.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return mapped.to(hidden.dtype)

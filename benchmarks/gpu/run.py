@@ -1,0 +1,376 @@
+# ruff: noqa: B023  (every closure below is timed at once, inside its loop iteration)
+"""The prepared device check: DiffMAS on real model shapes (random init), bf16, one GPU.
+
+    python benchmarks/gpu/run.py --out gpu_results                      # an H200: Qwen3-8B shapes, bf16
+    python benchmarks/gpu/run.py --device cpu --tiny --out cpu_results   # a rehearsal on any CPU, tiny shapes
+
+Speed and memory do not depend on the weights, so the models are random-initialised from published
+config values (``SHAPES``: Qwen3-0.6B/1.7B/8B; no download, no network). Imports only torch,
+transformers, peft, accelerate and this package (``lm_eval`` only if present, for the real
+``--batch_size auto`` class). Each section runs on its own (a failure is recorded, the rest goes on)
+and the results go to ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``:
+
+1. ``speed``: stage 1 and stage 2 (4 agents, 10 latent steps, 64 new tokens) against HF ``generate`` of
+   the final prompt alone, at batch 1, 8, 32.
+2. ``steps``: a latent step against a decode step (the same forward shape: one new column per row).
+3. ``memory``: the trace's bytes at about 4k and 32k positions, and the CUDA peak, against
+   ``diffmas-eval memory``'s prediction (``trace_memory`` from the config).
+4. ``auto_batch``: ``--batch_size auto``'s probe (the real chain from ``max_batch_size`` down until
+   nothing runs out of memory) and ``RowCost``'s estimate of one row.
+5. ``batched_vs_alone``: 3 rows of different lengths batched vs each alone, in bf16 on this device.
+6. ``training``: one LoRA step through the chain with and without per-agent checkpointing: time, peak.
+7. ``attention``: sdpa against eager on the trace's mask: the same numbers, and the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the working tree's package, not an installed one
+
+from diffmas_eval.harness.batching import RowCost  # noqa: E402
+from diffmas_eval.latent import AgentChain, LatentConfig  # noqa: E402
+from diffmas_eval.memory import trace_memory  # noqa: E402
+from diffmas_eval.tiny import make_tokenizer  # noqa: E402
+
+# published config values (config.json on the hub) of the shapes users run; vocab 151,936 everywhere
+SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # --tiny: the same class and layout, small enough for a CPU rehearsal
+    "qwen3-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+}
+COMMON = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+WORDS = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+         "How many clips did Natalia sell altogether in April and May? ").split()
+
+
+_TOKENS_PER_WORD: list[float] = []
+
+
+def question(tokens: int, shift: int = 0) -> str:
+    """A question of about ``tokens`` tokens of the tokenizer in use (the words repeat; only the length
+    matters for speed and memory)."""
+    if not _TOKENS_PER_WORD:
+        sample = " ".join(WORDS * 20)
+        _TOKENS_PER_WORD.append(len(make_tokenizer()(sample)["input_ids"]) / (20 * len(WORDS)))
+    words = max(1, round(tokens / _TOKENS_PER_WORD[0]))
+    return " ".join(WORDS[(i + shift) % len(WORDS)] for i in range(words))
+
+
+class Env:
+    def __init__(self, device: str, tiny: bool):
+        self.device = torch.device(device)
+        self.tiny = tiny
+        self.tok = make_tokenizer()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn, repeats: int = 1):
+        """Median seconds of ``repeats`` runs after one warm-up, and the last result."""
+        out = fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2], out
+
+    def peak_reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
+
+    def model(self, shape: str, dtype: torch.dtype, attn: str = "sdpa"):
+        from transformers import AutoModelForCausalLM, Qwen3Config
+
+        config = Qwen3Config(**COMMON, **SHAPES[shape], pad_token_id=self.tok.pad_token_id,
+                             eos_token_id=self.tok.eos_token_id, bos_token_id=None)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        if not self.tiny:  # random init of 8B weights in bf16 can overflow activations: keep them small
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(0.0, 0.02)
+        model.generation_config.pad_token_id = self.tok.pad_token_id
+        return model.eval(), config
+
+
+def chain_of(env: Env, model, agents: int = 4, m: int = 10, **kw) -> AgentChain:
+    return AgentChain(model, env.tok, LatentConfig.from_dict({"agents": agents, "latent_steps": m, **kw}))
+
+
+@torch.no_grad()
+def speed(env: Env, model, batches: list[int], new_tokens: int) -> list[dict]:
+    rows = []
+    for b in batches:
+        qs = [question(120, i) for i in range(b)]
+        chain = chain_of(env, model)
+        finals = [chain.final_prompt(q) for q in qs]
+        s1, trace = env.timed(lambda: chain.stage1(qs))
+        s2, _ = env.timed(lambda: chain.generate(trace, finals, max_new_tokens=new_tokens, ignore_eos=True))
+        width = max(map(len, finals))
+        ids = torch.tensor([[env.tok.pad_token_id] * (width - len(f)) + f for f in finals], device=env.device)
+        attn = (ids != env.tok.pad_token_id).long()
+        hf, _ = env.timed(lambda: model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
+                                                 min_new_tokens=new_tokens, do_sample=False,
+                                                 pad_token_id=env.tok.pad_token_id))
+        rows.append({"batch": b, "trace_positions": trace.length, "stage1_s": s1, "stage2_s": s2, "hf_generate_s": hf,
+                     "stage2_over_hf": s2 / hf, "new_tokens": new_tokens})
+    return rows
+
+
+@torch.no_grad()
+def steps(env: Env, model, batch: int, new_tokens: int) -> dict:
+    """Per-step cost from differences, so prompt prefills cancel: stage 1 at m=10 minus m=0 over the 3 x 10
+    latent steps; HF generate of ``new_tokens`` minus 1 token over ``new_tokens - 1`` decode steps."""
+    qs = [question(120, i) for i in range(batch)]
+    t0, _ = env.timed(lambda: chain_of(env, model, m=0).stage1(qs), 2)
+    t10, _ = env.timed(lambda: chain_of(env, model, m=10).stage1(qs), 2)
+    chain = chain_of(env, model)
+    ids = torch.tensor([chain.final_prompt(qs[0])] * batch, device=env.device)
+
+    def gen(n):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=env.tok.pad_token_id)
+
+    g1, _ = env.timed(lambda: gen(1), 2)
+    gn, _ = env.timed(lambda: gen(new_tokens), 2)
+    latent, decode = (t10 - t0) / 30, (gn - g1) / (new_tokens - 1)
+    return {"batch": batch, "latent_step_s": latent, "decode_step_s": decode, "latent_over_decode": latent / decode}
+
+
+@torch.no_grad()
+def memory(env: Env, model, config, shape: str, targets: list[int]) -> list[dict]:
+    rows = []
+    for target in targets:
+        per_agent = target // 3 - 10 - 40  # 3 upstream agents x (role prompt ~40 + question + 10 latent)
+        chain = chain_of(env, model)
+        env.peak_reset()
+        base = torch.cuda.memory_allocated() if env.device.type == "cuda" else None
+        trace = chain.stage1([question(per_agent)])
+        prompts = [len(p[0]) for p in chain.upstream_prompts([question(per_agent)])]
+        pred = trace_memory(shape, agents=4, latent_steps=10, prompt_tokens=prompts, config=config,
+                            dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+        rows.append({"target_positions": target, "positions": trace.length, "trace_bytes": trace.nbytes,
+                     "predicted_bytes": pred.trace_bytes, "predicted_positions": pred.trace_positions,
+                     "equal": trace.nbytes == pred.trace_bytes,
+                     "cuda_peak_over_weights_bytes": (env.peak() - base) if base is not None else None})
+        del trace
+    return rows
+
+
+def auto_batch(env: Env, model, max_batch: int, final: int) -> dict:
+    """The probe of ``DiffMASLM._probe`` (same calls: stage 1 then the final agent's scoring forward, from
+    ``max_batch`` down on OOM) and ``RowCost``'s one-row estimate; the real lm-eval class too if installed."""
+    from accelerate.utils import find_executable_batch_size
+
+    q = question(200)
+    chain = chain_of(env, model)
+    prompts = [len(a[0]) for a in chain.upstream_prompts([q])]
+    trace = sum(prompts) + 10 * len(prompts)
+    est = RowCost.of(model).row(trace, final, prefill=max([final, *prompts]), scored=final // 2)
+    ctx, cont = [env.tok.eos_token_id] * (final - final // 2), [env.tok.eos_token_id] * (final // 2)
+    tried = []
+
+    @find_executable_batch_size(starting_batch_size=max_batch)
+    def run(batch_size: int) -> int:
+        tried.append(batch_size)
+        with torch.no_grad():
+            t = chain.stage1([q] * batch_size, final_tokens=[final] * batch_size)
+            chain.loglikelihood(t, [ctx] * batch_size, [cont] * batch_size)
+        return batch_size
+
+    env.peak_reset()
+    t0 = time.perf_counter()
+    try:
+        size = run()
+    except RuntimeError as err:
+        size = f"none fits: {err}"
+    out = {"probed_batch_size": size, "tried": tried, "probe_s": time.perf_counter() - t0,
+           "row_estimate_bytes": est, "peak_bytes": env.peak(), "trace_positions": trace, "final_positions": final}
+    if env.device.type == "cuda":
+        out["free_bytes_after"] = torch.cuda.mem_get_info()[0]
+    try:
+        import lm_eval  # noqa: F401
+        out["lm_eval"] = "installed (use lm_eval --model diffmas --batch_size auto for the class's own probe)"
+    except ImportError:
+        out["lm_eval"] = "not installed here: the probe above makes the same calls as DiffMASLM._probe"
+    return out
+
+
+@torch.no_grad()
+def batched_vs_alone(env: Env, model) -> dict:
+    qs = [question(40), question(120, 3), question(80, 7)]
+    chain = chain_of(env, model, m=4)
+    finals = [chain.final_prompt(q) for q in qs]
+    batch = chain.stage1(qs)
+    _, first_b = chain.extend(batch, finals)
+    kv, logit, same = 0.0, 0.0, 0
+    for i, q in enumerate(qs):
+        alone = chain.stage1([q])
+        real = batch.mask[i].bool()
+        for kb, ka in zip(batch.keys + batch.values, alone.keys + alone.values):
+            kv = max(kv, float((kb[i][:, real].float() - ka[0].float()).abs().max() / ka.float().abs().max()))
+        _, first_a = chain.extend(alone, [finals[i]])
+        logit = max(logit, float((first_b[i].float() - first_a[0].float()).abs().max()))
+        same += int(first_b[i].argmax() == first_a[0].argmax())
+    return {"rows": len(qs), "kv_max_rel_diff": kv, "first_token_logit_max_abs_diff": logit,
+            "same_greedy_token": same, "dtype": str(batch.keys[0].dtype)}
+
+
+def training(env: Env, model, batch: int) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft_model.train()
+    rows = []
+    try:
+        for ckpt in (False, True):
+            chain = chain_of(env, peft_model, checkpoint_agents=ckpt)
+            qs = [question(120, i) for i in range(batch)]
+            ids, labels = [], []
+            for q in qs:
+                p, a = chain.final_prompt(q), chain.encode(" The answer is 72, because 48 + 24 = 72.") * 4
+                ids.append(p + a)
+                labels.append([-100] * len(p) + a)
+
+            def step():
+                peft_model.zero_grad(set_to_none=True)
+                loss = chain.loss(chain.stage1(qs), ids, labels)
+                loss.backward()
+                return float(loss.detach())
+
+            step()  # warm-up
+            env.peak_reset()
+            seconds, loss = env.timed(step, 1)
+            rows.append({"checkpoint_agents": ckpt, "batch": batch, "step_s": seconds, "loss": loss,
+                         "peak_bytes": env.peak()})
+    finally:
+        peft_model.unload()
+    model.eval()
+    return rows
+
+
+@torch.no_grad()
+def attention(env: Env, model) -> dict:
+    qs = [question(40), question(120, 3)]
+    out = {}
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        chain = chain_of(env, model, m=4)
+        seconds, trace = env.timed(lambda: chain.stage1(qs, record_inputs=True))
+        _, first = chain.extend(trace, [chain.final_prompt(q) for q in qs])
+        out[impl] = {"stage1_s": seconds, "first": first.float(), "latents": [s.latents.float() for s in trace.history]}
+    model.set_attn_implementation("sdpa")
+    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(out["sdpa"]["latents"], out["eager"]["latents"]))
+    return {"sdpa_stage1_s": out["sdpa"]["stage1_s"], "eager_stage1_s": out["eager"]["stage1_s"],
+            "latent_rel_diff": rel,
+            "first_token_logit_max_abs_diff": float((out["sdpa"]["first"] - out["eager"]["first"]).abs().max()),
+            "same_greedy_token": int((out["sdpa"]["first"].argmax(-1) == out["eager"]["first"].argmax(-1)).sum())}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# DiffMAS device check ({results['device_name']}, {results['shape']}, {results['dtype']})", "",
+             f"torch {results['torch']}, transformers {results['transformers']}, peft {results['peft']}; "
+             f"random-init weights; {results['when']}", ""]
+    for name, value in results["sections"].items():
+        lines.append(f"## {name}")
+        if isinstance(value, dict) and "error" in value:
+            lines += ["", "```", value["error"].strip()[-1500:], "```", ""]
+            continue
+        rows = value if isinstance(value, list) else [value]
+        keys = list(rows[0])
+        lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for r in rows:
+            cells = (f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny Qwen3 shapes and small sizes (a CPU rehearsal)")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default qwen3-8b (qwen3-tiny with --tiny)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 32 (1 2 with --tiny)")
+    p.add_argument("--sections", nargs="+", default=["speed", "steps", "memory", "auto_batch", "batched_vs_alone",
+                                                      "training", "attention"])
+    p.add_argument("--out", default="gpu_results")
+    args = p.parse_args(argv)
+    import peft
+    import transformers
+
+    shape = args.shape or ("qwen3-tiny" if args.tiny else "qwen3-8b")
+    batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
+    env = Env(args.device, args.tiny)
+    dtype = getattr(torch, args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if env.device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    results = {"device_name": name, "device": args.device, "shape": shape, "dtype": args.dtype, "config": SHAPES[shape],
+               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sections": {}}
+    t_start = time.perf_counter()
+    model, config = env.model(shape, dtype)
+    results["model_init_s"] = time.perf_counter() - t_start
+    new_tokens = 16 if args.tiny else 64
+    plan = {
+        "speed": lambda: speed(env, model, batches, new_tokens),
+        "steps": lambda: steps(env, model, batches[-1], new_tokens),
+        "memory": lambda: memory(env, model, config, shape, [256, 1024] if args.tiny else [4096, 32768]),
+        "auto_batch": lambda: auto_batch(env, model, 8 if args.tiny else 128, 64 if args.tiny else 1024),
+        "batched_vs_alone": lambda: batched_vs_alone(env, model),
+        "training": lambda: training(env, model, 1 if args.tiny else 4),
+        "attention": lambda: attention(env, model),
+    }
+    for section in args.sections:
+        t0 = time.perf_counter()
+        try:
+            results["sections"][section] = plan[section]()
+        except Exception:  # record it and go on: one broken section must not cost the others' numbers
+            results["sections"][section] = {"error": traceback.format_exc()}
+        env.peak_reset()
+        print(f"{section}: {time.perf_counter() - t0:.1f} s", flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out / "gpu_check.md").write_text(markdown(results) + "\n")
+    results["total_s"] = time.perf_counter() - t_start
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "gpu_check.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+    return 1 if any(isinstance(v, dict) and "error" in v for v in results["sections"].values()) else 0
+
+
+with contextlib.suppress(Exception):
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 runs stay float32 (the reference for drift)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
