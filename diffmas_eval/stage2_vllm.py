@@ -173,7 +173,7 @@ class PromptEmbedsBackend(OpenAIClient):
             raise BackendError(f"{self._where()} returned no token ids (logprobs=0, return_tokens_as_token_ids)"
                                ) from err
         ids = [t for t in ids if t not in self.eos]
-        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), [s for s in stop or [] if s])
+        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)  # it skips empty strings
         return Completion(text, out.tokens, out.finish_reason)
 
     def generate_embeds(self, rows: list[torch.Tensor], max_tokens: int, stop: list[str] | None = None,
