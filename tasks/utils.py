@@ -6,6 +6,9 @@ and the tests import it too.
 """
 
 from diffmas_eval.tasks.utils import (  # noqa: F401
+    answers_letter,
+    answers_math,
+    answers_number,
     load_aime24,
     load_aime25,
     load_arc_challenge,

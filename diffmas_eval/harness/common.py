@@ -4,7 +4,9 @@
   parameter of ``HFLM.__init__``, read from its signature at runtime, plus the everyday keywords that
   ``HFLM`` forwards to ``from_pretrained``); anything else fails with the list of valid ones.
 - ``group_by_gen_kwargs``: how requests are batched.
-- ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample). Records
+- ``Accounting``: per-sample accounting (tokens generated per agent, wall time per sample, and each
+  generated answer's stability statistics, ``stability.py``; their means per task go into the results
+  JSON as ``config.stability``). Records
   are keyed by (task, prompt hash), the two things lm-eval's sample log identifies a sample by; the
   plugin (``plugin._log_accounting``) adds each sample's record as the field ``diffmas_accounting``
   when lm-eval writes ``samples_<task>_*.jsonl`` (``--log_samples``), for runs of our models. In
@@ -111,11 +113,14 @@ class Accounting:
         self._sent, self._unsent = 0, []  # what ``gather`` has not sent to rank 0 yet
         LATEST["by_sample"] = self.by_sample  # a new model starts a new run
 
-    def record(self, request, agents: list[dict], seconds: float, **extra) -> dict:
+    def record(self, request, agents: list[dict], seconds: float, stability: dict | None = None, **extra) -> dict:
         """Account one answered request (one sample) and register the record for the sample log.
 
         A request seen more often than its ``repeats`` is one of lm-eval's padding copies (data
         parallel runs give every rank as many requests as the busiest one): it is not counted again.
+        ``stability``: the answer's ``AnswerStats.record()``. The sample log keeps one list of them per
+        sample, in the order of lm-eval's ``resps`` (a task with ``repeats: k`` sends the same request
+        k times in a row, and each answer is recorded in turn).
         """
         seen = getattr(request, "_diffmas_accounted", 0)
         if seen and seen >= (getattr(request, "repeats", 1) or 1):
@@ -125,9 +130,21 @@ class Accounting:
         rec = {"method": self.method, "task": getattr(request, "task_name", None),
                "doc_id": getattr(request, "doc_id", None), "agents": agents,
                "tokens": sum(a.get("tokens") or 0 for a in agents), "seconds": round(seconds, 4), **extra}
+        if stability is not None:
+            rec["stability"] = stability
         self.records.append(rec)
-        self.register(request, rec)
+        logged = self._logged(request) if seen else None
+        if logged is not None and stability is not None:  # another sample of a repeated request
+            logged.setdefault("stability", []).append(stability)
+        else:
+            self.register(request, {**rec, "stability": [stability]} if stability is not None else rec)
         return rec
+
+    def _logged(self, request) -> dict | None:
+        args = getattr(request, "args", None)
+        if not (args and isinstance(args[0], str)):
+            return None
+        return self.by_sample.get(sample_key(getattr(request, "task_name", None), args[0]))
 
     def register(self, request, record: dict) -> None:
         """Remember ``record`` as the accounting of the sample that ``request`` (an Instance) belongs to."""
@@ -171,6 +188,17 @@ class Accounting:
             by_task[str(r["task"])].append(r)
         return {"method": self.method, **summarise(self.records),
                 "per_task": {t: summarise(rs) for t, rs in sorted(by_task.items())}}
+
+
+    def stability(self) -> dict:
+        """Per task, the means of the generated answers' stability statistics (``stability.summarise``)."""
+        from ..stability import summarise
+
+        by_task: dict[str, list[dict]] = defaultdict(list)
+        for r in self.records:
+            if r.get("stability") is not None:
+                by_task[str(r["task"])].append(r["stability"])
+        return {"per_task": {t: summarise(rs) for t, rs in sorted(by_task.items())}}
 
 
 LATEST: dict[str, dict] = {"by_sample": {}}

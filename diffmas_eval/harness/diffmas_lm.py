@@ -35,6 +35,7 @@ from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
+from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
@@ -177,7 +178,8 @@ class DiffMASLM(HFLM):
             {"role": self.chain.config.roles[-1], "tokens": final_tokens}]
 
     def get_model_info(self) -> dict:
-        return {**super().get_model_info(), "accounting": self.accounting.summary()}
+        return {**super().get_model_info(), "accounting": self.accounting.summary(),
+                "stability": self.accounting.stability()}
 
     # -- batching ---------------------------------------------------------------------------------
     def _precision(self):
@@ -345,6 +347,8 @@ class DiffMASLM(HFLM):
     # -- generation -------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups = group_by_gen_kwargs(requests)
+        for indices in groups.values():  # every decoding setup, before any compute
+            check_gen_kwargs(requests[indices[0]].args[1])
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="diffmas generate_until")
@@ -376,7 +380,8 @@ class DiffMASLM(HFLM):
                     results[i] = self._answer(gen, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
                     self.accounting.record(requests[i], self._agents_log(
-                        (gen.tokens or 0) if isinstance(gen, Completion) else len(gen.token_ids)), per)
+                        (gen.tokens or 0) if isinstance(gen, Completion) else len(gen.token_ids)), per,
+                        stability=gen.stats.record() if getattr(gen, "stats", None) else None)
                 bar.update(len(batch))
         bar.close()
         return results

@@ -21,16 +21,19 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
 from ..models import resolve_pretrained
 from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
+from ..protocol import check_gen_kwargs
+from ..stability import AnswerStats, StepRecorder
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -63,25 +66,52 @@ OPTIONS = {
 
 class FinalAgentLM(HFLM):
     """lm-eval's ``hf`` model as the text MAS's final agent: it answers exactly as ``hf`` does, and
-    remembers how many tokens it generated for each context (for the accounting)."""
+    remembers how many tokens it generated for each context (for the accounting) and each answer's
+    stability statistics (``stability.StepRecorder`` inside ``model.generate``: no extra forward)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.generated: dict[str, int] = {}
+        self.stats: dict[str, deque[AnswerStats]] = defaultdict(deque)  # per context, in decoding order
         self._batch: list[str] = []
 
     def tok_batch_encode(self, strings: list[str], *args, **kwargs):
         self._batch = list(strings)  # the contexts of the batch _model_generate is about to decode
         return super().tok_batch_encode(strings, *args, **kwargs)
 
-    def _model_generate(self, context, *args, **kwargs):
-        out = super()._model_generate(context, *args, **kwargs)
-        pad = self.tokenizer.pad_token_id
-        for text, row in zip(self._batch, out[:, context.shape[1]:].tolist()):
+    def _model_generate(self, context, max_length: int, stop: list[str], **kwargs):
+        recorder = StepRecorder()
+        processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), recorder])
+        out = super()._model_generate(context, max_length, stop, logits_processor=processors, **kwargs)
+        logps, ents = recorder.finish(out)
+        pad, eos = self.tokenizer.pad_token_id, self._eos_ids()
+        steps = out.shape[1] - context.shape[1]
+        for text, row, lp, en in zip(self._batch, out[:, context.shape[1]:].tolist(), logps, ents):
             while row and row[-1] == pad:  # finished rows are padded to the batch's longest
                 row.pop()
             self.generated[text] = len(row)
+            self.stats[text].append(_answer_stats(row, lp, en, steps, eos, stop, self.tok_decode))
         return out
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id, self.eot_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+        return {i for i in ids if i is not None}
+
+
+def _answer_stats(row: list[int], logps: list[float], ents: list[float], steps: int, eos: set[int],
+                  stop: list[str], decode) -> AnswerStats:
+    """A row of ``model.generate``'s output (trailing pads stripped) as ``AnswerStats``: a final EOS
+    ends the answer and is not part of it; a row that stopped early with pad == EOS lost its EOS to
+    the stripping, so "shorter than the batch and no stop string" also means EOS."""
+    if row and row[-1] in eos:
+        row, how = row[:-1], "eos"
+    elif stop and any(s in decode(row) for s in stop if s):
+        how = "stop"
+    else:
+        how = "eos" if len(row) < steps else "length"
+    return AnswerStats(logps[:len(row)], ents[:len(row)], how)
 
 
 @dataclass
@@ -223,7 +253,10 @@ class TextMASLM(TemplateLM):
         eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="textmas generate_until")
-        for indices in group_by_gen_kwargs(requests).values():
+        groups = group_by_gen_kwargs(requests)
+        for indices in groups.values():  # every decoding setup, before any compute
+            check_gen_kwargs(requests[indices[0]].args[1])
+        for indices in groups.values():
             gen_kwargs = requests[indices[0]].args[1]
             kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -239,15 +272,19 @@ class TextMASLM(TemplateLM):
                 if self.hf is not None:
                     texts = self.hf.generate_until([_Req((f, copy.deepcopy(a[1]))) for f, a in zip(finals, args)],
                                                    disable_tqdm=True)
-                    tokens = [self.hf.generated.pop(f, None) for f in finals]
-                else:
+                    tokens = [self.hf.generated.get(f) for f in finals]  # a repeated sample shares its context
+                    stats = [self.hf.stats[f].popleft().record() for f in finals]
+                    for f in finals:
+                        self.hf.generated.pop(f, None)
+                        self.hf.stats.pop(f, None)
+                else:  # stability metrics from the server's logprobs: not yet (left absent)
                     outs = self.text_backend.generate(finals, max_gen, stop=until)
-                    texts, tokens = [o.text for o in outs], [o.tokens for o in outs]
+                    texts, tokens, stats = [o.text for o in outs], [o.tokens for o in outs], [None] * len(outs)
                 per = (time.perf_counter() - t0) / len(chunk)
-                for i, a, trace, text, n in zip(chunk, args, traces, texts, tokens):
+                for i, a, trace, text, n, st in zip(chunk, args, traces, texts, tokens, stats):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", a, text)
-                    self.accounting.record(requests[i], self._agents_log(trace, n, per), per,
+                    self.accounting.record(requests[i], self._agents_log(trace, n, per), per, stability=st,
                                            backend=self.backend_name, topology=self.chain.topology)
                 bar.update(len(chunk))
         bar.close()
@@ -327,7 +364,7 @@ class TextMASLM(TemplateLM):
     def get_model_info(self) -> dict:
         info = {"textmas": {"backend": self.backend_name, "topology": self.chain.topology,
                             "roles": self.chain.roles, "agent_max_tokens": self.chain.agent_max_tokens},
-                "accounting": self.accounting.summary()}
+                "accounting": self.accounting.summary(), "stability": self.accounting.stability()}
         if self.hf is None:
             info["textmas"]["base_url"] = self.text_backend.base_url
             info["textmas"]["model"] = self.text_backend.model

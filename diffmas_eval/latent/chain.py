@@ -26,6 +26,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from ..models import context_length
 from ..prompts import ROLES, Role, chat_format, final_preamble
+from ..stability import AnswerStats, step_stats
 from .config import LatentConfig
 from .realign import Realigner
 from .trace import LatentTrace, Segment, left_aligned_mask
@@ -63,6 +64,7 @@ def _upcast(model: nn.Module):
 class Generation:
     text: str
     token_ids: list[int]
+    stats: AnswerStats | None = None  # log-probs and entropies of token_ids, how it ended (``stability.py``)
 
 
 def _at_last_token(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -393,7 +395,8 @@ class AgentChain(nn.Module):
                  top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
                  ignore_eos: bool = False) -> list[Generation]:
         """Decode the final agent's answer over the trace; a row ends at EOS (unless ``ignore_eos``: fixed
-        budgets for benchmarks) or at a stop string."""
+        budgets for benchmarks) or at a stop string. Each answer's ``stats`` come from the logits this loop
+        computes anyway (the model's distribution before the sampling warpers), so they change no token."""
         stop = [s for s in (stop or []) if s]
         eos = set() if ignore_eos else self._eos_ids()
         warpers = LogitsProcessorList(
@@ -406,6 +409,9 @@ class AgentChain(nn.Module):
         step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)
         out_ids: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
+        ended = ["length"] * len(prompts)
+        logps: list[list[float]] = [[] for _ in prompts]
+        ents: list[list[float]] = [[] for _ in prompts]
         for n in range(max_new_tokens):
             logits = logits.float()
             if do_sample:
@@ -413,15 +419,18 @@ class AgentChain(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
             else:
                 nxt = logits.argmax(-1)
+            logp, ent = (x.tolist() for x in step_stats(logits, nxt))  # the model's distribution, pre-warper
             for i, tok in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
                 if tok in eos:
-                    done[i] = True
+                    done[i], ended[i] = True, "eos"
                     continue
                 out_ids[i].append(tok)
+                logps[i].append(logp[i])
+                ents[i].append(ent[i])
                 if stop and any(s in self.tokenizer.decode(out_ids[i][-64:]) for s in stop):
-                    done[i] = True
+                    done[i], ended[i] = True, "stop"
             if all(done) or n == max_new_tokens - 1:
                 break
             out = self.model(input_ids=nxt[:, None], attention_mask=work.full_mask(step),
@@ -429,11 +438,11 @@ class AgentChain(nn.Module):
             work.advance(step)
             logits = out.logits[:, -1]
         results = []
-        for ids in out_ids:
+        for ids, lp, en, how in zip(out_ids, logps, ents, ended):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             for s in stop:
                 text = text.split(s)[0]
-            results.append(Generation(text, ids))
+            results.append(Generation(text, ids, AnswerStats(lp, en, how)))
         return results
 
     def _eos_ids(self) -> set[int]:

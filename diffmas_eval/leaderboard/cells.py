@@ -68,13 +68,21 @@ def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | No
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
                                           str(adapter) if adapter else None)
+    from ..protocol import SAMPLED_TASKS, task_config
+
     path = lm_eval_path(runs, settings, method, task)
-    print(f"   lm_eval --model {model} --model_args {model_args} --tasks {task} --limit {settings.limit}", flush=True)
+    limit, cap, protocol = settings.limit_of(task), settings.answer_cap(task), settings.decoding()
+    # k > 1: the task with lm-eval repeats, filters and consistency metrics; a log-likelihood task is scored once
+    spec = task_config(task, protocol, cap) if protocol.samples == 1 or task in SAMPLED_TASKS else task
+    gen_kwargs = ({"max_gen_toks": cap} if protocol.name == "greedy" and not protocol.do_sample
+                  else None if isinstance(spec, dict) else protocol.generation(task, cap))
+    print(f"   lm_eval --model {model} --model_args {model_args} --tasks {task} --limit {limit} "
+          f"(protocol {protocol.name}: {protocol.generation(task, cap)}, {protocol.samples} sample(s))", flush=True)
     t0 = time.perf_counter()
     seed = settings.seed
     results = simple_evaluate(
-        model=model, model_args=model_args, tasks=[task], limit=settings.limit or None, batch_size=batch_size,
-        device=device, apply_chat_template=settings.chat_template, gen_kwargs={"max_gen_toks": settings.max_gen_toks},
+        model=model, model_args=model_args, tasks=[spec], limit=limit or None, batch_size=batch_size,
+        device=device, apply_chat_template=settings.chat_template, gen_kwargs=gen_kwargs,
         use_cache=str(cache / "lm_eval" / path.stem / method), log_samples=True, random_seed=seed,
         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     seconds = time.perf_counter() - t0
@@ -105,12 +113,15 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
                                           settings.agent_max_tokens, settings.textmas_args,
                                           str(adapter) if adapter else None)
     out = code_dir(runs, settings, method, task)
+    limit, cap, protocol = settings.limit_of(task), settings.answer_cap(task), settings.decoding()
+    temperature = protocol.temperature if protocol.do_sample else 0.0
     print(f"   diffmas-eval codegen --model {model} --model_args {model_args} --dataset {CODE_TASKS[task]} "
-          f"--limit {settings.limit} --max-new-tokens {settings.max_gen_toks} --evaluate", flush=True)
+          f"--limit {limit} --max-new-tokens {cap} --n-samples {protocol.samples} --temperature {temperature} "
+          "--evaluate", flush=True)
     t0 = time.perf_counter()
     codegen(argparse.Namespace(
-        model=model, model_args=model_args, dataset=CODE_TASKS[task], limit=settings.limit or None, n_samples=1,
-        temperature=0.0, max_new_tokens=settings.max_gen_toks,
+        model=model, model_args=model_args, dataset=CODE_TASKS[task], limit=limit or None,
+        n_samples=protocol.samples, temperature=temperature, max_new_tokens=cap,
         batch_size=batch_size if isinstance(batch_size, int) else 1, device=device, seed=settings.seed,
         out=str(out.parent.parent), name=out.name, evaluate=True, parallel=None, min_time_limit=None,
         gt_time_limit_factor=None))
@@ -118,7 +129,6 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
     summary = json.loads((out / "summary.json").read_text())
     acc = summary.get("accounting", {})
     meta.update(tokens_per_sample=acc.get("tokens_per_sample", ""),
-                seconds_per_sample=acc.get("seconds_per_sample", ""), model=settings.model,
-                max_gen_toks=settings.max_gen_toks)
+                seconds_per_sample=acc.get("seconds_per_sample", ""), model=settings.model, max_gen_toks=cap)
     (out / f"{META}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out / "samples_eval_results.json"

@@ -8,7 +8,9 @@ import os
 import time
 from pathlib import Path
 
-from .config import CODE_TASKS, FAMILY, METHODS, TASKS, TRAINED, Settings, parse_list
+from ..protocol import PROTOCOLS
+from .collect import STABILITY_METRICS
+from .config import CODE_TASKS, FAMILY, METHODS, RECIPES, TASKS, TRAINED, Settings, parse_list
 
 DEFAULT_METHODS = ",".join(METHODS)
 DEFAULT_TASKS = ",".join(TASKS)
@@ -32,25 +34,41 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {DEFAULT_METHODS}")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated lm-eval task names, and humanevalplus (default: {DEFAULT_TASKS})")
-    p.add_argument("--limit", type=int, default=d.limit, help="first N items per task (default %(default)s; 0 = all)")
+    p.add_argument("--limit", default=str(d.limit), metavar="N[,TASK=N,...]",
+                   help="first N items per task (default %(default)s; 0 = all); TASK=N sets one task's count")
+    p.add_argument("--protocol", default=d.protocol, choices=sorted(PROTOCOLS),
+                   help="decoding: greedy (one answer; the CPU default) | paper (temperature 0.6, top-p 0.95, "
+                        "4 samples per question, per-task caps); see protocol.py")
+    p.add_argument("--samples", type=int, default=None, help="answers per question (default: the protocol's)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the protocol's)")
+    p.add_argument("--top-p", type=float, default=None, help="sampling top-p in (0, 1] (default: the protocol's)")
+    p.add_argument("--stability", default=None, metavar="TASK,...",
+                   help="tasks whose stability metrics (answer perplexity, entropy) are reported (default: every "
+                        "generative task; a log-likelihood task is refused)")
     p.add_argument("--agents", type=int, default=d.agents, help="textmas/latentmas/diffmas agents (%(default)s)")
     p.add_argument("--latent-steps", type=int, default=d.latent_steps, help="latentmas/diffmas (%(default)s)")
     p.add_argument("--agent-max-tokens", type=int, default=d.agent_max_tokens,
                    help="textmas: tokens each upstream agent writes (%(default)s)")
-    p.add_argument("--max-gen-toks", type=int, default=d.max_gen_toks,
-                   help="the answer's token budget, every method (%(default)s)")
+    p.add_argument("--max-gen-toks", type=int, default=None,
+                   help="the answer's token budget, every method (default: the protocol's per-task cap; greedy: 96)")
     p.add_argument("--textmas-args", default="",
                    help="extra textmas model_args, e.g. backend=openai,base_url=http://127.0.0.1:8000/v1")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="score plain prompts (default: the model's chat template, as an instruct model expects)")
     p.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("training (single-sft and diffmas: trainers/sft.py, LoRA, same data/steps/seed)")
+    g.add_argument("--recipe", default=d.recipe, choices=sorted(RECIPES),
+                   help="offline (the settings below) | paper (LoRA r 8 / alpha 16, AdamW 5e-5, cosine, "
+                        "accumulation to 64, epochs over the SFT set: 10 for code)")
     g.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps (%(default)s)")
     g.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="(%(default)s)")
     g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="(%(default)s)")
     g.add_argument("--train-max-length", type=int, default=d.train_max_length,
                    help="tokens per training row (%(default)s)")
+    g.add_argument("--task-family", default="", metavar="TASK=FAMILY,...",
+                   help="the SFT family (math | commonsense | code) whose adapter scores a task the package does not "
+                        "map (any lm-eval task); its disjointness is checked only for the families' own sources")
     g.add_argument("--sft-examples", default="", metavar="FAMILY=N,...",
                    help="SFT set sizes (default: sft-data's 210 math / 700 commonsense / 50 code)")
     p.add_argument("--batch-size", default="8", help="scoring batch size (an integer or auto; %(default)s)")
@@ -72,20 +90,52 @@ def add_leaderboard_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _pairs(text: str) -> dict:
+    """``TASK=FAMILY,...``."""
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        task, sep, family = item.partition("=")
+        if not sep:
+            raise ValueError(f"--task-family takes TASK=FAMILY,..., got {item!r}")
+        out[task.strip()] = family.strip()
+    return out
+
+
+def _limits(text: str) -> tuple[int, dict]:
+    """``--limit N[,TASK=N,...]``: the default count and per-task counts."""
+    default, per = Settings().limit, {}
+    for item in (x.strip() for x in str(text).split(",") if x.strip()):
+        task, sep, n = item.rpartition("=")
+        if not n.lstrip("-").isdigit():
+            raise ValueError(f"--limit takes N or TASK=N items, got {item!r}")
+        if int(n) < 0:
+            raise ValueError(f"--limit {item}: must be >= 0 (0 = every item)")
+        if sep:
+            per[task] = int(n)
+        else:
+            default = int(n)
+    return default, per
+
+
 def settings_of(args: argparse.Namespace) -> Settings:
-    return Settings(model=args.model, limit=args.limit, agents=args.agents, latent_steps=args.latent_steps,
+    limit, limits = _limits(args.limit)
+    return Settings(model=args.model, limit=limit, limits=limits, protocol=args.protocol, samples=args.samples,
+                    temperature=args.temperature, top_p=args.top_p, recipe=args.recipe,
+                    agents=args.agents, latent_steps=args.latent_steps,
                     agent_max_tokens=args.agent_max_tokens, max_gen_toks=args.max_gen_toks,
                     chat_template=args.chat_template, seed=args.seed, textmas_args=args.textmas_args,
                     train_steps=args.train_steps, train_batch_size=args.train_batch_size,
                     learning_rate=args.learning_rate, lora_r=args.lora_r, train_max_length=args.train_max_length,
-                    sft_examples=_families(args.sft_examples))
+                    sft_examples=_families(args.sft_examples), families=_pairs(args.task_family))
 
 
-def publish(rows: list[dict], output: Path) -> None:
-    """The CSV, leaderboard.md and the charts, side by side."""
-    from .report import charts, document, write_csv
+def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None) -> None:
+    """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows)."""
+    from .report import charts, document, write_csv, write_curves
 
     write_csv(rows, output)
+    if curve_rows is not None:
+        write_curves(curve_rows, output.parent / "entropy_curve.csv")
     (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, ""))
     for path in charts(rows, output.parent):
         print(f"wrote {path}")
@@ -93,7 +143,7 @@ def publish(rows: list[dict], output: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .collect import collect
+    from .collect import collect, curves
     from .report import markdown, read_csv, update_readme
 
     output = Path(args.output)
@@ -105,12 +155,15 @@ def run(args: argparse.Namespace) -> int:
         rows = collect(args.from_results, args.skip_bad)
         if not rows:
             raise ValueError(f"no results in {' '.join(args.from_results)}")
-        publish(rows, output)
+        publish(rows, output, curves(args.from_results))
         print(markdown(rows))
         return 0
     paths = run_all(settings_of(args), args, output)
     rows = collect([str(p) for p in paths])
-    publish(rows, output)
+    if args.stability:
+        keep = set(parse_list(args.stability, None, "stability"))
+        rows = [r for r in rows if r["metric"] not in STABILITY_METRICS or r["task"] in keep]
+    publish(rows, output, curves([str(p) for p in paths]))
     print(markdown(rows))
     return 0
 
@@ -119,12 +172,25 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
     """Train what is missing, score what is missing; return the results file of every cell."""
     import torch
 
+    from ..protocol import SAMPLED_TASKS, check_stability_tasks, is_generative
     from . import cells, train
 
     methods = parse_list(args.methods, METHODS, "methods")
     tasks = parse_list(args.tasks, None, "tasks")
     if settings.limit < 0:
         raise ValueError("--limit must be >= 0 (0 = every item)")
+    protocol = settings.decoding()  # before any compute: k, temperature, top-p, the preset's name
+    settings.recipe_settings()
+    unknown_limits = sorted(set(settings.limits) - set(tasks))
+    if unknown_limits:
+        raise ValueError(f"--limit names task(s) {', '.join(unknown_limits)} not in --tasks ({', '.join(tasks)})")
+    if getattr(args, "stability", None):
+        check_stability_tasks(parse_list(args.stability, None, "stability"))
+    if protocol.samples > 1:
+        unsampled = [t for t in tasks if t not in CODE_TASKS and t not in SAMPLED_TASKS and is_generative(t)]
+        if unsampled:
+            raise ValueError(f"{', '.join(unsampled)}: {protocol.samples} samples per question are scored for "
+                             f"{', '.join([*SAMPLED_TASKS, *CODE_TASKS])} only (log-likelihood tasks are scored once)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size: int | str = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     if args.data_dir:
@@ -139,16 +205,21 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
     # 1. adapters: one per trained method and task family (the SFT set of that family)
     adapters: dict[tuple[str, str], Path] = {}
     trained = [m for m in methods if m in TRAINED]
-    families = list(dict.fromkeys(FAMILY[t] for t in tasks if t in FAMILY))
-    unknown = [t for t in tasks if t not in FAMILY]
+    bad = {t: f for t, f in settings.families.items() if f not in set(FAMILY.values())}
+    if bad:
+        raise ValueError(f"--task-family {bad}: unknown family; choose from {sorted(set(FAMILY.values()))}")
+    families = list(dict.fromkeys(settings.family_of(t) for t in tasks if settings.family_of(t)))
+    unknown = [t for t in tasks if not settings.family_of(t)]
     if trained and unknown:
         raise ValueError(f"no SFT family for task(s) {', '.join(unknown)}, so {', '.join(trained)} cannot be scored "
-                         f"on them; drop them from --tasks or --methods (families: {sorted(set(FAMILY.values()))})")
+                         "on them; name the adapter that scores each: --task-family TASK=FAMILY (families: "
+                         f"{sorted(set(FAMILY.values()))}), or drop them from --tasks or --methods")
     todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
-    need = sorted({(m, FAMILY[t]) for m, t in todo if m in TRAINED})
+    need = sorted({(m, settings.family_of(t)) for m, t in todo if m in TRAINED})
     for family in families if trained else []:  # before anything runs: no trained method sees a scored item
         data, bounds = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
-        train.check_disjoint(family, bounds, tasks, settings.limit)
+        for task in tasks:
+            train.check_disjoint(family, bounds, [task], settings.limit_of(task))
 
     # 2. cells: the untrained methods first (their numbers come before any training time), then each trained
     # method's cells, its family's adapter trained (or reused) right before the first cell that needs it
@@ -162,7 +233,7 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
             continue
         adapter = None
         if method in TRAINED:
-            family = FAMILY[task]
+            family = settings.family_of(task)
             if (method, family) not in adapters:
                 done_n = sum(1 for x in need if x in adapters) + 1
                 print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "

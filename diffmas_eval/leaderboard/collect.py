@@ -81,10 +81,44 @@ def rows_from_lm_eval(results: dict, source: Path, method: str | None = None) ->
             if "," not in key or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             name, filt = key.split(",", 1)
-            rows.append({**common, "max_gen_toks": max_gen, "task": task, "metric": name, "value": _r(value),
+            metric = name if filt == "none" else f"{name},{filt}"  # e.g. exact_match,majority (k samples)
+            rows.append({**common, "max_gen_toks": max_gen, "task": task, "metric": metric, "value": _r(value),
                          "stderr": _r(metrics.get(f"{name}_stderr,{filt}")), "n": n, "tokens_per_sample": tokens,
                          "seconds_per_sample": seconds, "date": date})
+        stab = config.get("stability", {}).get("per_task", {}).get(task)
+        if stab and stab.get("answers"):
+            base = {**common, "max_gen_toks": max_gen, "task": task, "n": stab["answers"], "tokens_per_sample": tokens,
+                    "seconds_per_sample": seconds, "date": date}
+            for metric, key in STABILITY_METRICS.items():
+                value = stab["stopped"]["length"] if key == "capped" else stab.get(key)
+                rows.append({**base, "metric": metric, "value": _r(value, 6),
+                             "stderr": _r(stab.get(f"{key}_stderr"), 6)})
     return rows
+
+
+# the leaderboard's stability metrics (one row each per method x generative task) <- stability.summarise keys
+STABILITY_METRICS = {"answer_perplexity": "perplexity", "answer_logprob": "mean_logprob",
+                     "answer_entropy": "mean_entropy", "answer_capped": "capped"}
+
+
+def curves(specs: list[str]) -> list[dict]:
+    """The entropy-along-the-answer curves of the lm-eval results files: one row per method, task, position."""
+    out = []
+    for method, path in expand(specs):
+        data = _read_json(path) or {}
+        if "eval" in data or not isinstance(data.get("config"), dict):
+            continue
+        config = data["config"]
+        meta = data.get(META, {})
+        try:
+            who = meta.get("method") or method or infer_method(str(config.get("model", "")),
+                                                                _args(config.get("model_args", "")))
+        except BadResults:
+            continue
+        for task, stab in config.get("stability", {}).get("per_task", {}).items():
+            for t, (e, n) in enumerate(zip(stab.get("entropy_curve", []), stab.get("entropy_curve_n", []))):
+                out.append({"method": who, "task": task, "position": t, "entropy": e, "n": n})
+    return out
 
 
 def rows_from_evalplus(results: dict, source: Path, method: str | None = None) -> list[dict]:

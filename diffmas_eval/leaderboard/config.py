@@ -15,7 +15,8 @@ METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
 TRAINED = {"single-sft": 1, "diffmas": None}  # method -> agents it trains with (None: the chain's --agents)
 LM_EVAL_TASKS = ("diffmas_gsm8k", "math500", "diffmas_aime24", "gpqa_diamond", "diffmas_arc_challenge",
                  "diffmas_commonsense_qa")
-CODE_TASKS = {"humanevalplus": "humaneval"}  # leaderboard task -> EvalPlus dataset (scored by diffmas-eval codegen)
+# leaderboard task -> EvalPlus dataset (scored by diffmas-eval codegen): the paper's code pair
+CODE_TASKS = {"humanevalplus": "humaneval", "mbppplus": "mbpp"}
 TASKS = (*LM_EVAL_TASKS, *CODE_TASKS)
 # the SFT family (``diffmas-eval sft-data --family``) whose adapter scores a task: LatentMAS's and DiffMAS's
 # grouping (math & science reasoning; commonsense multiple choice; code)
@@ -24,7 +25,15 @@ FAMILY = {"diffmas_gsm8k": "math", "math500": "math", "diffmas_aime24": "math", 
           "diffmas_arc_challenge_gen": "commonsense", "diffmas_commonsense_qa_gen": "commonsense",
           "humanevalplus": "code", "mbppplus": "code"}
 # the metric a task's column shows in leaderboard.md (the CSV has all of them)
-PRIMARY = {"diffmas_arc_challenge": "acc", "diffmas_commonsense_qa": "acc", "humanevalplus": "pass@1"}
+PRIMARY = {"diffmas_arc_challenge": "acc", "diffmas_commonsense_qa": "acc", "humanevalplus": "pass@1",
+           "mbppplus": "pass@1"}
+# --recipe: the trainer's settings. "offline": today's short CPU run. "paper": the DiffMAS paper's LoRA r 8 /
+# alpha 16, AdamW at 5e-5 with a cosine schedule, gradient accumulation to an effective batch of 64, and
+# epochs over the SFT set (10 for the 50 code problems, as the paper says; 1 elsewhere, inferred)
+RECIPES = {"offline": {"lr_scheduler": "constant", "effective_batch": None, "epochs": None},
+           "paper": {"lr_scheduler": "cosine", "effective_batch": 64, "epochs": {"code": 10, "math": 1,
+                                                                                   "commonsense": 1},
+                     "learning_rate": 5e-5, "lora_r": 8, "lora_alpha": 16}}
 
 
 def primary_metric(task: str) -> str:
@@ -44,7 +53,7 @@ class Settings:
     agents: int = 3
     latent_steps: int = 4
     agent_max_tokens: int = 32
-    max_gen_toks: int = 96
+    max_gen_toks: int | None = None  # None: the protocol's per-task cap (greedy: 96)
     chat_template: bool = True
     seed: int = 1234
     textmas_args: str = ""
@@ -55,19 +64,57 @@ class Settings:
     lora_r: int = 8
     train_max_length: int = 256
     sft_examples: dict = field(default_factory=dict)  # family -> n (default: sft-data's paper sizes)
+    # decoding protocol (protocol.py): greedy (default) or paper, with optional overrides
+    protocol: str = "greedy"
+    samples: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    recipe: str = "offline"
+    limits: dict = field(default_factory=dict)  # task -> n, overriding ``limit`` (--limit TASK=N)
+    families: dict = field(default_factory=dict)  # task -> SFT family for tasks FAMILY lacks (--task-family)
+
+    def family_of(self, task: str) -> str | None:
+        return self.families.get(task) or FAMILY.get(task)
+
+    def limit_of(self, task: str) -> int:
+        return int(self.limits.get(task, self.limit))
+
+    def decoding(self):
+        """The checked ``protocol.Protocol`` of this leaderboard (errors name the valid choices)."""
+        from ..protocol import get_protocol
+
+        return get_protocol(self.protocol, self.samples, self.temperature, self.top_p)
+
+    def answer_cap(self, task: str) -> int:
+        """The answer's token budget: ``max_gen_toks`` when set, else the protocol's cap for the task, else 96."""
+        return int(self.max_gen_toks or self.decoding().caps.get(task) or 96)
+
+    def recipe_settings(self) -> dict:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        return RECIPES[self.recipe]
 
     def training(self, method: str, family: str) -> dict:
         """The settings of one adapter: ``trainers/sft.py``'s, i.e. everything the adapter depends on."""
         agents = TRAINED[method] or self.agents
-        return {"model": self.model, "family": family, "sft_examples": self.sft_examples.get(family),
+        spec = {"model": self.model, "family": family, "sft_examples": self.sft_examples.get(family),
                 "agents": agents, "latent_steps": self.latent_steps if agents > 1 else 0,
                 "steps": self.train_steps, "batch_size": self.train_batch_size, "learning_rate": self.learning_rate,
                 "lora_r": self.lora_r, "max_length": self.train_max_length, "seed": self.seed}
+        recipe = self.recipe_settings()
+        if self.recipe != "offline":  # offline adapters keep their hashes
+            epochs = recipe["epochs"][family]
+            spec.update(recipe=self.recipe, learning_rate=recipe["learning_rate"], lora_r=recipe["lora_r"],
+                        lora_alpha=recipe["lora_alpha"], lr_scheduler=recipe["lr_scheduler"], epochs=epochs,
+                        steps=None, accumulation=max(1, recipe["effective_batch"] // self.train_batch_size))
+        return spec
 
     def cell(self, method: str, task: str) -> dict:
         """The settings of one method x task cell (an adapter's own settings included)."""
-        spec = {"model": self.model, "method": method, "task": task, "limit": self.limit,
-                "max_gen_toks": self.max_gen_toks, "chat_template": self.chat_template, "seed": self.seed}
+        spec = {"model": self.model, "method": method, "task": task, "limit": self.limit_of(task),
+                "max_gen_toks": self.answer_cap(task), "chat_template": self.chat_template, "seed": self.seed}
+        if self.protocol != "greedy" or self.samples or self.temperature or self.top_p:  # greedy cells keep their hash
+            spec["protocol"] = self.decoding().as_dict()
         if method in ("textmas", "latentmas", "diffmas"):
             spec["agents"] = self.agents
         if method in ("latentmas", "diffmas"):
@@ -75,7 +122,7 @@ class Settings:
         if method == "textmas":
             spec.update(agent_max_tokens=self.agent_max_tokens, textmas_args=self.textmas_args)
         if method in TRAINED:
-            spec["training"] = self.training(method, FAMILY[task])
+            spec["training"] = self.training(method, self.family_of(task))
         return spec
 
     def as_dict(self) -> dict:
@@ -85,13 +132,11 @@ class Settings:
 def method_model_args(method: str, pretrained: str, agents: int, latent_steps: int, agent_max_tokens: int = 512,
                       textmas_args: str = "", adapter: str | None = None) -> tuple[str, str]:
     """The lm-eval model name and ``model_args`` of a leaderboard method (``adapter``: its trained LoRA)."""
-    from ..models import resolve_pretrained
-
     if method in TRAINED and not adapter:
         raise ValueError(f"method {method!r} needs its trained adapter")
-    if method in ("single", "single-sft"):
+    if method in ("single", "single-sft"):  # textmas at agents=1: lm-eval's hf exactly, plus stability metrics
         peft = f",peft={adapter}" if method == "single-sft" else ""
-        return "hf", f"pretrained={resolve_pretrained(pretrained)}{peft}"
+        return "textmas", f"pretrained={pretrained},agents=1{peft}"
     if method in ("latentmas", "diffmas"):
         peft = f",peft={adapter}" if method == "diffmas" else ""
         return "diffmas", (f"pretrained={pretrained},agents={agents},latent_steps={latent_steps},realign=ridge,"

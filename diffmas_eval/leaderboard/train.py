@@ -21,6 +21,10 @@ from .config import FAMILY, Settings, short_hash
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "leaderboard-adapter.json"
+# lm-eval's own tasks over the same source files the SFT sets take their last rows from (same item order)
+SAME_SOURCE = {"gsm8k": "diffmas_gsm8k", "gsm8k_cot": "diffmas_gsm8k", "arc_challenge": "diffmas_arc_challenge",
+               "commonsense_qa": "diffmas_commonsense_qa", "diffmas_arc_challenge_gen": "diffmas_arc_challenge",
+               "diffmas_commonsense_qa_gen": "diffmas_commonsense_qa", "mbpp": "mbppplus"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "diffmas.json")
 
 
@@ -36,8 +40,8 @@ def sft_set(family: str, n: int | None, work: Path, data_dir: str | None) -> tup
 def check_disjoint(family: str, bounds: dict[str, int], tasks: list[str], limit: int) -> None:
     """Refuse to score a trained method on items its SFT set contains (``--limit`` beyond the bound)."""
     for task in tasks:
-        bound = bounds.get(task)
-        if FAMILY.get(task) == family and bound is not None and (limit == 0 or limit > bound):
+        bound = bounds.get(SAME_SOURCE.get(task, task))
+        if bound is not None and (limit == 0 or limit > bound) and (FAMILY.get(task) in (family, None)):
             raise ValueError(f"{task}: the {family} SFT set holds its last rows, so a trained method may score at "
                              f"most its first {bound} items, but --limit is {limit or 'all'}; use --limit <= {bound} "
                              f"or fewer SFT examples (--sft-examples {family}=N)")
@@ -63,13 +67,18 @@ def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda:
     if threads:
         launcher += ["--num_cpu_threads_per_process", str(threads)]
     steps = spec["steps"]
+    # --recipe paper: epochs over the set, accumulation to the effective batch, cosine (config.RECIPES)
+    length = ["--max_steps", str(steps)] if steps else ["--num_train_epochs", str(spec["epochs"])]
     cmd = [*launcher, str(REPO / "trainers" / "sft.py"), "--model_name_or_path", spec["model"],
            "--dataset_name", str(data), "--use_peft", "--lora_r", str(spec["lora_r"]),
-           "--lora_alpha", str(2 * spec["lora_r"]), "--agents", str(spec["agents"]),
-           "--latent_steps", str(spec["latent_steps"]), "--max_steps", str(steps),
-           "--per_device_train_batch_size", str(spec["batch_size"]), "--learning_rate", str(spec["learning_rate"]),
-           "--lr_scheduler_type", "constant", "--max_length", str(spec["max_length"]), "--seed", str(spec["seed"]),
-           "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(max(1, steps // 4)),
+           "--lora_alpha", str(spec.get("lora_alpha", 2 * spec["lora_r"])), "--agents", str(spec["agents"]),
+           "--latent_steps", str(spec["latent_steps"]), *length,
+           "--per_device_train_batch_size", str(spec["batch_size"]),
+           "--gradient_accumulation_steps", str(spec.get("accumulation", 1)),
+           "--learning_rate", str(spec["learning_rate"]),
+           "--lr_scheduler_type", spec.get("lr_scheduler", "constant"), "--optim", "adamw_torch",
+           "--max_length", str(spec["max_length"]), "--seed", str(spec["seed"]),
+           "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(max(1, (steps or 40) // 4)),
            "--save_total_limit", "1", "--report_to", "none", "--output_dir", str(out)]
     if resume is not None:
         cmd += ["--resume_from_checkpoint", str(resume)]
@@ -107,7 +116,8 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     resume = _last_checkpoint(out)
-    print(f"== {method} adapter ({family}): training {spec['steps']} steps x batch {spec['batch_size']} at "
+    print(f"== {method} adapter ({family}): training {spec['steps'] or str(spec.get('epochs')) + ' epoch(s)'} steps x "
+          f"batch {spec['batch_size']} x accumulation {spec.get('accumulation', 1)} at "
           f"{spec['agents']} agent(s){' (resuming from ' + resume.name + ')' if resume else ''}; log {log}", flush=True)
     code = _stream(launch_command(spec, data, out, resume, cuda, threads), log)
     if code != 0 and resume is not None:  # an unreadable checkpoint (killed mid-save): start over, cleanly

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import datasets
 
-from diffmas_eval.answers import extract_letter, extract_number, last_boxed, math_equal
+from diffmas_eval.answers import extract_letter, extract_number, last_boxed, math_equal, normalize_math
+from diffmas_eval.stability import sample_metrics
 
 DATA_ENV = "DIFFMAS_DATA_DIR"
 
@@ -149,22 +150,68 @@ def load_gpqa_diamond(**_) -> datasets.DatasetDict:
     return _split(out)
 
 
-# -- scoring -------------------------------------------------------------------------------------
+# -- scoring ---------------------------------------------------------------------------------------
+# One answer (``results[0]`` a string) gives ``exact_match``. With lm-eval ``repeats: k`` and the
+# ``take_first_k`` filter (``protocol.task_config``) ``results[0]`` is the list of k samples: each is
+# scored alone and ``stability.sample_metrics`` gives the per-question pass@1 mean and consistency.
 def _score(ok: bool) -> dict[str, int]:
     return {"exact_match": int(ok)}
 
 
-def process_number(doc: dict, results: list[str]) -> dict[str, int]:
-    pred = extract_number(results[0])
-    return _score(pred is not None and math_equal(pred, doc["answer"]))
+def _per_sample(score):
+    def process(doc: dict, results: list) -> dict:
+        if isinstance(results[0], (list, tuple)):
+            return sample_metrics([score(doc, r) for r in results[0]])
+        return _score(score(doc, results[0]))
+
+    process.__name__ = process.__qualname__ = f"process_{score.__name__.removeprefix('_')}"
+    process.__doc__ = f"lm-eval process_results: {score.__doc__}"
+    return process
 
 
-def process_math(doc: dict, results: list[str]) -> dict[str, int]:
-    boxed = last_boxed(results[0])
-    return _score(math_equal(boxed if boxed is not None else extract_number(results[0]), doc["answer"]))
+def _number_answer(doc: dict, text: str) -> str | None:
+    return extract_number(text)
 
 
-def process_letter(doc: dict, results: list[str]) -> dict[str, int]:
-    letters = "".join(doc.get("letters") or "ABCD")
-    return _score(extract_letter(results[0], letters) == doc["answer"])
+def _math_answer(doc: dict, text: str) -> str | None:
+    boxed = last_boxed(text)
+    found = boxed if boxed is not None else extract_number(text)
+    return None if found is None else normalize_math(found)
 
+
+def _letter_answer(doc: dict, text: str) -> str | None:
+    return extract_letter(text, "".join(doc.get("letters") or "ABCD"))
+
+
+def _number(doc: dict, text: str) -> bool:
+    """the final number equals the answer."""
+    pred = _number_answer(doc, text)
+    return pred is not None and math_equal(pred, doc["answer"])
+
+
+def _math(doc: dict, text: str) -> bool:
+    """the last boxed expression (else the final number) equals the answer."""
+    return math_equal(_math_answer(doc, text), doc["answer"])
+
+
+def _letter(doc: dict, text: str) -> bool:
+    """the chosen option letter is the answer."""
+    return _letter_answer(doc, text) == doc["answer"]
+
+
+process_number, process_math, process_letter = _per_sample(_number), _per_sample(_math), _per_sample(_letter)
+
+
+def _answers(extract):
+    """An lm-eval ``custom`` filter: each sample -> its extracted answer as ``\\boxed{...}`` (so the task's own
+    scorer reads it back unchanged; an unanswered sample is ""), for ``majority_vote`` to count."""
+    def filter_fn(resps, docs):
+        return [[("\\boxed{" + a + "}") if (a := extract(doc, r)) is not None else "" for r in rs]
+                for rs, doc in zip(resps, docs)]
+
+    return filter_fn
+
+
+ANSWER_FILTERS = {"number": _answers(_number_answer), "math": _answers(_math_answer),
+                  "letter": _answers(_letter_answer)}
+answers_number, answers_math, answers_letter = (ANSWER_FILTERS[k] for k in ("number", "math", "letter"))
