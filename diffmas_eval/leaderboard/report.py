@@ -181,6 +181,18 @@ def document(rows: list[dict], charts_dir: str | None = None) -> str:
     return text + "\n"
 
 
+def _save(fig, ax, path: Path, grid: str = "both", **legend) -> Path:
+    """Every chart's last steps in one place (legend, light grid, tight layout, 110 dpi), so the charts match."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(**legend)
+    ax.grid(axis=grid, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def charts(rows: list[dict], out: Path) -> list[Path]:
     """Accuracy per task and method (error bars: stderr); accuracy against tokens per sample."""
     import matplotlib
@@ -215,12 +227,8 @@ def charts(rows: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel("score (error bar: ± stderr)")
     ax.set_ylim(0, 1.1)
     ax.set_title(f"{models}: score per task (n = {', '.join(ns)} items per task)", fontsize=10)
-    ax.legend(ncol=len(methods), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths = [out / CHARTS[0]]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    paths = [_save(fig, ax, out / CHARTS[0], "y", ncol=len(methods), fontsize=8, loc="upper center",
+                   bbox_to_anchor=(0.5, -0.14), frameon=False)]
 
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for i, m in enumerate(methods):
@@ -238,12 +246,7 @@ def charts(rows: list[dict], out: Path) -> list[Path]:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"{models}: score against tokens per sample\n(large: mean over the {len(tasks)} tasks; "
                  "small: one task)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / CHARTS[1])
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / CHARTS[1], fontsize=8, loc="upper right"))
     return paths + stability_charts(rows, out, models)
 
 
@@ -273,12 +276,7 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
         ax.set_ylabel("mean token entropy (nats)")
         ax.set_title(f"{models}\nentropy along the answer (mean over the answers that reach each position)",
                      fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / STABILITY_CHARTS[0])
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, ax, out / STABILITY_CHARTS[0], fontsize=8))
     ppl = {(r["method"], r["task"]): r for r in rows if r["metric"] == "answer_perplexity"}
     cells = primary(rows)
     if ppl:
@@ -304,12 +302,7 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{models}\nanswer perplexity against the score (one point per method x task; bars: stderr)",
                      fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / STABILITY_CHARTS[1])
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, ax, out / STABILITY_CHARTS[1], fontsize=8))
     return paths
 
 
