@@ -6,14 +6,23 @@ TORCH ?= torch==2.13.0
 # offline benchmark data when present (CI, this project's machines); otherwise the hub
 DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 # the leaderboard: the offline default is sized for a 2-core CPU (see README); on a GPU, e.g.
-# make leaderboard MODEL=Qwen/Qwen3-8B LIMIT=800 LEADERBOARD_ARGS="--agents 4 --latent-steps 10 --train-steps 100 ..."
+# make leaderboard MODEL=Qwen/Qwen3-8B LIMIT=800 MC_LIMIT=800 JOBS=1 THREADS= LEADERBOARD_ARGS="--agents 4 ..."
 MODEL ?= bundled:smollm2-135m-instruct
+# items per task: LIMIT for the generative and code tasks, MC_LIMIT for the multiple-choice ones (cheap to
+# score, and where a 135M model is above chance: n=150 separates differences of about 0.11)
 LIMIT ?= 5
-TASKS ?= diffmas_gsm8k,math500,diffmas_aime24,gpqa_diamond,diffmas_arc_challenge,diffmas_commonsense_qa,humanevalplus
+MC_LIMIT ?= 150
+TASKS ?= diffmas_gsm8k,math500,diffmas_aime24,gpqa_diamond,diffmas_arc_challenge,diffmas_commonsense_qa,humanevalplus,mbppplus
 METHODS ?= single,single-sft,textmas,latentmas,diffmas
-# torch threads: 1 on this shared 2-core CPU, where 2 threads spin-wait against other jobs (several times
-# slower); THREADS= (empty) leaves torch's default (a quiet machine, a GPU)
+# JOBS cells (or trainings) at once, each a process with THREADS torch threads: on this 2-core CPU two
+# one-thread jobs are the fastest (one process's 2 threads spin-wait against anything else running);
+# THREADS= (empty) leaves torch's default (a GPU: JOBS=1 THREADS=)
+JOBS ?= 2
 THREADS ?= 1
+comma := ,
+space := $(subst ,, )
+MC_TASKS := $(filter diffmas_arc_challenge diffmas_commonsense_qa,$(subst $(comma), ,$(TASKS)))
+LIMITS := $(LIMIT)$(subst $(space),,$(foreach t,$(MC_TASKS),$(comma)$(t)=$(MC_LIMIT)))
 LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -33,8 +42,8 @@ test: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests
 
 leaderboard: $(STAMP)
-	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMIT) \
-		--tasks $(TASKS) --methods $(METHODS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
+	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMITS) \
+		--tasks $(TASKS) --methods $(METHODS) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
 # README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)

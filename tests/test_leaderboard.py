@@ -180,3 +180,30 @@ def test_interrupted_training_restarts_cleanly_and_a_finished_adapter_is_reused(
     printed = capsys.readouterr().out
     assert again == out and "resuming from checkpoint-1" in printed and "restarting" in printed
     assert train.finished(out, out.name.rsplit("-", 1)[1]) and not list(out.glob("checkpoint-*"))
+
+
+def test_jobs_run_cells_side_by_side_with_the_same_numbers(mini, tiny_path, tmp_path, capsys):
+    """``--jobs 2``: the same adapters (byte for byte) and numbers as the sequential run, each job logged."""
+    out = tmp_path / "parallel"
+    assert main([*mini_args(tiny_path, out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[start ") == 6 and printed.count("[done ") == 6  # 2 adapters, 4 cells
+    ours = {(r["method"], r["task"], r["metric"]): r["value"] for r in read_rows(mini / "leaderboard.csv")}
+    assert {(r["method"], r["task"], r["metric"]): r["value"] for r in read_rows(out / "leaderboard.csv")} == ours
+    for adapter in (mini / "cache" / "adapters").glob("*/adapter_model.safetensors"):
+        twin = out / "cache" / "adapters" / adapter.parent.name / adapter.name
+        assert twin.read_bytes() == adapter.read_bytes()
+    logs = list((out / "cache" / "logs").glob("*.log"))
+    assert len(logs) == 6 and all(log.stat().st_size > 0 for log in logs)  # each job's output, subprocesses' too
+    assert "lm_eval --model" not in printed  # lm-eval's own lines are in the cells' logs
+    assert all("lm_eval --model" in log.read_text() for log in logs if "diffmas_arc_challenge" in log.name)
+
+
+def test_a_failing_job_names_itself_and_its_log(tiny_path, tmp_path, capsys):
+    args = ["leaderboard", "--model", str(tiny_path), "--methods", "single", "--tasks", "no_such_task",
+            "--limit", "1", "--jobs", "2", "--threads", "1", "--output", str(tmp_path / "leaderboard.csv")]
+    with pytest.raises(RuntimeError, match=r"single x no_such_task failed .*its log: .*single-no_such_task-"):
+        main(args)
+    assert "no_such_task" in capsys.readouterr().out  # the log's tail, printed
+    assert main([*args, "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err

@@ -132,3 +132,11 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
                 seconds_per_sample=acc.get("seconds_per_sample", ""), model=settings.model, max_gen_toks=cap)
     (out / f"{META}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out / "samples_eval_results.json"
+
+
+def score(settings: Settings, method: str, task: str, runs: Path, work: Path, batch_size: int | str, device: str,
+          adapter: Path | None = None) -> Path:
+    """One cell, whichever scorer its task needs: EvalPlus for the code tasks, lm-eval for the rest."""
+    if task in CODE_TASKS:
+        return score_code(settings, method, task, adapter, runs, batch_size, device)
+    return score_lm_eval(settings, method, task, adapter, runs, work, batch_size, device)

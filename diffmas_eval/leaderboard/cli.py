@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..protocol import PROTOCOLS
 from .collect import STABILITY_METRICS
-from .config import CODE_TASKS, FAMILY, METHODS, RECIPES, TASKS, TRAINED, Settings, parse_list
+from .config import CODE_TASKS, FAMILY, METHODS, RECIPES, TASKS, TRAINED, Settings, parse_list, short_hash
 
 DEFAULT_METHODS = ",".join(METHODS)
 DEFAULT_TASKS = ",".join(TASKS)
@@ -76,6 +76,10 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch here and in training (default: torch's). On a CPU shared with other "
                         "jobs, 1 avoids threads spin-waiting on each other (many times faster there)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells and trainings run at once, each in its own process with --threads threads (default "
+                        "%(default)s). On a CPU, --jobs CORES --threads 1 is the fastest; each job logs to "
+                        "WORK_DIR/logs/")
     p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
     p.add_argument("--output", default="leaderboards/leaderboard.csv",
@@ -177,6 +181,8 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
 
     methods = parse_list(args.methods, METHODS, "methods")
     tasks = parse_list(args.tasks, None, "tasks")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if settings.limit < 0:
         raise ValueError("--limit must be >= 0 (0 = every item)")
     protocol = settings.decoding()  # before any compute: k, temperature, top-p, the preset's name
@@ -224,12 +230,16 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
     # 2. cells: the untrained methods first (their numbers come before any training time), then each trained
     # method's cells, its family's adapter trained (or reused) right before the first cell that needs it
     order = sorted([(m, t) for m in methods for t in tasks], key=lambda c: (c[0] in TRAINED, methods.index(c[0])))
-    paths = []
-    for k, (method, task) in enumerate(order, 1):
-        path = cells.result_path(runs, settings, method, task)
-        paths.append(path)
+    paths = [cells.result_path(runs, settings, m, t) for m, t in order]
+    for k, ((method, task), path) in enumerate(zip(order, paths), 1):
         if (method, task) not in todo:
             print(f"[cell {k}/{len(order)}] {method} x {task}: done ({path})", flush=True)
+    if args.jobs > 1:
+        _run_pool(settings, args, todo, need, work, runs, batch_size, device)
+        print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
+        return paths
+    for k, (method, task) in enumerate(order, 1):
+        if (method, task) not in todo:
             continue
         adapter = None
         if method in TRAINED:
@@ -244,9 +254,29 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
             adapter = adapters[method, family]
         print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
               flush=True)
-        if task in CODE_TASKS:
-            cells.score_code(settings, method, task, adapter, runs, batch_size, device)
-        else:
-            cells.score_lm_eval(settings, method, task, adapter, runs, work, batch_size, device)
+        cells.score(settings, method, task, runs, work, batch_size, device, adapter)
     print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
     return paths
+
+
+def _run_pool(settings: Settings, args: argparse.Namespace, todo: list, need: list, work: Path, runs: Path,
+              batch_size: int | str, device: str) -> None:
+    """``--jobs N``: the missing adapters and cells as jobs of ``pool.run_jobs``, the longest cells first."""
+    from . import cells, train
+    from .pool import Job, run_jobs
+
+    logs = work / "logs"
+    jobs = []
+    for method, family in need:
+        data, _ = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
+        jobs.append(Job(f"train {method} ({family})", train.adapter,
+                        (settings, method, family, data, work, device == "cuda", args.threads),
+                        logs / f"train-{method}-{family}.log"))
+    # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
+    longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] == "textmas" else 1))
+    for method, task in longest:
+        after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
+        jobs.append(Job(f"{method} x {task}", cells.score, (settings, method, task, runs, work, batch_size, device),
+                        logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log",
+                        after))
+    run_jobs(jobs, args.jobs, args.threads)
