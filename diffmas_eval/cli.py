@@ -66,10 +66,11 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def sft_data(args: argparse.Namespace) -> int:
-    from .training.data import build
+    from .training.data import build_set
 
-    bounds = build(args.family, args.out, args.n, args.data_dir)
-    print(f"wrote {args.out}; held out for evaluation: " + ", ".join(f"{t} --limit <= {b}" for t, b in bounds.items()))
+    bounds, used = build_set(args.family, args.out, args.n, args.data_dir, args.source)
+    held = ", ".join(f"{t} --limit <= {b}" for t, b in bounds.items()) or "nothing (a training split)"
+    print(f"wrote {args.out} (source: {used}); held out for evaluation: {held}")
     return 0
 
 
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p_data.add_argument("--family", required=True, choices=["math", "commonsense", "code"])
     p_data.add_argument("--out", required=True)
     p_data.add_argument("--n", type=int, default=None, help="examples (default: the paper's 210/700/50)")
+    p_data.add_argument("--source", default="offline", choices=["offline", "paper"],
+                        help="offline: the last rows of the local benchmark files | paper: MATH train and "
+                             "CommonsenseQA train from the hub, the last 50 HumanEval problems (offline rows when "
+                             "the hub is out of reach)")
     p_data.add_argument("--data-dir", default=None, help="local benchmark data; default $DIFFMAS_DATA_DIR")
     p_data.set_defaults(func=sft_data)
 

@@ -169,7 +169,7 @@ def test_interrupted_training_restarts_cleanly_and_a_finished_adapter_is_reused(
     settings = Settings(model=str(tiny_path), agents=2, latent_steps=2, train_steps=2, train_batch_size=1,
                         train_max_length=2048, sft_examples={"commonsense": 4})
     work = mini / "cache"
-    data, _ = train.sft_set("commonsense", 4, work, str(data_dir))
+    data, _, _ = train.sft_set("commonsense", 4, work, str(data_dir))
     out = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
     assert "reusing" in capsys.readouterr().out  # the mini leaderboard trained exactly this one
     (out / train.MARKER).unlink()  # as if killed after a checkpoint that cannot be read

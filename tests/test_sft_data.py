@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from diffmas_eval.tasks import utils
 from diffmas_eval.training.data import build
 
@@ -39,3 +41,44 @@ def test_math_set_ends_with_a_boxed_answer_the_task_extracts(data_dir, tmp_path)
         doc = {"answer": g["answer"].split("####")[-1].strip().replace(",", "")}
         assert utils.process_number(doc, [row["completion"]]) == {"exact_match": 1}
     assert bounds == {"diffmas_gsm8k": 1319 - 5}
+
+
+def test_paper_sources_or_their_offline_fallback(data_dir, tmp_path, capsys):
+    """``source="paper"``: the 50 last HumanEval problems (local), MATH's training split from the hub, or,
+    where the hub is out of reach (this machine, CI), the offline rows, saying so and reporting it."""
+    from diffmas_eval.leaderboard.config import Settings
+    from diffmas_eval.leaderboard.train import check_disjoint
+    from diffmas_eval.training.data import build_set
+
+    bounds, used = build_set("code", tmp_path / "code.jsonl", data_dir=data_dir, source="paper")
+    rows = _prompts(tmp_path / "code.jsonl")
+    assert used.startswith("paper") and len(rows) == 50 and bounds == {"humanevalplus": 164 - 50}
+    import gzip
+
+    with gzip.open(data_dir / "humanevalplus" / "HumanEvalPlus.jsonl.gz", "rt") as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert last["task_id"] == "HumanEval/163" and rows[-1] == {"prompt": last["prompt"],
+                                                               "completion": last["canonical_solution"]}
+    check_disjoint("code", bounds, ["humanevalplus"], 114)
+    with pytest.raises(ValueError, match="humanevalplus: .* at most its first 114 items"):
+        check_disjoint("code", bounds, ["humanevalplus"], 115)
+
+    bounds, used = build_set("math", tmp_path / "math.jsonl", n=5, data_dir=data_dir, source="paper")
+    rows = _prompts(tmp_path / "math.jsonl")
+    if used == "offline":  # no hub: the offline GSM8K rows, and a line that says so
+        assert "out of reach" in capsys.readouterr().out and bounds == {"diffmas_gsm8k": 1319 - 5}
+        assert rows == [json.loads(line) for line in _offline(data_dir, tmp_path)]
+    else:  # the MATH training split: a boxed solution, no test task to stay disjoint from
+        assert used == "paper: EleutherAI/hendrycks_math" and bounds == {} and len(rows) == 5
+        assert all("\\boxed" in r["completion"] for r in rows)
+    # the source used keys the adapter: a fallback never reuses a paper-data adapter
+    paper = Settings(recipe="paper", sft_sources={"math": used}).training("diffmas", "math")
+    assert paper["sft_source"] == used
+    assert Settings(recipe="paper", sft_sources={"math": "elsewhere"}).training("diffmas", "math") != paper
+    with pytest.raises(ValueError, match="unknown SFT source 'hub'; choose one of offline, paper"):
+        build_set("math", tmp_path / "x.jsonl", data_dir=data_dir, source="hub")
+
+
+def _offline(data_dir, tmp_path):
+    build("math", tmp_path / "offline.jsonl", n=5, data_dir=data_dir)
+    return (tmp_path / "offline.jsonl").read_text().splitlines()

@@ -220,12 +220,14 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
         raise ValueError(f"no SFT family for task(s) {', '.join(unknown)}, so {', '.join(trained)} cannot be scored "
                          "on them; name the adapter that scores each: --task-family TASK=FAMILY (families: "
                          f"{sorted(set(FAMILY.values()))}), or drop them from --tasks or --methods")
-    todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
-    need = sorted({(m, settings.family_of(t)) for m, t in todo if m in TRAINED})
+    sets: dict[str, Path] = {}
     for family in families if trained else []:  # before anything runs: no trained method sees a scored item
-        data, bounds = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
+        sets[family], bounds, settings.sft_sources[family] = train.sft_set(
+            family, settings.sft_examples.get(family), work, args.data_dir, settings.recipe_settings()["data"])
         for task in tasks:
             train.check_disjoint(family, bounds, [task], settings.limit_of(task))
+    todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
+    need = sorted({(m, settings.family_of(t)) for m, t in todo if m in TRAINED})
 
     # 2. cells: the untrained methods first (their numbers come before any training time), then each trained
     # method's cells, its family's adapter trained (or reused) right before the first cell that needs it
@@ -235,7 +237,7 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
         if (method, task) not in todo:
             print(f"[cell {k}/{len(order)}] {method} x {task}: done ({path})", flush=True)
     if args.jobs > 1:
-        _run_pool(settings, args, todo, need, work, runs, batch_size, device)
+        _run_pool(settings, args, todo, need, sets, work, runs, batch_size, device)
         print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
         return paths
     for k, (method, task) in enumerate(order, 1):
@@ -248,9 +250,8 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
                 done_n = sum(1 for x in need if x in adapters) + 1
                 print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "
                       f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
-                data, _ = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
-                adapters[method, family] = train.adapter(settings, method, family, data, work, device == "cuda",
-                                                            args.threads)
+                adapters[method, family] = train.adapter(settings, method, family, sets[family], work,
+                                                            device == "cuda", args.threads)
             adapter = adapters[method, family]
         print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
               flush=True)
@@ -259,8 +260,8 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
     return paths
 
 
-def _run_pool(settings: Settings, args: argparse.Namespace, todo: list, need: list, work: Path, runs: Path,
-              batch_size: int | str, device: str) -> None:
+def _run_pool(settings: Settings, args: argparse.Namespace, todo: list, need: list, sets: dict, work: Path,
+              runs: Path, batch_size: int | str, device: str) -> None:
     """``--jobs N``: the missing adapters and cells as jobs of ``pool.run_jobs``, the longest cells first."""
     from . import cells, train
     from .pool import Job, run_jobs
@@ -268,9 +269,8 @@ def _run_pool(settings: Settings, args: argparse.Namespace, todo: list, need: li
     logs = work / "logs"
     jobs = []
     for method, family in need:
-        data, _ = train.sft_set(family, settings.sft_examples.get(family), work, args.data_dir)
         jobs.append(Job(f"train {method} ({family})", train.adapter,
-                        (settings, method, family, data, work, device == "cuda", args.threads),
+                        (settings, method, family, sets[family], work, device == "cuda", args.threads),
                         logs / f"train-{method}-{family}.log"))
     # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
     longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] == "textmas" else 1))

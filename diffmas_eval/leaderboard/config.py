@@ -29,11 +29,12 @@ PRIMARY = {"diffmas_arc_challenge": "acc", "diffmas_commonsense_qa": "acc", "hum
            "mbppplus": "pass@1"}
 # --recipe: the trainer's settings. "offline": today's short CPU run. "paper": the DiffMAS paper's LoRA r 8 /
 # alpha 16, AdamW at 5e-5 with a cosine schedule, gradient accumulation to an effective batch of 64, and
-# epochs over the SFT set (10 for the 50 code problems, as the paper says; 1 elsewhere, inferred)
-RECIPES = {"offline": {"lr_scheduler": "constant", "effective_batch": None, "epochs": None},
+# epochs over the SFT set (10 for the 50 code problems, as the paper says; 1 elsewhere, inferred), on the paper's
+# SFT sources (training/data.py: MATH train, CommonsenseQA train, 50 HumanEval problems; offline rows without the hub)
+RECIPES = {"offline": {"lr_scheduler": "constant", "effective_batch": None, "epochs": None, "data": "offline"},
            "paper": {"lr_scheduler": "cosine", "effective_batch": 64, "epochs": {"code": 10, "math": 1,
                                                                                    "commonsense": 1},
-                     "learning_rate": 5e-5, "lora_r": 8, "lora_alpha": 16}}
+                     "learning_rate": 5e-5, "lora_r": 8, "lora_alpha": 16, "data": "paper"}}
 
 
 def primary_metric(task: str) -> str:
@@ -72,6 +73,9 @@ class Settings:
     recipe: str = "offline"
     limits: dict = field(default_factory=dict)  # task -> n, overriding ``limit`` (--limit TASK=N)
     families: dict = field(default_factory=dict)  # task -> SFT family for tasks FAMILY lacks (--task-family)
+    # family -> the source its SFT set really came from (the paper's falls back offline without the hub); set
+    # once the sets are built, so an adapter's hash names the data it saw
+    sft_sources: dict = field(default_factory=dict)
 
     def family_of(self, task: str) -> str | None:
         return self.families.get(task) or FAMILY.get(task)
@@ -106,7 +110,8 @@ class Settings:
             epochs = recipe["epochs"][family]
             spec.update(recipe=self.recipe, learning_rate=recipe["learning_rate"], lora_r=recipe["lora_r"],
                         lora_alpha=recipe["lora_alpha"], lr_scheduler=recipe["lr_scheduler"], epochs=epochs,
-                        steps=None, accumulation=max(1, recipe["effective_batch"] // self.train_batch_size))
+                        steps=None, accumulation=max(1, recipe["effective_batch"] // self.train_batch_size),
+                        sft_source=self.sft_sources.get(family, recipe["data"]))
         return spec
 
     def cell(self, method: str, task: str) -> dict:

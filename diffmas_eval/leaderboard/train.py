@@ -28,13 +28,15 @@ SAME_SOURCE = {"gsm8k": "diffmas_gsm8k", "gsm8k_cot": "diffmas_gsm8k", "arc_chal
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "diffmas.json")
 
 
-def sft_set(family: str, n: int | None, work: Path, data_dir: str | None) -> tuple[Path, dict[str, int]]:
-    """Write the family's SFT set (``diffmas-eval sft-data``); return it and its disjointness bounds."""
-    from ..training.data import build
+def sft_set(family: str, n: int | None, work: Path, data_dir: str | None,
+            source: str = "offline") -> tuple[Path, dict[str, int], str]:
+    """Write the family's SFT set (``diffmas-eval sft-data``); return it, its disjointness bounds and the source
+    its rows came from (``paper`` falls back to ``offline`` without the hub)."""
+    from ..training.data import build_set
 
-    path = work / "sft" / f"{family}{'' if n is None else f'-{n}'}.jsonl"
-    bounds = build(family, path, n, data_dir)
-    return path, bounds
+    path = work / "sft" / f"{family}{'' if source == 'offline' else '-' + source}{'' if n is None else f'-{n}'}.jsonl"
+    bounds, used = build_set(family, path, n, data_dir, source)
+    return path, bounds, used
 
 
 def check_disjoint(family: str, bounds: dict[str, int], tasks: list[str], limit: int) -> None:

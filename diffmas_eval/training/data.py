@@ -5,6 +5,14 @@ The split rule: lm-eval's ``--limit N`` scores the *first* N items of a task, so
 touches a training item; ``build`` prints that bound. Prompts are formatted exactly as this
 package's lm-eval tasks format them, so the trained final agent sees at evaluation what it saw in
 training. Family sizes follow the paper (about 210 math, 700 commonsense, 50 code examples).
+
+Two sources (``source=``): ``offline``, the last rows of the local benchmark files above; and ``paper``, the
+DiffMAS paper's: math from the MATH training split (hub ``EleutherAI/hendrycks_math``, disjoint from MATH-500,
+which is drawn from the test split), commonsense from CommonsenseQA's training split (hub
+``tau/commonsense_qa``; the task scores its validation split), code from the last 50 HumanEval problems (so
+HumanEval+ may score its first 114). When the hub cannot be reached the paper source falls back to the offline
+rows for that family, says so, and reports which source it used, so a leaderboard keys its adapters by the
+data they really saw.
 """
 
 from __future__ import annotations
@@ -17,6 +25,10 @@ from pathlib import Path
 from ..tasks import utils as tasks
 
 FAMILIES = {"math": 210, "commonsense": 700, "code": 50}
+SOURCES = ("offline", "paper")
+MATH_HUB = ("EleutherAI/hendrycks_math", ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                                          "number_theory", "prealgebra", "precalculus"))
+COMMONSENSE_HUB = "tau/commonsense_qa"
 MATH_PROMPT = "Question: {q}\nPlease reason step by step, and put your final answer within \\boxed{{}}.\nAnswer:"
 
 
@@ -52,21 +64,88 @@ def _code(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
     return out, {"mbppplus": _count(path) - n}  # the leaderboard task it must stay disjoint from
 
 
+def _sample(rows: list, n: int) -> list:
+    """``n`` rows spread over the whole split (a fixed seed: the same set on every machine)."""
+    import random
+
+    return random.Random(0).sample(rows, min(n, len(rows)))
+
+
+def _paper_math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
+    from datasets import load_dataset
+
+    name, subjects = MATH_HUB
+    rows = [r for subject in subjects for r in load_dataset(name, subject, split="train")]
+    out = [{"prompt": MATH_PROMPT.format(q=r["problem"]), "completion": " " + r["solution"].strip()}
+           for r in _sample(rows, n)]
+    return out, {}  # the training split: no test task shares its items
+
+
+def _paper_commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
+    from datasets import load_dataset
+
+    rows = tasks._choice_rows(None, _sample(list(load_dataset(COMMONSENSE_HUB, split="train")), n))
+    return [{"prompt": f"Question: {r['question']}\nAnswer:", "completion": " " + r["choices"][r["label"]]}
+            for r in rows], {}
+
+
+def _paper_code(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
+    import gzip
+
+    local = data_dir / "humanevalplus" / "HumanEvalPlus.jsonl.gz"
+    if local.exists():
+        with gzip.open(local, "rt", encoding="utf-8") as f:
+            problems = [json.loads(line) for line in f if line.strip()]
+    else:  # EvalPlus fetches its release itself
+        from evalplus.data import get_human_eval_plus
+
+        problems = list(get_human_eval_plus().values())
+    rows = problems[-n:]
+    return ([{"prompt": r["prompt"], "completion": r["canonical_solution"]} for r in rows],
+            {"humanevalplus": len(problems) - len(rows)})
+
+
+PAPER = {"math": (_paper_math, MATH_HUB[0]), "commonsense": (_paper_commonsense, COMMONSENSE_HUB),
+         "code": (_paper_code, "HumanEval (last problems)")}
+
+
 def _count(path: Path) -> int:
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
 
 
-def build(family: str, out: str | Path, n: int | None = None, data_dir: str | Path | None = None) -> dict[str, int]:
+def build(family: str, out: str | Path, n: int | None = None, data_dir: str | Path | None = None,
+          source: str = "offline") -> dict[str, int]:
     """Write the family's SFT JSONL; return, per evaluation task, the largest ``--limit`` that stays disjoint."""
+    return build_set(family, out, n, data_dir, source)[0]
+
+
+def build_set(family: str, out: str | Path, n: int | None = None, data_dir: str | Path | None = None,
+              source: str = "offline") -> tuple[dict[str, int], str]:
+    """``build``, also returning the source the rows came from (``paper`` falls back to ``offline``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown SFT source {source!r}; choose one of {', '.join(SOURCES)}")
     data_dir = Path(data_dir or os.environ.get(tasks.DATA_ENV, ""))
-    if not str(data_dir) or not data_dir.is_dir():
-        raise ValueError("training sets are built from local benchmark files: pass --data-dir or set "
-                         "DIFFMAS_DATA_DIR (layout of shared/data)")
-    rows, bounds = {"math": _math, "commonsense": _commonsense, "code": _code}[family](data_dir, n or FAMILIES[family])
+    have_local = bool(str(data_dir)) and data_dir.is_dir()
+    n = n or FAMILIES[family]
+    rows = None
+    if source == "paper":
+        make, where = PAPER[family]
+        try:
+            rows, bounds = make(data_dir, n)
+            used = f"paper: {where}"
+        except (OSError, ImportError) as err:  # datasets' ConnectionError is an OSError: the hub is out of reach
+            print(f"SFT set {family}: the paper's source {where} is out of reach ({type(err).__name__}: "
+                  f"{str(err)[:200]}); using the offline set instead", flush=True)
+    if rows is None:
+        if not have_local:
+            raise ValueError("the offline training sets are built from local benchmark files: pass --data-dir or "
+                             "set DIFFMAS_DATA_DIR (layout of shared/data)")
+        rows, bounds = {"math": _math, "commonsense": _commonsense, "code": _code}[family](data_dir, n)
+        used = "offline"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return bounds
+    return bounds, used
