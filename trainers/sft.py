@@ -34,7 +34,9 @@ class DiffMASArguments:
     agents: int = field(default=4, metadata={"help": "agents, final agent included"})
     latent_steps: int = field(default=10, metadata={"help": "latent thoughts per upstream agent"})
     realign: str = field(default="ridge", metadata={"help": "ridge | identity | none"})
-    trace: str = field(default="concat", metadata={"help": "concat | overwrite"})
+    trace: str = field(default="concat", metadata={"help": "concat | overwrite | stitch (segments built apart)"})
+    topology: str = field(default="sequential", metadata={"help": "sequential | hierarchical (domain agents + "
+                                                                  "summarizer)"})
     stage1_grad: str = field(default="full", metadata={"help": "full | none (no gradient through stage 1)"})
     train_realign: bool = field(default=False, metadata={"help": "train the realignment W_a too"})
     max_trace_tokens: int | None = field(default=None, metadata={"help": "refuse longer latent traces"})
@@ -55,7 +57,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     prepare_tokenizer(tokenizer)
     chain = LatentConfig.from_dict({"agents": dm_args.agents, "latent_steps": dm_args.latent_steps,
-                                    "realign": dm_args.realign, "trace": dm_args.trace,
+                                    "realign": dm_args.realign, "trace": dm_args.trace, "topology": dm_args.topology,
                                     "stage1_grad": dm_args.stage1_grad, "max_trace_tokens": dm_args.max_trace_tokens})
     dataset = load_data(script_args.dataset_name, script_args.dataset_config)
     test_split = script_args.dataset_test_split
