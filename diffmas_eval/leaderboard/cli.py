@@ -10,9 +10,19 @@ from pathlib import Path
 
 from ..protocol import PROTOCOLS
 from .collect import STABILITY_METRICS
-from .config import CODE_TASKS, FAMILY, METHODS, RECIPES, TASKS, TRAINED, Settings, parse_list, short_hash
+from .config import (
+    CODE_TASKS,
+    DEFAULT_METHODS,
+    FAMILY,
+    METHODS,
+    RECIPES,
+    TASKS,
+    TRAINED,
+    Settings,
+    parse_list,
+    short_hash,
+)
 
-DEFAULT_METHODS = ",".join(METHODS)
 DEFAULT_TASKS = ",".join(TASKS)
 
 
@@ -31,7 +41,10 @@ def add_leaderboard_parser(sub) -> None:
     p = sub.add_parser("leaderboard", help="train, score and compare every method; write CSV, table and charts",
                        description=__doc__)
     p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {DEFAULT_METHODS}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                        "stitchmas: DiffMAS with segments built apart, trained; latentmas-hier / diffmas-hier: the "
+                        "hierarchical chain, untrained / trained)")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated lm-eval task names, and humanevalplus (default: {DEFAULT_TASKS})")
     p.add_argument("--limit", default=str(d.limit), metavar="N[,TASK=N,...]",
