@@ -17,6 +17,7 @@ from .config import (
     METHODS,
     RECIPES,
     TASKS,
+    TEXT_METHODS,
     TRAINED,
     Settings,
     parse_list,
@@ -44,7 +45,8 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
                         "stitchmas: DiffMAS with segments built apart, trained; latentmas-hier / diffmas-hier: the "
-                        "hierarchical chain, untrained / trained)")
+                        "hierarchical chain, untrained / trained; textmas-sft: the text MAS with its final agent "
+                        "LoRA-trained over the notes the untrained agents write for the SFT prompts)")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated lm-eval task names, and humanevalplus (default: {DEFAULT_TASKS})")
     p.add_argument("--limit", default=str(d.limit), metavar="N[,TASK=N,...]",
@@ -286,7 +288,7 @@ def _run_pool(settings: Settings, args: argparse.Namespace, todo: list, need: li
                         (settings, method, family, sets[family], work, device == "cuda", args.threads),
                         logs / f"train-{method}-{family}.log"))
     # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
-    longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] == "textmas" else 1))
+    longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] in TEXT_METHODS else 1))
     for method, task in longest:
         after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
         jobs.append(Job(f"{method} x {task}", cells.score, (settings, method, task, runs, work, batch_size, device),

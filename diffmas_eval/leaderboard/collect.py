@@ -47,7 +47,9 @@ def infer_method(model: str, args: dict) -> str:
             return "stitchmas"
         return "diffmas" if trained else "latentmas"
     if model == "textmas":
-        return "textmas"
+        if args.get("peft"):
+            return "single-sft" if args.get("agents") == "1" else "textmas-sft"
+        return "single" if args.get("agents") == "1" else "textmas"
     raise BadResults(f"cannot tell the method of model {model!r}; name it: --from-results METHOD=PATH")
 
 

@@ -10,6 +10,7 @@ the directory's name), or restarts cleanly when that checkpoint cannot be read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -102,6 +103,21 @@ def _stream(cmd: list[str], log: Path) -> int:
         return proc.wait()
 
 
+def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
+    """``data`` with textmas's notes before each prompt (``training/notes.py``), named by what made them."""
+    from ..training.notes import write_notes_set
+
+    notes = settings.notes()
+    digest = short_hash({"data": hashlib.sha256(data.read_bytes()).hexdigest(), "model": settings.model, **notes})
+    extra = dict(a.split("=", 1) for a in settings.textmas_args.split(",") if "=" in a)
+    model_args = {"pretrained": settings.model, "agents": settings.agents,
+                  "agent_max_tokens": settings.agent_max_tokens, "device": "cuda" if cuda else "cpu", **extra}
+    out = work / "sft" / f"{data.stem}-notes-{digest}.jsonl"
+    print(f"== textmas-sft: the upstream notes for {data.name} ({'cached' if out.exists() else 'writing'} {out})",
+          flush=True)
+    return write_notes_set(data, out, model_args)
+
+
 def _last_checkpoint(out: Path) -> Path | None:
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return checkpoints[-1] if checkpoints else None
@@ -116,6 +132,8 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     if finished(out, digest):
         print(f"== {method} adapter ({family}): reusing {out}", flush=True)
         return out
+    if method == "textmas-sft":  # the SFT rows with the untrained text agents' notes (cached by their settings)
+        data = notes_set(settings, data, work, cuda)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     resume = _last_checkpoint(out)
