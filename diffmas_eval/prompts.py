@@ -56,7 +56,7 @@ FINAL_PREAMBLE = (
 )
 
 
-# hierarchical text MAS (LatentMAS): independent domain agents, then a summarizer (text MAS only)
+# the hierarchical topology (LatentMAS): independent domain agents, then a summarizer (textmas and diffmas)
 TEXT_ROLES: dict[str, Role] = {
     **ROLES,
     **_by_name(

@@ -61,6 +61,10 @@ def trace_embeddings(model, trace: LatentTrace, finals: list[list[int]]) -> list
     if len(trace.history) != len(trace.segments):
         raise ValueError("an overwrite trace (trace=overwrite) is not one causal sequence of input embeddings; "
                          "it cannot be sent to vLLM: use trace=concat, or stage2=hf")
+    if bool((trace.next_pos != trace.mask.sum(-1)).any()):  # positions restarted per segment
+        raise ValueError("a stitched or hierarchical trace (trace=stitch, topology=hierarchical) is not one causal "
+                         "sequence of input embeddings (each segment was built apart, from position 0); it cannot "
+                         "be sent to vLLM: use trace=concat, or stage2=hf")
     if any(s.prompt_ids is None or (s.latent and s.latents is None) for s in trace.segments):
         raise ValueError("the trace has no recorded inputs: run chain.stage1(questions, record_inputs=True)")
     embed = model.get_input_embeddings()

@@ -189,7 +189,7 @@ def test_too_long_trace_fails_before_compute_naming_both_numbers(tiny_llama):
 
 
 def test_bad_config_lists_valid_choices(tiny_llama):
-    with pytest.raises(ValueError, match="valid roles: critic, planner, refiner, solver"):
+    with pytest.raises(ValueError, match="valid roles: code, critic, math, planner, refiner, science, solver, summ"):
         chain_for(tiny_llama, roles=["planer", "solver"])
     with pytest.raises(ValueError, match="valid options: .*latent_steps"):
         LatentConfig.from_dict({"latent_step": 3})

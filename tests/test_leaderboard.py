@@ -207,3 +207,46 @@ def test_a_failing_job_names_itself_and_its_log(tiny_path, tmp_path, capsys):
     assert "no_such_task" in capsys.readouterr().out  # the log's tail, printed
     assert main([*args, "--jobs", "0"]) == 2
     assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, tmp_path, monkeypatch):
+    """stitchmas (trained, trace=stitch), latentmas-hier (untrained, topology=hierarchical) and textmas-sft (the
+    final text agent trained over the untrained agents' notes) as leaderboard methods: the layout reaches the
+    trainer (diffmas.json), lm-eval's model_args and the collector; the notes are what textmas writes."""
+    import torch
+
+    from diffmas_eval.leaderboard.config import Settings
+
+    monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
+    threads = torch.get_num_threads()
+    out = tmp_path / "leaderboard.csv"
+    try:
+        assert main(["leaderboard", "--model", str(tiny_path), "--methods", "stitchmas,latentmas-hier,textmas-sft",
+                     "--agent-max-tokens", "4", "--tasks",
+                     "diffmas_arc_challenge", "--limit", "2", "--agents", "3", "--latent-steps", "2",
+                     "--train-steps", "1", "--train-max-length", "2048", "--sft-examples", "commonsense=4",
+                     "--batch-size", "2", "--threads", "1", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in read_rows(out) if r["metric"] == "acc"]
+    assert sorted(r["method"] for r in rows) == ["latentmas-hier", "stitchmas", "textmas-sft"]
+    for r in rows:
+        results = json.loads(Path(r["source"]).read_text())
+        model_args = results["config"]["model_args"]
+        layout = {"stitchmas": "trace=stitch", "latentmas-hier": "topology=hierarchical",
+                  "textmas-sft": "agents=3,agent_max_tokens=4"}[r["method"]]
+        assert layout in model_args and ("peft=" in model_args) == (r["method"] != "latentmas-hier")
+        del results["leaderboard"]  # as if made elsewhere: the method comes from the model_args
+        foreign = tmp_path / f"foreign-{r['method']}.json"
+        foreign.write_text(json.dumps(results))
+        assert {x["method"] for x in collect([str(foreign)])} == {r["method"]}
+    (stitched,) = [r for r in rows if r["method"] == "stitchmas"]
+    assert json.loads(Path(stitched["adapter"], "diffmas.json").read_text())["trace"] == "stitch"
+    (text,) = [r for r in rows if r["method"] == "textmas-sft"]
+    marker = json.loads(Path(text["adapter"], "leaderboard-adapter.json").read_text())
+    trained_on = [json.loads(line) for line in Path(marker["data"]).read_text().splitlines()]
+    assert "notes" in marker["data"] and len(trained_on) == 4 and marker["training"]["agents"] == 1
+    assert all(r["prompt"].startswith("[Notes from the planner, critic agent(s) follow.") for r in trained_on)
+    assert "trace" not in Settings().cell("diffmas", "diffmas_gsm8k")  # the sequential methods keep their hashes
+    assert Settings().cell("stitchmas", "diffmas_gsm8k")["training"]["trace"] == "stitch"

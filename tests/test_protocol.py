@@ -1,9 +1,7 @@
 """The presets reach lm-eval (read back from the results JSON) and the trainer (its own argument parser),
 and bad protocol input is refused before any compute."""
 
-import importlib.util
 import json
-import sys
 import time
 
 import pytest
@@ -34,19 +32,15 @@ def test_paper_protocol_reaches_lm_eval_and_the_config_hash(tiny_path, local_dat
 
 
 def _sft_parser():
-    spec = importlib.util.spec_from_file_location("sft_script", train.REPO / "trainers" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+    from diffmas_eval.training.sft import parser
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, module.DiffMASArguments))
+    return parser()  # the trainer's own: what `accelerate launch -m diffmas_eval.training.sft` parses
 
 
 def test_paper_recipe_reaches_the_trainer(tmp_path):
     spec = Settings(recipe="paper", train_batch_size=2).training("diffmas", "code")
     cmd = train.launch_command(spec, tmp_path / "code.jsonl", tmp_path / "out", None, cuda=False)
-    argv = cmd[cmd.index(str(train.REPO / "trainers" / "sft.py")) + 1:]
+    argv = cmd[cmd.index(train.TRAINER) + 1:]
     # `accelerate launch --cpu` tells the trainer it runs on a CPU; parsing alone needs it said
     script, args, model, dm = _sft_parser().parse_args_and_config([*argv, "--use_cpu", "true"])
     assert (args.learning_rate, args.lr_scheduler_type.value, args.gradient_accumulation_steps) == (5e-5, "cosine", 32)

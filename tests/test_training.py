@@ -154,3 +154,14 @@ def test_upstream_agents_see_the_prompt_only(tiny_path, tmp_path):
     assert batch["diffmas_question"] == [ROWS[3]["prompt"][0]["content"], "What is 2 + 3?"]
     # the final agent's prompt carries the trace note inside the user turn, as lm-eval's diffmas builds it
     assert trainer.train_dataset[1]["prompt"][1]["content"].startswith("[Latent thoughts from the planner")
+
+
+@pytest.mark.parametrize("layout", [{"trace": "stitch"}, {"topology": "hierarchical",
+                                                          "roles": ["math", "science", "code", "summarizer"]}])
+def test_training_through_independent_segments(tiny_path, tmp_path, layout):
+    """StitchMAS and the hierarchical chain train like the sequential one: the loss falls, LoRA learns."""
+    trainer = make_trainer(tiny_path, tmp_path, steps=8, lr=1e-2, **layout)
+    assert trainer.diffmas_config.independent
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1

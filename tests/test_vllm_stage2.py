@@ -67,6 +67,11 @@ def test_overwrite_trace_or_missing_inputs_are_refused():
         over = chain.stage1(QUESTIONS[:1], record_inputs=True)
     with pytest.raises(ValueError, match="not one causal sequence.*trace=concat"):
         trace_embeddings(chain.model, over, [[1, 2]])
+    chain.config.trace = "stitch"
+    with torch.no_grad():
+        stitched = chain.stage1(QUESTIONS[:1], record_inputs=True)
+    with pytest.raises(ValueError, match="stitched or hierarchical trace .* not one causal sequence"):
+        trace_embeddings(chain.model, stitched, [[1, 2]])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -73,3 +73,22 @@ def test_installed_wheel_runs_lm_eval_diffmas(installed, tiny_path, local_data, 
     assert result["config"]["model"] == "diffmas"
     assert 0 <= result["results"]["diffmas_arc_challenge"]["acc,none"] <= 1
     assert result["n-samples"]["diffmas_arc_challenge"]["effective"] == 2
+
+
+def test_installed_wheel_trains_and_scores_the_leaderboard(installed, tiny_path, local_data, tmp_path):
+    """``pip install diffmas-eval && diffmas-eval leaderboard`` with trained methods: the adapters are trained by
+    the package's own entry point (``accelerate launch -m diffmas_eval.training.sft``), no checkout file."""
+    python, site = installed
+    out = tmp_path / "lb" / "leaderboard.csv"
+    run = subprocess.run(
+        [str(python.with_name("diffmas-eval")), "leaderboard", "--model", str(tiny_path), "--methods",
+         "single-sft,diffmas", "--tasks", "diffmas_arc_challenge", "--limit", "1", "--agents", "2",
+         "--latent-steps", "1", "--train-steps", "1", "--train-max-length", "2048", "--sft-examples",
+         "commonsense=4", "--batch-size", "1", "--threads", "1", "--output", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_fresh_env(local_data))
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    rows = [r for r in out.read_text().splitlines()[1:] if ",acc," in r]
+    assert sorted(r.split(",")[2] for r in rows) == ["diffmas", "single-sft"]
+    logs = list((out.parent / "cache" / "adapters").glob("*/train.log"))
+    assert len(logs) == 2 and all("-m diffmas_eval.training.sft" in log.read_text() for log in logs)
+    assert str(ROOT / "trainers") not in run.stdout

@@ -34,7 +34,15 @@ from tqdm import tqdm
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
-from ..prompts import default_roles, family_roles, final_preamble, last_user_turn, load_roles
+from ..prompts import (
+    TEXT_ROLES,
+    default_roles,
+    family_roles,
+    final_preamble,
+    last_user_turn,
+    load_roles,
+    topology_roles,
+)
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
@@ -47,7 +55,9 @@ OPTIONS = {
     "agents": "number of agents, final agent included (default 4: planner, critic, refiner, solver)",
     "latent_steps": "latent thoughts per upstream agent (default 10)",
     "realign": "ridge | identity | none",
-    "trace": "concat | overwrite",
+    "trace": "concat | overwrite | stitch (StitchMAS: each upstream segment built without seeing the others)",
+    "topology": "sequential (default: planner, critic, refiner, ...) | hierarchical (math, science, code domain "
+                "agents over the question alone, then a summarizer)",
     "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
     "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
@@ -76,8 +86,10 @@ def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: s
     if stage2 == "hf":
         return
     if trace != "concat":
-        raise ValueError("stage2=vllm needs trace=concat: an overwrite trace is not one causal sequence of input "
-                         "embeddings, so vLLM cannot replay it; use stage2=hf for trace=overwrite")
+        raise ValueError(f"stage2=vllm needs trace=concat and topology=sequential: the {trace} trace is not one "
+                         "causal sequence of input embeddings (overwrite drops segments; stitch and hierarchical "
+                         "mask each segment from the others and restart its positions), so vLLM cannot replay "
+                         f"it; use stage2=hf for {trace}")
     if not base_url:
         raise ValueError("stage2=vllm needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1 "
                          "(a server started with `vllm serve MODEL --enable-prompt-embeds`)")
@@ -90,7 +102,7 @@ def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: s
 class DiffMASLM(HFLM):
     def __init__(self, pretrained=DEFAULT_MODEL, peft: str | None = None, agents: int | None = None,
                  latent_steps: int | None = None, realign: str | None = None, trace: str | None = None,
-                 roles: str | None = None, family: str | None = None,
+                 topology: str | None = None, roles: str | None = None, family: str | None = None,
                  device: str | None = None, batch_size: int | str = 1,
                  max_trace_tokens: int | None = None, enable_thinking: bool | None = None, stage2: str = "hf",
                  latent_dtype: str = "model",
@@ -104,21 +116,22 @@ class DiffMASLM(HFLM):
         local = isinstance(pretrained, str) and not pretrained.startswith("bundled:")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
         saved, realign_file = load_chain_config(peft, pretrained if local else None)
-        role_map, order = family_roles(family), saved.get("roles", default_roles(4))
-        if agents is not None:
-            order = default_roles(int(agents))
+        role_map, order = family_roles(family, TEXT_ROLES), saved.get("roles", default_roles(4))
+        if agents is not None or topology is not None:
+            order = topology_roles(int(agents or len(order)), topology or saved.get("topology", "sequential"))
         if roles:
-            role_map, order = load_roles(roles, family_roles(family))
+            role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
             if agents is not None and int(agents) != len(order):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
-        pick = {"latent_steps": latent_steps, "realign": realign, "trace": trace}
+        pick = {"latent_steps": latent_steps, "realign": realign, "trace": trace, "topology": topology}
         options = {k: saved.get(k) if v is None else v for k, v in pick.items()}
         options["realign_target"] = saved.get("realign_target")
         config = LatentConfig(roles=order, max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking,
                               latent_dtype=latent_dtype, **{k: v for k, v in options.items() if v is not None})
         config.latent_steps = int(config.latent_steps)
         config.check_roles(role_map)
-        _check_stage2(stage2, config.trace, base_url, served_model)  # before loading the model
+        layout = "hierarchical" if config.topology == "hierarchical" else config.trace
+        _check_stage2(stage2, layout, base_url, served_model)  # before loading the model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, str):
             pretrained = resolve_pretrained(pretrained)

@@ -8,6 +8,12 @@ Stage 2. The final agent prefills its prompt over the whole trace and decodes th
 continuations, or computes a teacher-forced loss. Every trace column is one attention hop from the
 final agent, so the loss reaches every agent's contribution directly (``trace="concat"``).
 
+Independent segments (``trace=stitch``, ``topology=hierarchical``). An upstream agent may instead build its
+segment over the question alone: its positions start at 0 and every earlier segment is masked out of its
+attention, so its KV is what it would write as the only agent. The segments still lie side by side in one
+trace (the layout below is unchanged), and the final agent reads them all, its positions continuing after
+the longest segment. One trace, one mask per forward: no second cache layout.
+
 Every call takes token ids per batch row; a new block is right-padded so each row's tokens follow
 its trace directly, and the trace is then left-aligned again; positions count real tokens. That
 layout (``trace.py``) is why batching never changes a row, sliding-window layers included.
@@ -25,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..models import context_length
-from ..prompts import ROLES, Role, chat_format, final_preamble
+from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble
 from ..stability import AnswerStats, step_stats
 from .config import LatentConfig
 from .realign import Realigner
@@ -151,7 +157,7 @@ class AgentChain(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or LatentConfig()
-        self.roles = roles or ROLES
+        self.roles = roles or TEXT_ROLES
         self.config.check_roles(self.roles)
         self.realigner = Realigner(model, self.config.realign, self.config.realign_lambda, trainable_realign,
                                     self.config.realign_target)
@@ -207,10 +213,11 @@ class AgentChain(nn.Module):
                 raise TraceTooLongError(
                     f"row {i}: the latent trace needs {trace} positions ({detail}) but max_trace_tokens={limit}; "
                     "lower latent_steps or agents, shorten the question, or raise max_trace_tokens")
-            total = trace + (final_tokens[i] if final_tokens else 0)
+            used = max((len(a[i]) + m for a in prompts), default=0) if self.config.independent else trace
+            total = used + (final_tokens[i] if final_tokens else 0)
             if ctx is not None and total > ctx:
                 raise TraceTooLongError(
-                    f"row {i}: trace {trace} + final agent {total - trace} = {total} positions exceed the model's "
+                    f"row {i}: trace {used} + final agent {total - used} = {total} positions exceed the model's "
                     f"context of {ctx} (max_position_embeddings); lower latent_steps, agents or max_gen_toks")
 
     # -- stage 1 ----------------------------------------------------------------------------------
@@ -233,6 +240,7 @@ class AgentChain(nn.Module):
             raise ValueError("latent_dtype=float32 runs stage 1 on float32 copies of half-precision weights, without "
                              "autograd: train with latent_dtype=model (or stage1_grad=none), or load the model in "
                              "float32")
+        longest = torch.zeros_like(trace.next_pos)  # independent segments: the final agent goes on after this
         with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else nullcontext()):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
@@ -250,34 +258,47 @@ class AgentChain(nn.Module):
                     keys, values = ([t.to(model_dtype) for t in ts] for ts in (keys, values))
                     latents = [x.to(model_dtype) for x in latents] if latents else latents
                 trace.extend(keys, values, real)
+                longest = torch.maximum(longest, real)
                 trace.add_segment(Segment(role, mask.shape[1], m, real.tolist(),
                                           keys if record else None, values if record else None,
                                           [list(r) for r in ids] if record_inputs else None,
                                           torch.cat(latents, dim=1) if latents else None))
                 if self.config.trace == "overwrite":
                     trace.keep_last_segment()
+        if self.config.independent:
+            trace.next_pos = longest
         return trace
 
     def _agent(self, input_ids: torch.Tensor, mask: torch.Tensor, past: LatentTrace,
                latents: list[torch.Tensor] | None = None):
         """The trace after one agent: ``past``, its prompt, then ``m`` latent thoughts (left-aligned);
-        ``latents`` collects the fed vectors (``[B, 1, hidden]`` each) when given."""
+        ``latents`` collects the fed vectors (``[B, 1, hidden]`` each) when given. An independent agent
+        (``config.independent``) sees only its own columns, at positions from 0."""
         work = past.fork()
-        hidden = self._forward(work, work.cache(), mask, input_ids=input_ids)
+        own = None  # None: the agent sees the whole trace; else how many of each row's last columns are its own
+        if self.config.independent:
+            work.next_pos = torch.zeros_like(work.next_pos)
+            own = torch.zeros_like(work.next_pos)
+        hidden = self._forward(work, work.cache(), mask, own, input_ids=input_ids)
         work.left_align()
+        own = None if own is None else mask.sum(-1)
         step = torch.ones(len(mask), 1, dtype=mask.dtype, device=mask.device)
         cache = work.cache(reserve=self.config.latent_steps)
         for _ in range(self.config.latent_steps):
             fed = self.realigner(hidden)[:, None]
             if latents is not None:
                 latents.append(fed)
-            hidden = self._forward(work, cache, step, inputs_embeds=fed)
+            hidden = self._forward(work, cache, step, own, inputs_embeds=fed)
+            own = None if own is None else own + 1
         return work.keys, work.values
 
-    def _forward(self, work: LatentTrace, cache, mask: torch.Tensor, **inputs) -> torch.Tensor:
+    def _forward(self, work: LatentTrace, cache, mask: torch.Tensor, own: torch.Tensor | None = None,
+                 **inputs) -> torch.Tensor:
         """Extend ``work`` (through ``cache``, built from it) by one right-padded block; return the last
-        layer's hidden state at each row's last real token."""
-        out = self.model(**inputs, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
+        layer's hidden state at each row's last real token. ``own``: the block sees only each row's last
+        ``own[i]`` trace columns (an independent agent's own, contiguous there by the layout invariant)."""
+        seen = work.mask if own is None else left_aligned_mask(own, work.length).to(work.mask.dtype)
+        out = self.model(**inputs, attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask),
                          cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
         work.adopt(cache, mask)
         if torch.is_grad_enabled():

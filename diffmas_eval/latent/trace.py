@@ -15,6 +15,10 @@ causal, sliding window, padding):
 3. Pad columns are masked out, and attention over cached keys is a sum over columns: their order
    does not matter. The trailing pad queries of a right-padded block are never read.
 
+Independent segments (``trace=stitch``, ``topology=hierarchical``; ``chain.py``) restart positions per
+segment, so fact 1 holds within a segment only; the row is still laid out the same whether it runs in a
+batch or alone, which is all that batching needs (facts 2 and 3 are unchanged).
+
 Forwards never mutate the trace: each call gets a fresh cache object over the same tensors (see
 ``cache``), so readers (scoring, generation) cannot extend the shared trace, and the autograd graph
 through the tensors is kept (``left_align`` is a differentiable gather).

@@ -10,9 +10,20 @@ from pathlib import Path
 
 from ..protocol import PROTOCOLS
 from .collect import STABILITY_METRICS
-from .config import CODE_TASKS, FAMILY, METHODS, RECIPES, TASKS, TRAINED, Settings, parse_list, short_hash
+from .config import (
+    CODE_TASKS,
+    DEFAULT_METHODS,
+    FAMILY,
+    METHODS,
+    RECIPES,
+    TASKS,
+    TEXT_METHODS,
+    TRAINED,
+    Settings,
+    parse_list,
+    short_hash,
+)
 
-DEFAULT_METHODS = ",".join(METHODS)
 DEFAULT_TASKS = ",".join(TASKS)
 
 
@@ -31,7 +42,11 @@ def add_leaderboard_parser(sub) -> None:
     p = sub.add_parser("leaderboard", help="train, score and compare every method; write CSV, table and charts",
                        description=__doc__)
     p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {DEFAULT_METHODS}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                        "stitchmas: DiffMAS with segments built apart, trained; latentmas-hier / diffmas-hier: the "
+                        "hierarchical chain, untrained / trained; textmas-sft: the text MAS with its final agent "
+                        "LoRA-trained over the notes the untrained agents write for the SFT prompts)")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated lm-eval task names, and humanevalplus (default: {DEFAULT_TASKS})")
     p.add_argument("--limit", default=str(d.limit), metavar="N[,TASK=N,...]",
@@ -273,7 +288,7 @@ def _run_pool(settings: Settings, args: argparse.Namespace, todo: list, need: li
                         (settings, method, family, sets[family], work, device == "cuda", args.threads),
                         logs / f"train-{method}-{family}.log"))
     # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
-    longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] == "textmas" else 1))
+    longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] in TEXT_METHODS else 1))
     for method, task in longest:
         after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
         jobs.append(Job(f"{method} x {task}", cells.score, (settings, method, task, runs, work, batch_size, device),

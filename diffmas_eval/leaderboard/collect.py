@@ -37,9 +37,19 @@ def infer_method(model: str, args: dict) -> str:
     if model == "hf":
         return "single-sft" if args.get("peft") else "single"
     if model == "diffmas":
-        return "diffmas" if args.get("peft") else "latentmas"
+        trained = bool(args.get("peft"))
+        if args.get("topology") == "hierarchical":
+            return "diffmas-hier" if trained else "latentmas-hier"
+        if args.get("trace") == "stitch":
+            if not trained:
+                raise BadResults("an untrained stitched chain (diffmas trace=stitch without peft=) is no leaderboard "
+                                 "method; name it: --from-results METHOD=PATH")
+            return "stitchmas"
+        return "diffmas" if trained else "latentmas"
     if model == "textmas":
-        return "textmas"
+        if args.get("peft"):
+            return "single-sft" if args.get("agents") == "1" else "textmas-sft"
+        return "single" if args.get("agents") == "1" else "textmas"
     raise BadResults(f"cannot tell the method of model {model!r}; name it: --from-results METHOD=PATH")
 
 

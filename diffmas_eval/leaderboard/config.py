@@ -11,8 +11,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
-TRAINED = {"single-sft": 1, "diffmas": None}  # method -> agents it trains with (None: the chain's --agents)
+# the default five, then the paper's baselines and ablations (issue 22), on request (--methods)
+DEFAULT_METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
+METHODS = (*DEFAULT_METHODS, "stitchmas", "latentmas-hier", "diffmas-hier", "textmas-sft")
+# method -> agents it trains with (None: --agents); textmas-sft trains its final agent alone, over the notes
+TRAINED = {"single-sft": 1, "diffmas": None, "stitchmas": None, "diffmas-hier": None, "textmas-sft": 1}
+TEXT_METHODS = ("textmas", "textmas-sft")
+# the latent chain's layout per latent method (diffmas model_args); {} is the sequential, concatenated chain
+LAYOUT = {"latentmas": {}, "diffmas": {}, "stitchmas": {"trace": "stitch"},
+          "latentmas-hier": {"topology": "hierarchical"}, "diffmas-hier": {"topology": "hierarchical"}}
 LM_EVAL_TASKS = ("diffmas_gsm8k", "math500", "diffmas_aime24", "gpqa_diamond", "diffmas_arc_challenge",
                  "diffmas_commonsense_qa")
 # leaderboard task -> EvalPlus dataset (scored by diffmas-eval codegen): the paper's code pair
@@ -98,13 +105,19 @@ class Settings:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
         return RECIPES[self.recipe]
 
+    def notes(self) -> dict:
+        """What makes textmas-sft's notes: the untrained text MAS of ``textmas`` (``training/notes.py``)."""
+        return {"agents": self.agents, "agent_max_tokens": self.agent_max_tokens, "textmas_args": self.textmas_args}
+
     def training(self, method: str, family: str) -> dict:
         """The settings of one adapter: ``trainers/sft.py``'s, i.e. everything the adapter depends on."""
         agents = TRAINED[method] or self.agents
         spec = {"model": self.model, "family": family, "sft_examples": self.sft_examples.get(family),
-                "agents": agents, "latent_steps": self.latent_steps if agents > 1 else 0,
+                **LAYOUT.get(method, {}), "agents": agents, "latent_steps": self.latent_steps if agents > 1 else 0,
                 "steps": self.train_steps, "batch_size": self.train_batch_size, "learning_rate": self.learning_rate,
                 "lora_r": self.lora_r, "max_length": self.train_max_length, "seed": self.seed}
+        if method == "textmas-sft":
+            spec["notes"] = self.notes()
         recipe = self.recipe_settings()
         if self.recipe != "offline":  # offline adapters keep their hashes
             epochs = recipe["epochs"][family]
@@ -120,11 +133,11 @@ class Settings:
                 "max_gen_toks": self.answer_cap(task), "chat_template": self.chat_template, "seed": self.seed}
         if self.protocol != "greedy" or self.samples or self.temperature or self.top_p:  # greedy cells keep their hash
             spec["protocol"] = self.decoding().as_dict()
-        if method in ("textmas", "latentmas", "diffmas"):
+        if method in TEXT_METHODS or method in LAYOUT:
             spec["agents"] = self.agents
-        if method in ("latentmas", "diffmas"):
-            spec["latent_steps"] = self.latent_steps
-        if method == "textmas":
+        if method in LAYOUT:
+            spec.update(latent_steps=self.latent_steps, **LAYOUT[method])  # {} for the first two: hashes kept
+        if method in TEXT_METHODS:
             spec.update(agent_max_tokens=self.agent_max_tokens, textmas_args=self.textmas_args)
         if method in TRAINED:
             spec["training"] = self.training(method, self.family_of(task))
@@ -142,13 +155,15 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
     if method in ("single", "single-sft"):  # textmas at agents=1: lm-eval's hf exactly, plus stability metrics
         peft = f",peft={adapter}" if method == "single-sft" else ""
         return "textmas", f"pretrained={pretrained},agents=1{peft}"
-    if method in ("latentmas", "diffmas"):
-        peft = f",peft={adapter}" if method == "diffmas" else ""
+    if method in LAYOUT:
+        peft = f",peft={adapter}" if method in TRAINED else ""
+        layout = {"trace": "concat", **LAYOUT[method]}
         return "diffmas", (f"pretrained={pretrained},agents={agents},latent_steps={latent_steps},realign=ridge,"
-                           f"trace=concat{peft}")
-    if method == "textmas":
+                           + ",".join(f"{k}={v}" for k, v in layout.items()) + peft)
+    if method in TEXT_METHODS:
         extra = f",{textmas_args}" if textmas_args else ""
-        return "textmas", f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}"
+        peft = f",peft={adapter}" if method == "textmas-sft" else ""
+        return "textmas", f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}{peft}"
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -1,8 +1,8 @@
 """The trained methods' adapters, made exactly as users make them.
 
 The SFT set of a family is what ``diffmas-eval sft-data`` writes (the last rows of each source file),
-and training is a subprocess ``accelerate launch trainers/sft.py ...``, so the leaderboard measures the
-commands the README documents. An adapter directory is named by the hash of its training settings;
+and training is a subprocess ``accelerate launch -m diffmas_eval.training.sft ...`` (what ``trainers/sft.py``
+runs), so the leaderboard measures the commands the README documents, from a checkout or an installed wheel. An adapter directory is named by the hash of its training settings;
 it counts as finished only when the adapter files, ``diffmas.json`` and our marker (holding that
 hash) are all there. An interrupted training resumes from its last checkpoint (the same settings, by
 the directory's name), or restarts cleanly when that checkpoint cannot be read.
@@ -10,6 +10,7 @@ the directory's name), or restarts cleanly when that checkpoint cannot be read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .config import FAMILY, Settings, short_hash
 
-REPO = Path(__file__).resolve().parents[2]
+TRAINER = "diffmas_eval.training.sft"  # the module accelerate launches (trainers/sft.py is a thin file over it)
 MARKER = "leaderboard-adapter.json"
 # lm-eval's own tasks over the same source files the SFT sets take their last rows from (same item order)
 SAME_SOURCE = {"gsm8k": "diffmas_gsm8k", "gsm8k_cot": "diffmas_gsm8k", "arc_challenge": "diffmas_arc_challenge",
@@ -61,9 +62,10 @@ def finished(out: Path, digest: str) -> bool:
 
 def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda: bool,
                    threads: int | None = None) -> list[str]:
-    """``accelerate launch trainers/sft.py ...`` for one adapter (no accelerate config file needed)."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    launcher = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--num_processes", "1",
+    """``accelerate launch -m diffmas_eval.training.sft ...`` for one adapter: the package's trainer, so an
+    installed wheel trains as a checkout does (no accelerate config file needed; accelerate is run by this
+    interpreter, not looked up on PATH)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                 "--num_machines", "1", "--dynamo_backend", "no"]
     launcher += [] if cuda else ["--cpu", "--mixed_precision", "no"]
     if threads:
@@ -71,10 +73,11 @@ def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda:
     steps = spec["steps"]
     # --recipe paper: epochs over the set, accumulation to the effective batch, cosine (config.RECIPES)
     length = ["--max_steps", str(steps)] if steps else ["--num_train_epochs", str(spec["epochs"])]
-    cmd = [*launcher, str(REPO / "trainers" / "sft.py"), "--model_name_or_path", spec["model"],
+    cmd = [*launcher, "-m", TRAINER, "--model_name_or_path", spec["model"],
            "--dataset_name", str(data), "--use_peft", "--lora_r", str(spec["lora_r"]),
            "--lora_alpha", str(spec.get("lora_alpha", 2 * spec["lora_r"])), "--agents", str(spec["agents"]),
            "--latent_steps", str(spec["latent_steps"]), *length,
+           *(x for k in ("trace", "topology") if k in spec for x in (f"--{k}", spec[k])),
            "--per_device_train_batch_size", str(spec["batch_size"]),
            "--gradient_accumulation_steps", str(spec.get("accumulation", 1)),
            "--learning_rate", str(spec["learning_rate"]),
@@ -92,13 +95,28 @@ def _stream(cmd: list[str], log: Path) -> int:
     print("$", " ".join(cmd), flush=True)
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=REPO)
+                                cwd=log.parent)
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 4096):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             f.write(chunk)
         return proc.wait()
+
+
+def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
+    """``data`` with textmas's notes before each prompt (``training/notes.py``), named by what made them."""
+    from ..training.notes import write_notes_set
+
+    notes = settings.notes()
+    digest = short_hash({"data": hashlib.sha256(data.read_bytes()).hexdigest(), "model": settings.model, **notes})
+    extra = dict(a.split("=", 1) for a in settings.textmas_args.split(",") if "=" in a)
+    model_args = {"pretrained": settings.model, "agents": settings.agents,
+                  "agent_max_tokens": settings.agent_max_tokens, "device": "cuda" if cuda else "cpu", **extra}
+    out = work / "sft" / f"{data.stem}-notes-{digest}.jsonl"
+    print(f"== textmas-sft: the upstream notes for {data.name} ({'cached' if out.exists() else 'writing'} {out})",
+          flush=True)
+    return write_notes_set(data, out, model_args)
 
 
 def _last_checkpoint(out: Path) -> Path | None:
@@ -115,6 +133,8 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     if finished(out, digest):
         print(f"== {method} adapter ({family}): reusing {out}", flush=True)
         return out
+    if method == "textmas-sft":  # the SFT rows with the untrained text agents' notes (cached by their settings)
+        data = notes_set(settings, data, work, cuda)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train.log"
     resume = _last_checkpoint(out)

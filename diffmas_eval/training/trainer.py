@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import save_chain_config
-from ..prompts import ROLES, final_preamble, last_user_turn
+from ..prompts import TEXT_ROLES, final_preamble, last_user_turn
 
 logger = logging.getLogger(__name__)
 QUESTION = "diffmas_question"
@@ -119,7 +119,7 @@ class DiffMASSFTTrainer(SFTTrainer):
                  trainable_realign: bool = False, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | dict | None = None, processing_class=None, **kwargs):
         config = diffmas_config or LatentConfig()
-        config.check_roles(ROLES)
+        config.check_roles(TEXT_ROLES)
         args = args or SFTConfig(output_dir="out")
         if args.packing or args.padding_free:
             raise ValueError("packing/padding_free put several examples in one row; DiffMAS needs one question per "
