@@ -250,3 +250,23 @@ def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, 
     assert all(r["prompt"].startswith("[Notes from the planner, critic agent(s) follow.") for r in trained_on)
     assert "trace" not in Settings().cell("diffmas", "diffmas_gsm8k")  # the sequential methods keep their hashes
     assert Settings().cell("stitchmas", "diffmas_gsm8k")["training"]["trace"] == "stitch"
+
+
+def test_the_four_charts_from_rows_with_stability_metrics(tmp_path):
+    """accuracy, accuracy vs tokens, entropy along the answer and perplexity vs accuracy, from constructed rows
+    (the mini leaderboard has no generative lm-eval task); each a PNG, the stability ones only with their data."""
+    from diffmas_eval.leaderboard.report import charts, write_curves
+
+    def row(method, task, metric, value, stderr=0.05):
+        return {"model": "m", "method": method, "task": task, "metric": metric, "value": value, "stderr": stderr,
+                "n": 20, "tokens_per_sample": 30}
+
+    rows = [row(m, t, k, v) for m in ("single", "diffmas", "stitchmas") for t in ("diffmas_gsm8k", "math500")
+            for k, v in (("exact_match", 0.3), ("answer_perplexity", 1.5))]
+    assert [p.name for p in charts(rows[::2], tmp_path / "plain")] == ["accuracy.png", "accuracy_vs_tokens.png"]
+    write_curves([{"method": m, "task": "diffmas_gsm8k", "position": i, "entropy": 1.0 / (i + 1), "n": 3}
+                  for m in ("single", "diffmas") for i in range(5)], tmp_path / "all" / "entropy_curve.csv")
+    paths = charts(rows, tmp_path / "all")
+    assert [p.name for p in paths] == ["accuracy.png", "accuracy_vs_tokens.png", "entropy_curve.png",
+                                       "perplexity_vs_accuracy.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -221,8 +221,8 @@ def charts(rows: list[dict], out: Path) -> list[Path]:
                 es.append(_float(r["stderr"]) or 0.0)
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=m, color=colors(i), error_kw={"elinewidth": 0.8,
                                                                                       "alpha": 0.6})
-        for x, y in zip(xs, ys):  # the value on each bar: a score of 0 is a result, not a missing bar
-            ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
+        for x, y, e in zip(xs, ys, es):  # the value above each bar and its error bar: a 0 is a result, not a gap
+            ax.text(x, y + e + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([f"{t.removeprefix('diffmas_')}\n({primary_metric(t)})" for t in tasks], fontsize=8)
     ax.set_ylabel("score (error bar: ± stderr)")
@@ -281,18 +281,23 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
     ppl = {(r["method"], r["task"]): r for r in rows if r["metric"] == "answer_perplexity"}
     cells = primary(rows)
     if ppl:
+        from matplotlib.lines import Line2D
+
         fig, ax = plt.subplots(figsize=(7.5, 5.0))
+        # colour = method, marker = task (text labels pile up where many cells score 0)
+        shown = [t for t in methods_and_tasks(rows)[1] if any(tt == t for _, tt in ppl)]
+        marker = dict(zip(shown, "osD^vPX*<>h"))
         for i, m in enumerate(methods):
-            pts = [(float(p["value"]), float(cells[(m, t)]["value"]), t, _float(p["stderr"]) or 0.0,
-                    _float(cells[(m, t)]["stderr"]) or 0.0) for (mm, t), p in ppl.items()
-                   if mm == m and (m, t) in cells and _float(p["value"]) is not None]
-            if not pts:
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts], yerr=[p[4] for p in pts],
-                        fmt="o", color=colors(i), label=m, markersize=6, capsize=2, alpha=0.8)
-            for x, y, t, _, _ in pts:
-                ax.annotate(t.removeprefix("diffmas_"), (x, y), textcoords="offset points", xytext=(4, 3),
-                            fontsize=6, color=colors(i))
+            for (mm, t), p in ppl.items():
+                if mm != m or (m, t) not in cells or _float(p["value"]) is None:
+                    continue
+                ax.errorbar(float(p["value"]), float(cells[(m, t)]["value"]), xerr=_float(p["stderr"]) or 0.0,
+                            yerr=_float(cells[(m, t)]["stderr"]) or 0.0, fmt=marker.get(t, "o"), color=colors(i),
+                            markersize=7, capsize=2, alpha=0.8, elinewidth=0.8)
+        handles = [Line2D([], [], color=colors(i), marker="o", linestyle="", label=m) for i, m in enumerate(methods)
+                   if any(mm == m for mm, _ in ppl)]
+        handles += [Line2D([], [], color="0.4", marker=marker[t], linestyle="", label=t.removeprefix("diffmas_"))
+                    for t in shown]
         values = [float(p["value"]) for p in ppl.values() if _float(p["value"])]
         log = bool(values) and max(values) / min(values) > 10
         if log:
@@ -303,7 +308,7 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{models}\nanswer perplexity against the score (one point per method x task; bars: stderr)",
                      fontsize=10)
-        paths.append(_save(fig, ax, out / STABILITY_CHARTS[1], fontsize=8))
+        paths.append(_save(fig, ax, out / STABILITY_CHARTS[1], handles=handles, fontsize=8, ncol=2))
     return paths
 
 
