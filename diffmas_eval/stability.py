@@ -80,6 +80,39 @@ class AnswerStats:
                 "entropy": [round(e, 4) for e in self.entropies]}
 
 
+def server_stats(logprobs: list[float] | None, keep: list[bool], finish_reason: str | None,
+                 stop_reason: str | int | None) -> AnswerStats | None:
+    """An answer's stats from an OpenAI-compatible server's sampled-token log-probabilities (``logprobs=0``:
+    vLLM reports them from the model's raw distribution, before temperature and top-p, as ``step_stats``
+    does). ``keep``: which generated tokens are the answer's (False for the EOS token; the caller knows its
+    ids). No entropies: a server returns at most its top-k log-probabilities per position, and the entropy of
+    that truncated distribution understates the model's, so it is left out rather than approximated. None
+    where the server gave no log-probabilities or did not say why it stopped."""
+    if logprobs is None or finish_reason not in ("stop", "length"):
+        return None
+    stopped = "length" if finish_reason == "length" else "stop" if isinstance(stop_reason, str) else "eos"
+    return AnswerStats([float(v) for v, k in zip(logprobs, keep) if k], [], stopped)
+
+
+def served_record(completion, eos_ids: set[int], tokenizer) -> dict | None:
+    """The sample log's stability record of a server's answer (``serving.Completion`` asked with logprobs=0),
+    or None. A token is the EOS (not part of the answer) when its text is an EOS token's, or, for token ids
+    (vLLM's ``return_tokens_as_token_ids``), its id is."""
+    if completion.logprobs is None:
+        return None
+    eos_texts = {tokenizer.convert_ids_to_tokens(i) for i in eos_ids if i is not None}
+    eos_texts |= {tokenizer.decode([i], skip_special_tokens=False) for i in eos_ids if i is not None}
+
+    def is_eos(text: str) -> bool:
+        if text.startswith("token_id:") and text[9:].isdigit():
+            return int(text[9:]) in eos_ids
+        return text in eos_texts
+
+    stats = server_stats(completion.logprobs, [not is_eos(t) for t in completion.token_texts],
+                         completion.finish_reason, completion.stop_reason)
+    return stats.record() if stats else None
+
+
 def _mean_se(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None

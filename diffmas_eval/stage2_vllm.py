@@ -178,7 +178,7 @@ class PromptEmbedsBackend(OpenAIClient):
                                ) from err
         ids = [t for t in ids if t not in self.eos]
         text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)  # it skips empty strings
-        return Completion(text, out.tokens, out.finish_reason)
+        return Completion(text, out.tokens, out.finish_reason, out.logprobs, out.token_texts, out.stop_reason)
 
     def generate_embeds(self, rows: list[torch.Tensor], max_tokens: int, stop: list[str] | None = None,
                         sampling: Sampling | None = None) -> list[Completion]:

@@ -40,6 +40,11 @@ MIXED = ["diffmas_gsm8k", "diffmas_arc_challenge"]
 LL_TOL = 2e-4
 
 
+# the answers' mean token log-probabilities from vLLM's sampled-token logprobs against the in-process decode's
+# (float32 CPU kernels of both): measured up to 2.3e-6 on the bundled model here; 2e-4 as for log-likelihoods
+STAB_TOL = 2e-4
+
+
 def evaluate(model, model_args, tasks, limit=3, max_gen=32, **kw):
     return simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
                            gen_kwargs=f"max_gen_toks={max_gen}", device="cpu", **kw)
@@ -51,6 +56,25 @@ def resps(results, task):
 
 def lls(results, task):
     return [float(r[0][0]) for rr in resps(results, task) for r in rr]
+
+
+def assert_same_stability(local, remote, task):
+    """Per answer, the server's stability record equals the in-process one: its tokens, how it stopped, its mean
+    log-probability (STAB_TOL); the server's has no entropies (top-k log-probabilities only)."""
+    def records(results):
+        log = add_accounting(task, sorted(results["samples"][task], key=lambda s: s["doc_id"]))
+        return [r for s in log for r in s[ACCOUNTING_KEY]["stability"]]
+
+    ours, theirs = records(local), records(remote)
+    assert len(ours) == len(theirs) > 0
+    for h, o in zip(ours, theirs):
+        assert (o["tokens"], o["stopped"]) == (h["tokens"], h["stopped"])
+        if h["tokens"]:  # an immediate EOS has no mean
+            assert abs(o["mean_logprob"] - h["mean_logprob"]) < STAB_TOL, (o, h)
+        assert o["mean_entropy"] is None and o["entropy"] == []
+    gaps = [abs(o["mean_logprob"] - h["mean_logprob"]) for h, o in zip(ours, theirs) if h["tokens"]]
+    assert gaps  # some answer was compared
+    print(f"{task}: stability from the server, max |mean log-prob gap| {max(gaps):.2e}")
 
 
 def served_tiny(tmp_path_factory, vllm_python, arch, *args):
@@ -69,6 +93,7 @@ def test_stage2_vllm_equals_stage2_hf_with_a_mixed_task_list(vllm_server, bundle
     assert gens == resps(local, "diffmas_gsm8k") and any(g[0][0].strip() for g in gens)  # real answers, equal
     # multiple choice is scored in process with stage2=vllm (vLLM gives no prompt log-probs for embeddings)
     assert lls(remote, "diffmas_arc_challenge") == lls(local, "diffmas_arc_challenge")
+    assert_same_stability(local, remote, "diffmas_gsm8k")
     assert remote["results"] == local["results"]
 
 
@@ -144,6 +169,7 @@ def test_textmas_on_vllm_equals_backend_hf(vllm_server, bundled_path, local_data
     remote_log = add_accounting("diffmas_gsm8k",
                                 sorted(remote["samples"]["diffmas_gsm8k"], key=lambda s: s["doc_id"]))
     assert resps(remote, "diffmas_gsm8k") == resps(local, "diffmas_gsm8k")
+    assert_same_stability(local, remote, "diffmas_gsm8k")
     for h, o in zip(local_log, remote_log, strict=True):  # every agent's text and token count
         assert [(a["role"], a.get("text"), a["tokens"]) for a in h[ACCOUNTING_KEY]["agents"]] == \
                [(a["role"], a.get("text"), a["tokens"]) for a in o[ACCOUNTING_KEY]["agents"]]

@@ -45,6 +45,7 @@ from ..prompts import (
 )
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
+from ..stability import served_record
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -392,9 +393,11 @@ class DiffMASLM(HFLM):
                 for i, gen in zip(batch, gens):
                     results[i] = self._answer(gen, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+                    served = isinstance(gen, Completion)
+                    stability = (served_record(gen, set(self.stage2_server.eos), self.tokenizer) if served
+                                 else gen.stats.record() if gen.stats else None)
                     self.accounting.record(requests[i], self._agents_log(
-                        (gen.tokens or 0) if isinstance(gen, Completion) else len(gen.token_ids)), per,
-                        stability=gen.stats.record() if getattr(gen, "stats", None) else None)
+                        (gen.tokens or 0) if served else len(gen.token_ids)), per, stability=stability)
                 bar.update(len(batch))
         bar.close()
         return results

@@ -33,7 +33,7 @@ from transformers import LogitsProcessorList
 from ..models import resolve_pretrained
 from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..protocol import check_gen_kwargs
-from ..stability import AnswerStats, StepRecorder
+from ..stability import AnswerStats, StepRecorder, served_record
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -277,9 +277,11 @@ class TextMASLM(TemplateLM):
                     for f in finals:
                         self.hf.generated.pop(f, None)
                         self.hf.stats.pop(f, None)
-                else:  # stability metrics from the server's logprobs: not yet (left absent)
-                    outs = self.text_backend.generate(finals, max_gen, stop=until)
-                    texts, tokens, stats = [o.text for o in outs], [o.tokens for o in outs], [None] * len(outs)
+                else:  # stability metrics from the server's sampled-token logprobs (vLLM; absent where none)
+                    outs = self.text_backend.generate(finals, max_gen, stop=until, logprobs=0)
+                    eos_ids = {self.tokenizer.eos_token_id, self.eot_token_id}
+                    texts, tokens = [o.text for o in outs], [o.tokens for o in outs]
+                    stats = [served_record(o, eos_ids, self.tokenizer) for o in outs]
                 per = (time.perf_counter() - t0) / len(chunk)
                 for i, a, trace, text, n, st in zip(chunk, args, traces, texts, tokens, stats):
                     results[i] = text

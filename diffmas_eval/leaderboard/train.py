@@ -1,8 +1,9 @@
 """The trained methods' adapters, made exactly as users make them.
 
 The SFT set of a family is what ``diffmas-eval sft-data`` writes (the last rows of each source file),
-and training is a subprocess ``accelerate launch -m diffmas_eval.training.sft ...`` (what ``trainers/sft.py``
-runs), so the leaderboard measures the commands the README documents, from a checkout or an installed wheel. An adapter directory is named by the hash of its training settings;
+and training is a subprocess ``accelerate launch -m diffmas_eval.training.sft ...`` (what
+``trainers/sft.py`` runs), so the leaderboard measures the commands the README documents, from a
+checkout or an installed wheel. An adapter directory is named by the hash of its training settings;
 it counts as finished only when the adapter files, ``diffmas.json`` and our marker (holding that
 hash) are all there. An interrupted training resumes from its last checkpoint (the same settings, by
 the directory's name), or restarts cleanly when that checkpoint cannot be read.

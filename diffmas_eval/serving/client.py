@@ -32,6 +32,11 @@ class Completion:
     text: str
     tokens: int | None  # generated tokens (None: the server did not say)
     finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" (the token cap); None: unknown
+    # asked with logprobs=0 (vLLM): each generated token's log-probability and its text, and what stopped it
+    # (vLLM's ``stop_reason``: the stop string, a stop token id, or None for EOS); None where the server gave none
+    logprobs: list[float] | None = None
+    token_texts: list[str] | None = None
+    stop_reason: str | int | None = None
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -105,8 +110,15 @@ class OpenAIClient:
             raise BackendError(f"{self._where()} returned something that is not a completion: {str(resp)[:300]}")
         tokens = getattr(getattr(resp, "usage", None), "completion_tokens", None)
         reason = getattr(choice, "finish_reason", None)
+        lp = getattr(choice, "logprobs", None)
+        values, texts = getattr(lp, "token_logprobs", None), getattr(lp, "tokens", None)
+        if not (isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+                and isinstance(texts, list) and len(texts) == len(values)):
+            values = texts = None  # not asked, or a server that does not return them
+        stop_reason = getattr(choice, "stop_reason", None)
         return Completion(cut_at_stop(text, stop), tokens if isinstance(tokens, int) else None,
-                          reason if isinstance(reason, str) else None)
+                          reason if isinstance(reason, str) else None, values, texts,
+                          stop_reason if isinstance(stop_reason, (str, int)) else None)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``fn`` over ``items`` with ``num_concurrent`` in flight, results in order."""

@@ -67,5 +67,8 @@ class OpenAIBackend(OpenAIClient):
 
     name = "openai"
 
-    def generate(self, prompts: list[str], max_tokens: int, stop: list[str] | None = None) -> list[Completion]:
-        return self.map(lambda p: self.complete(p, max_tokens, stop), prompts)
+    def generate(self, prompts: list[str], max_tokens: int, stop: list[str] | None = None,
+                 **payload) -> list[Completion]:
+        """``payload``: more request fields, e.g. ``logprobs=0`` (vLLM answers it; ``transformers serve``
+        accepts and ignores it)."""
+        return self.map(lambda p: self.complete(p, max_tokens, stop, **payload), prompts)
