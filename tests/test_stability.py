@@ -164,3 +164,24 @@ def test_summary_means_and_curve():
 def test_bad_input_is_refused_before_compute(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_servers_answer_becomes_a_record_without_its_eos_and_without_entropies(tiny_llama):
+    """``served_record``: vLLM's sampled-token log-probabilities (logprobs=0) as the sample log's record; the
+    EOS token (by its text, or its id with return_tokens_as_token_ids) is not part of the answer."""
+    from diffmas_eval.serving import Completion
+    from diffmas_eval.stability import served_record
+
+    tok = tiny_llama[1]
+    eos = {tok.eos_token_id}
+    lps = [-0.1, -0.2, -0.6]
+    by_text = served_record(Completion("ab", 3, "stop", lps, ["a", "b", tok.eos_token], None), eos, tok)
+    by_id = served_record(Completion("ab", 3, "stop", lps, ["token_id:5", "token_id:6",
+                                                             f"token_id:{tok.eos_token_id}"], None), eos, tok)
+    assert by_text == by_id and by_text["tokens"] == 2 and by_text["stopped"] == "eos"
+    assert abs(by_text["mean_logprob"] + 0.15) < 1e-9 and by_text["mean_entropy"] is None and by_text["entropy"] == []
+    stopped = served_record(Completion("ab\n\n", 3, "stop", lps, ["a", "b", "\n\n"], "\n\n"), eos, tok)
+    assert (stopped["tokens"], stopped["stopped"]) == (3, "stop")
+    capped = served_record(Completion("abc", 3, "length", lps, ["a", "b", "c"], None), eos, tok)
+    assert capped["stopped"] == "length" and abs(capped["perplexity"] - 2.718281828 ** 0.3) < 1e-5
+    assert served_record(Completion("ab", 2, "stop"), eos, tok) is None  # a server that gave no logprobs
