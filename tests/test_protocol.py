@@ -109,3 +109,21 @@ def test_shipped_paper_yamls_match_the_protocol_and_run_in_lm_eval(tiny_path, lo
     res = out["results"]["diffmas_gsm8k_paper"]
     assert out["configs"]["diffmas_gsm8k_paper"]["repeats"] == 4
     assert {"exact_match,none", "exact_match,majority", "consistent,none", "correct_4of4,none"} <= set(res)
+
+
+def test_paper_recipe_read_back_from_the_trained_adapters_diffmas_json(tiny_path, data_dir, tmp_path):
+    """--recipe paper, trained for real (`accelerate launch -m diffmas_eval.training.sft` on the tiny model, the
+    paper's code set: the last HumanEval problems): diffmas.json records the recipe as it ran."""
+    settings = Settings(model=str(tiny_path), recipe="paper", agents=2, latent_steps=1, train_max_length=2048,
+                        sft_examples={"code": 4})
+    data, bounds, used = train.sft_set("code", 4, tmp_path / "work", str(data_dir), "paper")
+    settings.sft_sources["code"] = used
+    assert used.startswith("paper") and bounds == {"humanevalplus": 160}
+    out = train.adapter(settings, "diffmas", "code", data, tmp_path / "work", cuda=False, threads=1)
+    saved = json.loads((out / "diffmas.json").read_text())
+    t = saved["training"]
+    assert (t["learning_rate"], t["lr_scheduler_type"], t["optim"]) == (5e-5, "cosine", "adamw_torch")
+    assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * t["world_size"] == 64
+    assert (t["num_train_epochs"], t["max_steps"], t["lora_r"], t["lora_alpha"]) == (10, -1, 8, 16)
+    assert t["global_step"] == 10  # 4 rows, accumulation to 64: one optimizer step per epoch
+    assert saved["latent_steps"] == 1 and len(saved["roles"]) == 2

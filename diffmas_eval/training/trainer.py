@@ -114,6 +114,11 @@ class _CallThrough(nn.Module):
         return getattr(object.__getattribute__(self, "_inner"), name)
 
 
+def _name(choice) -> str:
+    """An enum option of TrainingArguments (or a plain string) as its name."""
+    return str(getattr(choice, "value", choice))
+
+
 class DiffMASSFTTrainer(SFTTrainer):
     def __init__(self, model, args: SFTConfig | None = None, *, diffmas_config: LatentConfig | None = None,
                  trainable_realign: bool = False, train_dataset: Dataset | None = None,
@@ -179,4 +184,12 @@ class DiffMASSFTTrainer(SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """TRL's save (adapter or model), plus the chain's configuration and a trained realignment."""
         super().save_model(output_dir, _internal_call)
-        save_chain_config(Path(output_dir or self.args.output_dir), self.diffmas_config, self.chain)
+        a, lora = self.args, getattr(self.model, "peft_config", {}).get("default")
+        training = {  # provenance (the recipe as it ran), beside the chain's options
+            "learning_rate": a.learning_rate, "lr_scheduler_type": _name(a.lr_scheduler_type), "optim": _name(a.optim),
+            "per_device_train_batch_size": a.per_device_train_batch_size,
+            "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": a.world_size,
+            "max_steps": a.max_steps, "num_train_epochs": a.num_train_epochs, "seed": a.seed,
+            "global_step": self.state.global_step,
+            "lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None)}
+        save_chain_config(Path(output_dir or self.args.output_dir), self.diffmas_config, self.chain, training)
