@@ -93,4 +93,3 @@ def test_installed_wheel_trains_and_scores_the_leaderboard(installed, tiny_path,
     launches = [line for line in run.stdout.splitlines() if line.startswith("$ ")]  # the commands it ran
     assert len(launches) == 2 and all("-m accelerate.commands.launch" in c and " -m diffmas_eval.training.sft " in c
                                       for c in launches)
-    assert str(ROOT) not in run.stdout
