@@ -42,22 +42,27 @@ def test_single_agent_greedy_equals_model_generate(tiny):
     assert ours == ref[: len(ours)] and len(ours) > 0
 
 
-def test_batched_equals_one_by_one(tiny):
-    chain = chain_for(tiny, latent_steps=3)
+def assert_batched_equals_one_by_one(chain, max_new_tokens: int = 12) -> None:
+    """A padded batch of QUESTIONS gives every row the trace, answer and scores it gets alone (ATOL)."""
     finals = [chain.final_prompt(q) for q in QUESTIONS]
     conts = [chain.encode(" 42"), chain.encode(" (B) dog"), chain.encode(" 5")]
     with torch.no_grad():
         batch = chain.stage1(QUESTIONS)
-        gen_b = chain.generate(batch, finals, max_new_tokens=12)
+        gen_b = chain.generate(batch, finals, max_new_tokens=max_new_tokens)
         ll_b = chain.loglikelihood(batch, finals, conts)
         for i, q in enumerate(QUESTIONS):
             alone = chain.stage1([q])
             real = batch.mask[i].bool()
             for k_b, k_a in zip(batch.keys + batch.values, alone.keys + alone.values):
                 assert (k_b[i][:, real] - k_a[0]).abs().max() < ATOL
-            assert chain.generate(alone, [finals[i]], max_new_tokens=12)[0].token_ids == gen_b[i].token_ids
+            assert chain.generate(alone, [finals[i]], max_new_tokens=max_new_tokens)[0].token_ids == \
+                gen_b[i].token_ids
             score, greedy = chain.loglikelihood(alone, [finals[i]], [conts[i]])[0]
             assert abs(score - ll_b[i][0]) < ATOL and greedy == ll_b[i][1]
+
+
+def test_batched_equals_one_by_one(tiny):
+    assert_batched_equals_one_by_one(chain_for(tiny, latent_steps=3))
 
 
 def test_trace_length_and_memory_accounting(tiny):

@@ -9,11 +9,11 @@ import torch
 
 from diffmas_eval.latent import AgentChain, LatentConfig
 from tests.conftest import QUESTIONS
+from tests.test_chain import assert_batched_equals_one_by_one
 
 # float32, the same segment computed over a longer key set (the others present but masked) vs alone: the
 # reductions run over different widths, so equal only to rounding; measured here 1.9e-7 (llama), 1.2e-6 (qwen3)
 SEGMENT_ATOL = 1e-5
-ATOL = 1e-4  # batched vs one by one, as in test_chain.py
 
 
 def chain_for(tiny, **kw):
@@ -61,21 +61,8 @@ def test_one_upstream_agent_stitched_is_the_sequential_chain(tiny):
 
 @pytest.mark.parametrize("options", [{"trace": "stitch"}, {"topology": "hierarchical"}])
 def test_batching_changes_no_row(tiny, options):
-    chain = AgentChain(*tiny, LatentConfig.from_dict({"agents": 4, "latent_steps": 3, **options}))
-    finals = [chain.final_prompt(q) for q in QUESTIONS]
-    conts = [chain.encode(" 42"), chain.encode(" (B) dog"), chain.encode(" 5")]
-    with torch.no_grad():
-        batch = chain.stage1(QUESTIONS)
-        gen_b = chain.generate(batch, finals, max_new_tokens=10)
-        ll_b = chain.loglikelihood(batch, finals, conts)
-        for i, q in enumerate(QUESTIONS):
-            alone = chain.stage1([q])
-            real = batch.mask[i].bool()
-            for k_b, k_a in zip(batch.keys + batch.values, alone.keys + alone.values):
-                assert (k_b[i][:, real] - k_a[0]).abs().max() < ATOL
-            assert chain.generate(alone, [finals[i]], max_new_tokens=10)[0].token_ids == gen_b[i].token_ids
-            score, greedy = chain.loglikelihood(alone, [finals[i]], [conts[i]])[0]
-            assert abs(score - ll_b[i][0]) < ATOL and greedy == ll_b[i][1]
+    assert_batched_equals_one_by_one(AgentChain(*tiny, LatentConfig.from_dict({"agents": 4, "latent_steps": 3,
+                                                                                **options})), max_new_tokens=10)
 
 
 def test_hierarchical_roles_and_every_segment_one_hop_from_the_loss(tiny_llama):
