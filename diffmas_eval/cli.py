@@ -126,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .codegen.cli import add_codegen_parser
     from .leaderboard import add_leaderboard_parser
+    from .leaderboard.ablate import add_ablate_parser
 
     add_leaderboard_parser(sub)
+    add_ablate_parser(sub)
     add_codegen_parser(sub)
     args = parser.parse_args(argv)
     try:

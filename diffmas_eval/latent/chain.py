@@ -150,6 +150,36 @@ def layer_devices(model: nn.Module) -> dict[int, torch.device]:
     return found
 
 
+def upstream_prompt_ids(tokenizer, roles: dict[str, Role], config: LatentConfig,
+                        questions: list[str]) -> list[list[list[int]]]:
+    """Token ids ``[agent][row]``: each upstream role's chat-formatted prompt for each question (a function of the
+    tokenizer alone, so a chain's layout can be measured without its model)."""
+    return [[tokenizer(chat_format(tokenizer, roles[r].instruction, q, config.enable_thinking),
+                       add_special_tokens=False)["input_ids"] for q in questions] for r in config.upstream]
+
+
+def check_budget(config: LatentConfig, lengths: list[list[int]], final_tokens: list[int] | None,
+                 ctx: int | None) -> None:
+    """Refuse a row whose trace (``lengths[agent][row]``: each upstream prompt's tokens) exceeds
+    ``max_trace_tokens``, or whose trace and final agent exceed the context ``ctx``. A function of lengths alone,
+    so a grid of chains can be checked before any model is loaded (``diffmas-eval ablate``)."""
+    m, limit = config.latent_steps, config.max_trace_tokens
+    rows = len(lengths[0]) if lengths else len(final_tokens or [])
+    for i in range(rows):
+        trace = sum(agent[i] + m for agent in lengths)
+        detail = " + ".join(f"{r} {a[i]}+{m}" for r, a in zip(config.upstream, lengths))
+        if limit is not None and trace > limit:
+            raise TraceTooLongError(
+                f"row {i}: the latent trace needs {trace} positions ({detail}) but max_trace_tokens={limit}; "
+                "lower latent_steps or agents, shorten the question, or raise max_trace_tokens")
+        used = max((a[i] + m for a in lengths), default=0) if config.independent else trace
+        total = used + (final_tokens[i] if final_tokens else 0)
+        if ctx is not None and total > ctx:
+            raise TraceTooLongError(
+                f"row {i}: trace {used} + final agent {total - used} = {total} positions exceed the model's "
+                f"context of {ctx} (max_position_embeddings); lower latent_steps, agents or max_gen_toks")
+
+
 class AgentChain(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, config: LatentConfig | None = None,
                  roles: dict[str, Role] | None = None, trainable_realign: bool = False):
@@ -177,8 +207,7 @@ class AgentChain(nn.Module):
 
     def upstream_prompts(self, questions: list[str]) -> list[list[list[int]]]:
         """Token ids ``[agent][row]``: each upstream role's chat-formatted prompt for each question."""
-        return [[self.encode(chat_format(self.tokenizer, self.roles[r].instruction, q, self.config.enable_thinking))
-                 for q in questions] for r in self.config.upstream]
+        return upstream_prompt_ids(self.tokenizer, self.roles, self.config, questions)
 
     def final_prompt(self, question: str) -> list[int]:
         """The final agent's chat prompt for a bare question (``diffmas-eval ask``)."""
@@ -204,21 +233,8 @@ class AgentChain(nn.Module):
     # -- budget -----------------------------------------------------------------------------------
     def check_budget(self, prompts: list[list[list[int]]], final_tokens: list[int] | None = None) -> None:
         """Refuse, before any compute, a row whose trace or whole chain does not fit."""
-        m, limit, ctx = self.config.latent_steps, self.config.max_trace_tokens, context_length(self.model)
-        rows = len(prompts[0]) if prompts else len(final_tokens or [])
-        for i in range(rows):
-            trace = sum(len(agent[i]) + m for agent in prompts)
-            detail = " + ".join(f"{r} {len(a[i])}+{m}" for r, a in zip(self.config.upstream, prompts))
-            if limit is not None and trace > limit:
-                raise TraceTooLongError(
-                    f"row {i}: the latent trace needs {trace} positions ({detail}) but max_trace_tokens={limit}; "
-                    "lower latent_steps or agents, shorten the question, or raise max_trace_tokens")
-            used = max((len(a[i]) + m for a in prompts), default=0) if self.config.independent else trace
-            total = used + (final_tokens[i] if final_tokens else 0)
-            if ctx is not None and total > ctx:
-                raise TraceTooLongError(
-                    f"row {i}: trace {used} + final agent {total - used} = {total} positions exceed the model's "
-                    f"context of {ctx} (max_position_embeddings); lower latent_steps, agents or max_gen_toks")
+        check_budget(self.config, [[len(r) for r in agent] for agent in prompts], final_tokens,
+                     context_length(self.model))
 
     # -- stage 1 ----------------------------------------------------------------------------------
     def stage1(self, questions: list[str], final_tokens: list[int] | None = None,

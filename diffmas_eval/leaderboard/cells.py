@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from .config import CODE_TASKS, Settings, method_model_args, short_hash
+from .config import CODE_TASKS, Settings, method_model_args, primary_metric, short_hash
 
 META = "leaderboard"
 
@@ -61,13 +61,24 @@ def _generated_tokens(samples: list[dict], pretrained: str) -> float:
     return round(sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(samples), 2)
 
 
+def per_item(samples: list[dict], metric: str) -> dict[str, float]:
+    """doc_id -> the item's score on ``metric`` (mean over its samples): what a paired comparison of two cells on
+    the same items needs (``ablate``), kept in our metadata since the lm-eval samples are not stored."""
+    scores: dict[str, list[float]] = {}
+    for s in samples:
+        value = s.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scores.setdefault(str(s.get("doc_id")), []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
 def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path, cache: Path,
                   batch_size: int | str, device: str) -> Path:
     from lm_eval import simple_evaluate
 
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
-                                          str(adapter) if adapter else None)
+                                          str(adapter) if adapter else None, settings.chain)
     from ..protocol import SAMPLED_TASKS, task_config
 
     path = lm_eval_path(runs, settings, method, task)
@@ -96,6 +107,7 @@ def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | No
         pretrained = model_args.split(",")[0].split("=", 1)[1]
         meta.update(tokens_per_sample=_generated_tokens(samples, pretrained),
                     seconds_per_sample=round(seconds / n, 3))
+    meta["per_item"] = per_item(samples, primary_metric(task))
     results[META] = meta
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -83,6 +83,9 @@ class Settings:
     # family -> the source its SFT set really came from (the paper's falls back offline without the hub); set
     # once the sets are built, so an adapter's hash names the data it saw
     sft_sources: dict = field(default_factory=dict)
+    # the latent chain's ablation overrides (``diffmas-eval ablate``; CHAIN_KEYS): e.g. {"trace": "overwrite"} or
+    # {"stage1_grad": "none"}; they enter the latent methods' cell and adapter hashes only when set
+    chain: dict = field(default_factory=dict)
 
     def family_of(self, task: str) -> str | None:
         return self.families.get(task) or FAMILY.get(task)
@@ -113,7 +116,8 @@ class Settings:
         """The settings of one adapter: ``trainers/sft.py``'s, i.e. everything the adapter depends on."""
         agents = TRAINED[method] or self.agents
         spec = {"model": self.model, "family": family, "sft_examples": self.sft_examples.get(family),
-                **LAYOUT.get(method, {}), "agents": agents, "latent_steps": self.latent_steps if agents > 1 else 0,
+                **LAYOUT.get(method, {}), **(self.chain if method in LAYOUT else {}), "agents": agents,
+                "latent_steps": self.latent_steps if agents > 1 else 0,
                 "steps": self.train_steps, "batch_size": self.train_batch_size, "learning_rate": self.learning_rate,
                 "lora_r": self.lora_r, "max_length": self.train_max_length, "seed": self.seed}
         if method == "textmas-sft":
@@ -136,7 +140,7 @@ class Settings:
         if method in TEXT_METHODS or method in LAYOUT:
             spec["agents"] = self.agents
         if method in LAYOUT:
-            spec.update(latent_steps=self.latent_steps, **LAYOUT[method])  # {} for the first two: hashes kept
+            spec.update(latent_steps=self.latent_steps, **LAYOUT[method], **self.chain)  # {}: hashes kept
         if method in TEXT_METHODS:
             spec.update(agent_max_tokens=self.agent_max_tokens, textmas_args=self.textmas_args)
         if method in TRAINED:
@@ -146,10 +150,28 @@ class Settings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def check_chain(self) -> None:
+        """The ablation overrides name known options with valid values (errors list them)."""
+        from ..latent.config import CHOICES
+
+        for key, value in self.chain.items():
+            if key not in CHAIN_KEYS:
+                raise ValueError(f"unknown chain override {key!r}; choose from {', '.join(CHAIN_KEYS)}")
+            valid = CHOICES.get(key, (True, False))
+            if value not in valid:
+                raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+
+
+# what an ablation may change in a latent method besides agents and latent steps: the trace layout, whether stage 1
+# is trained through, and whether the realignment W_a is trained with the LoRA (scoring reads it from the adapter)
+CHAIN_KEYS = ("trace", "stage1_grad", "train_realign")
+
 
 def method_model_args(method: str, pretrained: str, agents: int, latent_steps: int, agent_max_tokens: int = 512,
-                      textmas_args: str = "", adapter: str | None = None) -> tuple[str, str]:
-    """The lm-eval model name and ``model_args`` of a leaderboard method (``adapter``: its trained LoRA)."""
+                      textmas_args: str = "", adapter: str | None = None,
+                      chain: dict | None = None) -> tuple[str, str]:
+    """The lm-eval model name and ``model_args`` of a leaderboard method (``adapter``: its trained LoRA;
+    ``chain``: ``Settings.chain``, of which only ``trace`` is a scoring option)."""
     if method in TRAINED and not adapter:
         raise ValueError(f"method {method!r} needs its trained adapter")
     if method in ("single", "single-sft"):  # textmas at agents=1: lm-eval's hf exactly, plus stability metrics
@@ -157,7 +179,7 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
         return "textmas", f"pretrained={pretrained},agents=1{peft}"
     if method in LAYOUT:
         peft = f",peft={adapter}" if method in TRAINED else ""
-        layout = {"trace": "concat", **LAYOUT[method]}
+        layout = {"trace": "concat", **LAYOUT[method], **{k: v for k, v in (chain or {}).items() if k == "trace"}}
         return "diffmas", (f"pretrained={pretrained},agents={agents},latent_steps={latent_steps},realign=ridge,"
                            + ",".join(f"{k}={v}" for k, v in layout.items()) + peft)
     if method in TEXT_METHODS:

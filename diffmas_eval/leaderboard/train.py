@@ -78,7 +78,8 @@ def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda:
            "--dataset_name", str(data), "--use_peft", "--lora_r", str(spec["lora_r"]),
            "--lora_alpha", str(spec.get("lora_alpha", 2 * spec["lora_r"])), "--agents", str(spec["agents"]),
            "--latent_steps", str(spec["latent_steps"]), *length,
-           *(x for k in ("trace", "topology") if k in spec for x in (f"--{k}", spec[k])),
+           *(x for k in ("trace", "topology", "stage1_grad", "train_realign") if k in spec
+             for x in (f"--{k}", str(spec[k]).lower())),
            "--per_device_train_batch_size", str(spec["batch_size"]),
            "--gradient_accumulation_steps", str(spec.get("accumulation", 1)),
            "--learning_rate", str(spec["learning_rate"]),

@@ -1,0 +1,397 @@
+"""``diffmas-eval ablate`` (``make ablations``): the paper's ablations, run as leaderboard cells.
+
+Each variant of the chain is a leaderboard ``Settings`` (agents, latent steps, seed, and ``chain``: the trace
+layout, ``stage1_grad``, a trained realignment) scored as the ``latentmas`` (untrained) or ``diffmas`` (trained)
+method on the same items of one task. So it is trained by the leaderboard's ``accelerate launch``, scored by its
+lm-eval call, keyed by its hashes (a rerun reuses every finished cell, adapter and probe), and run by its job
+pool: one mechanism, not a second pipeline.
+
+The axes, each varied alone around the reference chain (``--ref-agents`` agents, ``--ref-steps`` latent steps,
+concatenated trace, stage 1 trained through, fixed ridge realignment):
+
+- ``latent_steps``: every value of ``--latent-steps``, untrained and trained;
+- ``agents``: every value of ``--agents``, trained;
+- ``trace``: concat | overwrite | stitch, trained; ``stage1_grad``: full | none, trained; ``realign``: fixed |
+  trained (W_a trained with the LoRA), trained.
+
+A trained variant is trained and scored once per seed (the seed sets the LoRA's initialisation and the data
+order). An untrained one under greedy decoding does not depend on the seed, so it is scored once: its spread
+over seeds is 0 by construction, and the table says so rather than repeating one number three times.
+
+Besides accuracy, every variant's per-agent gradient norm ``||d loss / d segment_k||`` (``AgentChain.
+gradient_probe``, with stage 1 differentiable whatever the variant trained with) is measured on the first
+``--probe-rows`` SFT rows at step 0 (the base model) and after training (the adapter): the concatenation
+argument is about the trained chain as much as the initial one.
+
+Before anything runs, every cell's longest item is laid out as the chain would lay it out, and a grid whose
+trace exceeds ``--max-trace-tokens`` or the model's context is refused, naming the cell and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CODE_TASKS, Settings, short_hash
+
+AXES = ("latent_steps", "agents", "trace", "stage1_grad", "realign")
+# axis -> the value of the reference chain on it (the other values are the ablation's variants)
+REFERENCE = {"trace": "concat", "stage1_grad": "full", "realign": "fixed"}
+VARIANTS = {"trace": ("concat", "overwrite", "stitch"), "stage1_grad": ("full", "none"),
+            "realign": ("fixed", "trained")}
+# an axis value -> the Settings.chain override it stands for
+OVERRIDE = {("trace", "overwrite"): ("trace", "overwrite"), ("trace", "stitch"): ("trace", "stitch"),
+            ("stage1_grad", "none"): ("stage1_grad", "none"), ("realign", "trained"): ("train_realign", True)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One chain of the grid: the axis it varies and its value there; ``method`` latentmas (untrained) or
+    diffmas (trained)."""
+
+    axis: str
+    value: str
+    method: str
+    agents: int
+    latent_steps: int
+    chain: tuple = ()  # Settings.chain items
+
+    @property
+    def trained(self) -> bool:
+        return self.method == "diffmas"
+
+    @property
+    def name(self) -> str:
+        return f"{self.axis}={self.value} ({'trained' if self.trained else 'untrained'})"
+
+    def settings(self, base: Settings, seed: int) -> Settings:
+        return dataclasses.replace(base, agents=self.agents, latent_steps=self.latent_steps, seed=seed,
+                                   chain=dict(self.chain), sft_sources=dict(base.sft_sources))
+
+
+def grid(axes: list[str], steps: list[int], agents: list[int], ref_agents: int, ref_steps: int) -> list[Variant]:
+    """The variants of ``axes``, in order (the reference chain appears once per axis, as that axis's anchor)."""
+    bad = [a for a in axes if a not in AXES]
+    if bad:
+        raise ValueError(f"unknown ablation axis {', '.join(bad)}; choose from {', '.join(AXES)}")
+    if ref_agents < 2:
+        raise ValueError(f"--ref-agents must be >= 2 (an upstream agent and the final agent), got {ref_agents}")
+    if min(agents, default=2) < 2:
+        raise ValueError(f"--agents values must be >= 2, got {agents}")
+    if min(steps, default=0) < 0:
+        raise ValueError(f"--latent-steps values must be >= 0, got {steps}")
+    out = []
+    for axis in axes:
+        if axis == "latent_steps":
+            out += [Variant(axis, str(m), method, ref_agents, m) for m in steps for method in ("latentmas", "diffmas")]
+        elif axis == "agents":
+            out += [Variant(axis, str(n), "diffmas", n, ref_steps) for n in agents]
+        else:
+            out += [Variant(axis, v, "diffmas", ref_agents, ref_steps,
+                            (OVERRIDE[axis, v],) if (axis, v) in OVERRIDE else ()) for v in VARIANTS[axis]]
+    return out
+
+
+def reference_of(v: Variant, ref_agents: int, ref_steps: int) -> Variant:
+    """The anchor a variant is compared with on the same items: the reference chain, trained as ``v`` is."""
+    value = {"latent_steps": str(ref_steps), "agents": str(ref_agents)}.get(v.axis) or REFERENCE[v.axis]
+    return Variant(v.axis, value, v.method, ref_agents, ref_steps)
+
+
+def is_reference(v: Variant, ref_agents: int, ref_steps: int) -> bool:
+    return v == reference_of(v, ref_agents, ref_steps)
+
+
+@dataclass
+class AblationOptions:
+    """What ``diffmas-eval ablate`` runs; every field is a flag of the same name (``--ref-agents``, ...)."""
+
+    model: str = "bundled:smollm2-135m-instruct"
+    task: str = "diffmas_arc_challenge"
+    limit: int = 50
+    axes: list[str] = field(default_factory=lambda: list(AXES))
+    latent_steps: list[int] = field(default_factory=lambda: [0, 10, 40])
+    agents: list[int] = field(default_factory=lambda: [2, 3, 4])
+    ref_agents: int = 4
+    ref_steps: int = 10
+    seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])
+    train_steps: int = 8
+    train_max_length: int = 256
+    probe_rows: int = 4
+    max_trace_tokens: int | None = None
+    output: str = "ablations/ablations.csv"
+    work_dir: str | None = None
+    data_dir: str | None = None
+    jobs: int = 1
+    threads: int | None = None
+    batch_size: str = "8"
+    device: str | None = None
+
+
+def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, Settings]]:
+    """Every (variant, seed) cell: trained variants once per seed, untrained ones once (module docstring)."""
+    return [(v, seed, v.settings(base, seed))
+            for v in grid(opts.axes, opts.latent_steps, opts.agents, opts.ref_agents, opts.ref_steps)
+            for seed in (opts.seeds if v.trained else opts.seeds[:1])]
+
+
+# -- bad input, before anything runs ---------------------------------------------------------------
+def _longest_item(task: str, limit: int, tokenizer) -> tuple[str, int]:
+    """The longest question among the task's scored items (lm-eval's own docs), and its longest choice's tokens."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    t = get_task_dict([task], TaskManager())[task]
+    docs = list(t.eval_docs)[:limit or None]
+    if not docs:
+        raise ValueError(f"{task} has no items to score")
+    texts = [str(t.doc_to_text(doc)) for doc in docs]
+    longest = max(texts, key=lambda x: len(tokenizer(x)["input_ids"]))
+    choice = 0
+    if t.OUTPUT_TYPE == "multiple_choice":
+        choice = max(len(tokenizer(" " + str(c))["input_ids"]) for doc in docs for c in t.doc_to_choice(doc))
+    return longest, choice
+
+
+def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions) -> None:
+    """Refuse a grid with a cell whose trace (or whole chain) would not fit: the chain's own budget check on the
+    task's longest item, laid out by each cell's chain from the tokenizer alone (no model is loaded)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..latent.chain import TraceTooLongError, check_budget, upstream_prompt_ids
+    from ..latent.config import LatentConfig
+    from ..models import prepare_tokenizer, resolve_pretrained
+    from ..prompts import TEXT_ROLES, chat_format, final_preamble
+    from ..protocol import is_generative
+
+    path = resolve_pretrained(opts.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    prepare_tokenizer(tok)
+    ctx = getattr(AutoConfig.from_pretrained(path).get_text_config(), "max_position_embeddings", None)
+    question, choice_tokens = _longest_item(opts.task, opts.limit, tok)
+    for v, _, s in cells:
+        config = LatentConfig.from_dict({"agents": v.agents, "latent_steps": v.latent_steps,
+                                         "max_trace_tokens": opts.max_trace_tokens,
+                                         **{k: x for k, x in v.chain if k == "trace"}})
+        lengths = [[len(p[0])] for p in upstream_prompt_ids(tok, TEXT_ROLES, config, [question])]
+        final_role = TEXT_ROLES[config.roles[-1]].instruction
+        final = len(tok(chat_format(tok, final_role, final_preamble(config.upstream) + question, None),
+                        add_special_tokens=False)["input_ids"])
+        final += s.answer_cap(opts.task) if is_generative(opts.task) else choice_tokens
+        try:
+            check_budget(config, lengths, [final], ctx)
+        except TraceTooLongError as err:
+            raise ValueError(f"ablation cell {v.name} (agents={v.agents}, latent_steps={v.latent_steps}) does not fit "
+                             f"on the longest of {opts.task}'s first {opts.limit} items: "
+                             f"{str(err).removeprefix('row 0: ')}") from None
+
+
+# -- gradient probes ------------------------------------------------------------------------------------
+def probe_path(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, trained: bool) -> Path:
+    """Where the probe of this chain (its adapter's, when ``trained``) on these rows is kept: named by their hash."""
+    spec = {"model": settings.model, "agents": settings.agents, "latent_steps": settings.latent_steps,
+            "trace": settings.chain.get("trace", "concat"), "rows": rows.name, "n_rows": n_rows,
+            "adapter": settings.training("diffmas", family) if trained else None}
+    return out_dir / f"probe-{short_hash(spec)}.json"
+
+
+def probe(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, device: str,
+          adapter: Path | None = None) -> Path:
+    """Per-agent ``||d loss / d segment||`` of the chain of ``settings`` (with ``adapter``: the trained chain,
+    its trained realignment included), averaged over the first ``n_rows`` SFT rows."""
+    import torch
+
+    from ..latent import AgentChain, LatentConfig
+    from ..latent.persist import load_chain_config
+    from ..models import load_model
+    from ..training.trainer import question_of
+
+    out = probe_path(settings, family, rows, n_rows, out_dir, adapter is not None)
+    if out.exists():
+        return out
+    model, tok = load_model(settings.model, dtype="float32", device=device, peft=str(adapter) if adapter else None)
+    config = LatentConfig.from_dict({"agents": settings.agents, "latent_steps": settings.latent_steps,
+                                     "trace": settings.chain.get("trace", "concat"), "stage1_grad": "full"})
+    chain = AgentChain(model, tok, config)
+    realign = load_chain_config(adapter)[1] if adapter else None
+    if realign is not None:
+        chain.realigner.weight.data.copy_(torch.load(realign, map_location=chain.device))
+    data = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()][:n_rows]
+    norms = [0.0] * len(config.upstream)
+    for row in data:
+        question = question_of(row["prompt"])
+        answer = row["completion"] if isinstance(row["completion"], str) else row["completion"][-1]["content"]
+        prompt, target = chain.final_prompt(question), chain.encode(answer)
+        for k, (_, g) in enumerate(chain.gradient_probe([question], [prompt + target],
+                                                        [[-100] * len(prompt) + target])):
+            norms[k] += g / len(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"roles": config.upstream, "norms": norms, "agents": settings.agents,
+                               "latent_steps": settings.latent_steps, "trace": config.trace,
+                               "adapter": str(adapter) if adapter else ""}, indent=1) + "\n")
+    tmp.replace(out)
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """The grid's cells, and the jobs still to run for them (an adapter only when a missing cell or probe needs it)."""
+
+    cells: list
+    family: str
+    data: Path
+    runs: Path
+    probes: Path
+    jobs: list
+
+
+def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: Path, work: Path, device: str,
+         batch: int | str) -> Plan:
+    from . import cells, train
+    from .pool import Job
+
+    grid_cells, probes, logs = cells_of(opts, base), runs / "probes", work / "logs"
+    first, trained, names = [], [], {}  # names: a job's key (what it computes, by hash) -> its job's name
+
+    def add(into: list, key: str, label: str, fn, args: tuple, after: str | None = None) -> str:
+        """One job per key: the reference chain is every axis's anchor, but it is trained and scored once."""
+        if key not in names:
+            kind, digest = key.split(" ", 1)
+            names[key] = f"{kind} {label} [{digest.removeprefix('probe-')}]"
+            into.append(Job(names[key], fn, args, logs / f"{key.replace(' ', '-')}.log", after and names[after]))
+        return key
+
+    for v, seed, s in grid_cells:
+        s.sft_sources = dict(base.sft_sources)
+        label = f"{v.name} seed {seed}"
+        todo = []
+        if not cells.done(runs, s, v.method, opts.task):
+            todo.append((f"score {short_hash(s.cell(v.method, opts.task))}", cells.score,
+                         (s, v.method, opts.task, runs, work, batch, device)))
+        if v.trained:
+            step0 = probe_path(s, family, data, opts.probe_rows, probes, False)
+            if not step0.exists():  # the base model: the same for every seed
+                add(first, f"probe {step0.stem}", f"step 0 {v.name}", probe,
+                    (s, family, data, opts.probe_rows, probes, device))
+            after = probe_path(s, family, data, opts.probe_rows, probes, True)
+            if not after.exists():
+                todo.append((f"probe {after.stem}", probe, (s, family, data, opts.probe_rows, probes, device)))
+        adapter = None
+        if todo and v.trained:
+            adapter = add(trained, f"train {short_hash(s.training(v.method, family))}", label, train.adapter,
+                          (s, v.method, family, data, work, device == "cuda", opts.threads))
+        for key, fn, args in todo:
+            add(trained if adapter else first, key, label, fn, args, adapter)
+    return Plan(grid_cells, family, data, runs, probes, first + trained)
+
+
+def run_ablation(opts: AblationOptions) -> list[dict]:
+    """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
+    import torch
+
+    from . import train
+    from .ablate_report import publish
+    from .pool import run_jobs
+
+    if opts.task in CODE_TASKS:
+        raise ValueError(f"{opts.task}: ablations score lm-eval tasks (their per-item scores pair the cells); "
+                         "choose e.g. diffmas_arc_challenge, diffmas_commonsense_qa or diffmas_gsm8k")
+    if not opts.seeds:
+        raise ValueError("--seeds is empty")
+    if opts.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
+    if opts.limit < 1:
+        raise ValueError(f"--limit must be >= 1 (the same first items for every cell), got {opts.limit}")
+    base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps,
+                    train_max_length=opts.train_max_length)
+    family = base.family_of(opts.task)
+    if family is None:
+        raise ValueError(f"no SFT family for task {opts.task}; ablations train on the task's family: choose a task "
+                         "the leaderboard maps (e.g. diffmas_arc_challenge, diffmas_gsm8k)")
+    check_fits(cells_of(opts, base), opts)  # before any compute
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch: int | str = int(opts.batch_size) if str(opts.batch_size).isdigit() else opts.batch_size
+    if opts.data_dir:
+        os.environ["DIFFMAS_DATA_DIR"] = str(Path(opts.data_dir).resolve())
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+        os.environ["OMP_NUM_THREADS"] = str(opts.threads)
+    output = Path(opts.output)
+    runs, work = output.parent / "runs", Path(opts.work_dir) if opts.work_dir else output.parent / "cache"
+    data, bounds, base.sft_sources[family] = train.sft_set(family, None, work, opts.data_dir)
+    train.check_disjoint(family, bounds, [opts.task], opts.limit)
+    t0 = time.perf_counter()
+    p = plan(opts, base, family, data, runs, work, device, batch)
+    print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to run, "
+          f"{opts.jobs} at a time", flush=True)
+    if p.jobs:
+        run_jobs(p.jobs, opts.jobs, opts.threads)
+    print(f"== ablate: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return publish(p, opts, output)
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_ablate_parser(sub) -> None:
+    d = AblationOptions()
+    p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
+                                      "realignment) as leaderboard cells; CSV, charts, README section",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
+    p.add_argument("--task", default=d.task, help="one lm-eval task with an SFT family (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=d.limit, help="first N items, the same for every cell (%(default)s)")
+    p.add_argument("--axes", default=",".join(d.axes), help=f"comma-separated, from {', '.join(AXES)} (default: all)")
+    p.add_argument("--latent-steps", type=_ints, default=d.latent_steps, metavar="M,...",
+                   help="the latent_steps axis (default: 0,10,40; the paper's: 0,10,40,100,200)")
+    p.add_argument("--agents", type=_ints, default=d.agents, metavar="N,...",
+                   help="the agents axis (default: 2,3,4; the paper's range: 2,3,4,5,6)")
+    p.add_argument("--ref-agents", type=int, default=d.ref_agents, help="the reference chain's agents (%(default)s)")
+    p.add_argument("--ref-steps", type=int, default=d.ref_steps,
+                   help="the reference chain's latent steps (%(default)s)")
+    p.add_argument("--seeds", type=_ints, default=d.seeds, metavar="S,...",
+                   help="training seeds (default: 1234,1235,1236)")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps per adapter (%(default)s)")
+    p.add_argument("--train-max-length", type=int, default=d.train_max_length,
+                   help="tokens per training row (%(default)s)")
+    p.add_argument("--probe-rows", type=int, default=d.probe_rows,
+                   help="SFT rows the gradient probe averages over (%(default)s)")
+    p.add_argument("--max-trace-tokens", type=int, default=None,
+                   help="refuse a grid whose trace would exceed this many positions (default: the model's context)")
+    p.add_argument("--output", default=d.output, help="the cells' CSV; the rest goes beside it (%(default)s)")
+    p.add_argument("--work-dir", default=None, help="SFT set, adapters, request caches (default: OUTPUT_DIR/cache)")
+    p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
+                   help="local benchmark data; default $DIFFMAS_DATA_DIR, else the hub")
+    p.add_argument("--jobs", type=int, default=d.jobs, help="cells/trainings at once, one process each (%(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
+    p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="only regenerate README's ablations section from the CSVs beside --output")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from .ablate_report import update_readme
+    from .config import parse_list
+
+    if args.readme:
+        changed = update_readme(Path(args.readme), Path(args.output))
+        print(f"{args.readme}: ablations section {'updated' if changed else 'already up to date'}")
+        return 0
+    names = {f.name for f in dataclasses.fields(AblationOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["axes"] = parse_list(args.axes, AXES, "axes")
+    run_ablation(AblationOptions(**values))
+    return 0
