@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+from .ask import DEFAULT_MODEL
 
 
 def add_chain_args(p: argparse.ArgumentParser) -> None:
@@ -28,45 +27,27 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def build_chain(args: argparse.Namespace):
-    import torch
+def chain_of(args: argparse.Namespace):
+    """The chain the ``add_chain_args`` flags describe (its options checked before the model loads)."""
+    from .ask import build_chain
+    from .latent import LatentConfig
 
-    from .latent import AgentChain, LatentConfig
-    from .models import load_model
-
-    torch.manual_seed(args.seed)
     config = LatentConfig.from_dict({"agents": args.agents, "latent_steps": args.latent_steps,
                                      "realign": args.realign, "trace": args.trace, "topology": args.topology,
                                      "max_trace_tokens": args.max_trace_tokens})
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, peft=args.peft)
-    return AgentChain(model, tokenizer, config)
-
-
-def format_trace_table(trace) -> str:
-    rows = trace.table()
-    lines = [f"{'agent':<10} {'prompt':>7} {'latent':>7} {'positions':>10} {'bytes':>12}"]
-    for r in rows:
-        note = "" if r["kept"] else "  (dropped: overwrite)"
-        lines.append(f"{r['agent']:<10} {r['prompt']:>7} {r['latent']:>7} {r['positions']:>10} {r['bytes']:>12,}{note}")
-    lines.append(f"{'trace':<10} {'':>7} {'':>7} {trace.length:>10} {trace.nbytes:>12,}")
-    return "\n".join(lines)
+    return build_chain(args.model, config, peft=args.peft, dtype=args.dtype, device=args.device, seed=args.seed)
 
 
 def ask(args: argparse.Namespace) -> int:
-    import torch
+    from .ask import ask as ask_chain
+    from .ask import format_trace_table
 
-    chain = build_chain(args)
-    final = chain.final_prompt(args.question)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        trace = chain.stage1([args.question], final_tokens=[len(final) + args.max_new_tokens])
-        t1 = time.perf_counter()
-        answer = chain.generate(trace, [final], max_new_tokens=args.max_new_tokens)[0]
-        t2 = time.perf_counter()
+    answer = ask_chain(chain_of(args), args.question, args.max_new_tokens)
     print(answer.text.strip())
     print()
-    print(format_trace_table(trace))
-    print(f"\nstage 1: {t1 - t0:.2f} s   stage 2: {t2 - t1:.2f} s ({len(answer.token_ids)} tokens)")
+    print(format_trace_table(answer.trace))
+    print(f"\nstage 1: {answer.stage1_seconds:.2f} s   stage 2: {answer.stage2_seconds:.2f} s "
+          f"({len(answer.token_ids)} tokens)")
     return 0
 
 
@@ -83,8 +64,9 @@ def memory(args: argparse.Namespace) -> int:
     import json
 
     from .memory import format_memory, trace_memory
+    from .options import parse_counts
 
-    prompts = [int(p) for p in args.prompt_tokens.split(",")]
+    prompts = parse_counts(args.prompt_tokens, "--prompt-tokens")
     m = trace_memory(args.model, args.agents, args.latent_steps, prompts[0] if len(prompts) == 1 else prompts,
                      args.final_tokens, args.dtype)
     print(json.dumps(m.as_dict()) if args.json else format_memory(m))

@@ -149,3 +149,25 @@ def test_bundled_model(offline, tmp_path):
     (run,) = (tmp_path / "humaneval").iterdir()
     (sample,) = _lines(run / "samples.jsonl")
     assert "def has_close_elements" in sample["solution"]  # a real model writes the asked-for function
+
+
+def test_run_codegen_is_the_command_as_a_function(offline, tiny_path, tmp_path, capsys):
+    """``run_codegen`` returns the summary the command writes; the command over the same options reuses its
+    samples (same directory name, same configuration)."""
+    from diffmas_eval.codegen.cli import CodegenRun, run_codegen
+
+    run = run_codegen("hf", {"pretrained": str(tiny_path)}, "humaneval", out=tmp_path / "out", limit=1,
+                      max_new_tokens=6, log=None)
+    assert isinstance(run, CodegenRun) and capsys.readouterr().out == ""  # log=None: quiet
+    assert run.dir == _run_dir(tmp_path / "out") and run.samples == run.dir / "samples.jsonl"
+    assert run.summary == json.loads((run.dir / "summary.json").read_text())
+    assert run.summary["tasks"] == 1 and run.pass_at_1 is None  # not evaluated
+    assert "evalplus.evaluate --dataset humaneval" in run.command
+    assert [r["task_id"] for r in _lines(run.samples)] == ["HumanEval/0"]
+
+    assert _codegen(tmp_path, "--limit", "1", model_args=f"pretrained={tiny_path}") == 0
+    out = capsys.readouterr().out
+    assert f"all 1 tasks already have their samples in {run.samples}" in out and run.command in out
+    with pytest.raises(ValueError, match="--n-samples > 1 needs --temperature > 0"):
+        run_codegen("hf", "", "humaneval", out=tmp_path / "x", n_samples=2)
+    assert not (tmp_path / "x").exists()

@@ -64,3 +64,19 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     CONFIGS["llama"].save_pretrained(tmp_path)
     assert main(["memory", "--model", str(tmp_path), "--agents", "4", "--prompt-tokens", "5,6"]) == 2
     assert "one per upstream agent (3)" in capsys.readouterr().err
+
+
+def test_the_function_returns_what_the_command_prints(tmp_path, capsys):
+    from diffmas_eval.memory import format_memory, trace_memory
+
+    CONFIGS["qwen3"].save_pretrained(tmp_path)
+    m = trace_memory(str(tmp_path), agents=3, latent_steps=4, prompt_tokens=[7, 9], final_tokens=5,
+                     dtype="float32")
+    assert _memory(capsys, tmp_path, "--agents", "3", "--latent-steps", "4", "--prompt-tokens", "7,9",
+                   "--final-tokens", "5", "--dtype", "float32") == m.as_dict()
+    assert main(["memory", "--model", str(tmp_path), "--agents", "3", "--latent-steps", "4", "--prompt-tokens",
+                 "7,9", "--final-tokens", "5", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == format_memory(m) + "\n"
+    assert m.trace_positions == 7 + 9 + 2 * 4 and m.total_bytes == (m.trace_positions + 5) * m.bytes_per_position
+    assert main(["memory", "--model", str(tmp_path), "--prompt-tokens", "7,x"]) == 2
+    assert "--prompt-tokens takes N or N,N,... (integers), got '7,x'" in capsys.readouterr().err

@@ -4,4 +4,5 @@
 - ``samples``: the resumable ``samples.jsonl`` / ``samples.raw.jsonl`` writer and the run's configuration.
 - ``generate``: EvalPlus's prompts through the model's chat template, the model's own ``generate_until``.
 - ``evaluate``: the ``evalplus.evaluate`` command, run as a subprocess, and its pass@1.
+- ``cli``: ``run_codegen`` (the whole command as a typed function) and the argparse parser over it.
 """

@@ -1,4 +1,5 @@
-"""``diffmas-eval codegen``: the command line of the EvalPlus generation, and the results table."""
+"""``diffmas-eval codegen``: EvalPlus generation as a function (``run_codegen``) and the command line over it,
+and the results table."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import hashlib
 import json
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MAS_MODELS = ("diffmas", "textmas")  # models with agent roles: they get the code-family roles
 SECRET_ARGS = ("api_key",)
@@ -67,66 +71,110 @@ def _model_class(name: str):
                          "(lm_eval --model ...)") from None
 
 
-def codegen(args: argparse.Namespace) -> int:
+@dataclass
+class CodegenRun:
+    """What one ``run_codegen`` left behind: where its files are, and its ``summary.json`` as a dict."""
+
+    dir: Path  # OUT/<dataset>/<name>: samples.jsonl, accounting.jsonl, codegen.json, summary.json, the subset file
+    summary: dict  # as written to summary.json: the config, tasks, accounting, the evalplus command, pass@1
+
+    @property
+    def samples(self) -> Path:
+        return Path(self.summary["samples"])
+
+    @property
+    def command(self) -> str:
+        """The ``evalplus.evaluate`` shell line that scores the samples (with its dataset override)."""
+        return self.summary["command"]
+
+    @property
+    def pass_at_1(self) -> dict | None:
+        """``{"base", "plus", "tasks"}`` when the run was evaluated, else None."""
+        return self.summary.get("pass@1")
+
+
+def run_codegen(model: str, model_args: str | Mapping[str, Any], dataset: str, *, out: str | Path,
+                limit: int | None = None, n_samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 768,
+                batch_size: int = 1, device: str | None = None, seed: int = 0, name: str | None = None,
+                evaluate: bool = False, parallel: int | None = None, min_time_limit: float | None = None,
+                gt_time_limit_factor: float | None = None,
+                log: Callable[[str], object] | None = print) -> CodegenRun:
+    """EvalPlus samples of ``dataset`` (humaneval | mbpp) from the lm-eval model ``model``: ``diffmas-eval
+    codegen`` as a function, so that the leaderboard and user scripts run exactly what the command runs.
+
+    ``model_args``: lm-eval's ``k=v,...`` text, or the dict it parses to. Samples go to
+    ``out/<dataset>/<name>/samples.jsonl`` (``name`` defaults to a slug of model and options) and a rerun
+    generates only what is missing. ``evaluate``: run ``evalplus.evaluate`` (``parallel``, ``min_time_limit``,
+    ``gt_time_limit_factor`` are its options) and put pass@1 into the summary. ``log`` gets the progress
+    lines the command prints (the evalplus command line before it runs, pass@1 after); None keeps quiet.
+    """
     from .data import configure_offline
 
     configure_offline()  # before anything imports evalplus (it reads the overrides at import)
     from lm_eval.utils import simple_parse_args_string
 
-    from . import evaluate
+    from . import evaluate as evalplus
     from .data import load_dataset
     from .samples import SampleDir, summarise_accounting
 
-    if args.n_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+    say = log or (lambda line: None)
+    if n_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("--n-samples, --batch-size and --max-new-tokens must be >= 1")
-    if args.temperature < 0 or (args.n_samples > 1 and args.temperature == 0):
+    if temperature < 0 or (n_samples > 1 and temperature == 0):
         raise ValueError("--n-samples > 1 needs --temperature > 0 (greedy decoding gives the same sample each time)")
-    model_cls = _model_class(args.model)
-    dataset = load_dataset(args.dataset)
-    if args.limit is not None and not 1 <= args.limit <= len(dataset.lines):
-        raise ValueError(f"--limit {args.limit} is out of range: {dataset.name} ({dataset.path}) has "
-                         f"{len(dataset.lines)} tasks; use 1..{len(dataset.lines)} or drop --limit")
-    user_args = simple_parse_args_string(args.model_args)
-    config = {"model": args.model, "model_args": redact(user_args), "dataset": args.dataset,
-              "dataset_sha256": dataset.sha256, "n_samples": args.n_samples, "temperature": args.temperature,
-              "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prompt": "evalplus-instruct"}
-    if args.model in MAS_MODELS:
+    model_cls = _model_class(model)
+    data = load_dataset(dataset)
+    if limit is not None and not 1 <= limit <= len(data.lines):
+        raise ValueError(f"--limit {limit} is out of range: {data.name} ({data.path}) has "
+                         f"{len(data.lines)} tasks; use 1..{len(data.lines)} or drop --limit")
+    user_args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args)
+    config = {"model": model, "model_args": redact(user_args), "dataset": dataset,
+              "dataset_sha256": data.sha256, "n_samples": n_samples, "temperature": temperature,
+              "max_new_tokens": max_new_tokens, "seed": seed, "prompt": "evalplus-instruct"}
+    if model in MAS_MODELS:
         config["family"] = user_args.get("family", "code")
-    name = args.name or slug(args.model, user_args, args.n_samples, args.temperature, args.max_new_tokens)
-    out = SampleDir(Path(args.out) / args.dataset / name)
-    out.check_config(config)
+    name = name or slug(model, user_args, n_samples, temperature, max_new_tokens)
+    run = SampleDir(Path(out) / dataset / name)
+    run.check_config(config)
 
-    tasks = dataset.tasks()[: args.limit]
-    counts = out.counts()
-    need = {t["task_id"]: max(0, args.n_samples - counts[t["task_id"]]) for t in tasks}
+    tasks = data.tasks()[:limit]
+    counts = run.counts()
+    need = {t["task_id"]: max(0, n_samples - counts[t["task_id"]]) for t in tasks}
     if any(need.values()):
-        lm = _build(model_cls, args.model, user_args, args.batch_size, args.device, args.seed)
-        out.open(config)
+        lm = _build(model_cls, model, user_args, batch_size, device, seed)
+        run.open(config)
         from .generate import generate
 
         skipped = sum(1 for v in need.values() if v == 0)
         if skipped:
-            print(f"resuming: {skipped} of {len(tasks)} tasks already have their samples")
-        generate(lm, args.dataset, tasks, need, out, args.batch_size, args.max_new_tokens, args.temperature,
-                 args.model)
+            say(f"resuming: {skipped} of {len(tasks)} tasks already have their samples")
+        generate(lm, dataset, tasks, need, run, batch_size, max_new_tokens, temperature, model)
     else:
-        print(f"all {len(tasks)} tasks already have their samples in {out.samples}")
+        say(f"all {len(tasks)} tasks already have their samples in {run.samples}")
 
-    subset = dataset.subset(args.limit, out.dir)
-    cmd, env = evaluate.command(subset, out.samples, args.parallel, args.min_time_limit, args.gt_time_limit_factor)
-    line = evaluate.shell_line(cmd, env)
-    summary = {"samples": str(out.samples), "command": line, "tasks": len(tasks), **config,
-               "accounting": summarise_accounting(out.accounting_records())}
-    print(f"samples: {out.samples}")
-    print(f"accounting (tokens per agent, seconds per sample): {out.accounting}")
-    print(line)
-    if args.evaluate:
-        summary["pass@1"] = evaluate.run(subset, out.samples, args.parallel, args.min_time_limit,
-                                         args.gt_time_limit_factor)
+    subset = data.subset(limit, run.dir)
+    cmd, env = evalplus.command(subset, run.samples, parallel, min_time_limit, gt_time_limit_factor)
+    line = evalplus.shell_line(cmd, env)
+    summary = {"samples": str(run.samples), "command": line, "tasks": len(tasks), **config,
+               "accounting": summarise_accounting(run.accounting_records())}
+    say(f"samples: {run.samples}")
+    say(f"accounting (tokens per agent, seconds per sample): {run.accounting}")
+    say(line)
+    if evaluate:
+        summary["pass@1"] = evalplus.run(subset, run.samples, parallel, min_time_limit, gt_time_limit_factor)
         p = summary["pass@1"]
-        print(f"pass@1 {args.dataset} (base tests): {p['base']:.3f}   {args.dataset}+ (base + plus tests): "
-              f"{p['plus']:.3f}   ({p['tasks']} tasks)")
-    (out.dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        say(f"pass@1 {dataset} (base tests): {p['base']:.3f}   {dataset}+ (base + plus tests): "
+            f"{p['plus']:.3f}   ({p['tasks']} tasks)")
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return CodegenRun(run.dir, summary)
+
+
+def codegen(args: argparse.Namespace) -> int:
+    """The ``codegen`` command: its flags, one for one, as ``run_codegen``'s arguments."""
+    run_codegen(args.model, args.model_args, args.dataset, out=args.out, limit=args.limit, n_samples=args.n_samples,
+                temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                device=args.device, seed=args.seed, name=args.name, evaluate=args.evaluate, parallel=args.parallel,
+                min_time_limit=args.min_time_limit, gt_time_limit_factor=args.gt_time_limit_factor)
     return 0
 
 

@@ -10,7 +10,6 @@ way as results made anywhere else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from datetime import datetime, timezone
@@ -119,7 +118,7 @@ def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | No
 def score_code(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path,
                batch_size: int | str, device: str) -> Path:
     """HumanEval+ through ``diffmas-eval codegen --evaluate`` (resumable: it appends samples per batch)."""
-    from ..codegen.cli import codegen
+    from ..codegen.cli import run_codegen
 
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
@@ -131,15 +130,12 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
           f"--limit {limit} --max-new-tokens {cap} --n-samples {protocol.samples} --temperature {temperature} "
           "--evaluate", flush=True)
     t0 = time.perf_counter()
-    codegen(argparse.Namespace(
-        model=model, model_args=model_args, dataset=CODE_TASKS[task], limit=limit or None,
-        n_samples=protocol.samples, temperature=temperature, max_new_tokens=cap,
-        batch_size=batch_size if isinstance(batch_size, int) else 1, device=device, seed=settings.seed,
-        out=str(out.parent.parent), name=out.name, evaluate=True, parallel=None, min_time_limit=None,
-        gt_time_limit_factor=None))
+    run = run_codegen(model, model_args, CODE_TASKS[task], out=out.parent.parent, name=out.name,
+                      limit=limit or None, n_samples=protocol.samples, temperature=temperature, max_new_tokens=cap,
+                      batch_size=batch_size if isinstance(batch_size, int) else 1, device=device, seed=settings.seed,
+                      evaluate=True)
     meta = metadata(settings, method, task, adapter, time.perf_counter() - t0)
-    summary = json.loads((out / "summary.json").read_text())
-    acc = summary.get("accounting", {})
+    acc = run.summary.get("accounting", {})
     meta.update(tokens_per_sample=acc.get("tokens_per_sample", ""),
                 seconds_per_sample=acc.get("seconds_per_sample", ""), model=settings.model, max_gen_toks=cap)
     (out / f"{META}.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 from pathlib import Path
 
+from ..options import count, parse_pairs
 from ..protocol import PROTOCOLS
 from .collect import STABILITY_METRICS
 from .config import (
@@ -25,16 +27,6 @@ from .config import (
 )
 
 DEFAULT_TASKS = ",".join(TASKS)
-
-
-def _families(text: str) -> dict:
-    out = {}
-    for item in (x for x in text.split(",") if x.strip()):
-        family, sep, n = item.partition("=")
-        if not sep or not n.isdigit():
-            raise ValueError(f"--sft-examples takes FAMILY=N,..., got {item!r}")
-        out[family.strip()] = int(n)
-    return out
 
 
 def add_leaderboard_parser(sub) -> None:
@@ -109,31 +101,17 @@ def add_leaderboard_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _pairs(text: str) -> dict:
-    """``TASK=FAMILY,...``."""
-    out = {}
-    for item in (x.strip() for x in text.split(",") if x.strip()):
-        task, sep, family = item.partition("=")
-        if not sep:
-            raise ValueError(f"--task-family takes TASK=FAMILY,..., got {item!r}")
-        out[task.strip()] = family.strip()
-    return out
-
-
 def _limits(text: str) -> tuple[int, dict]:
     """``--limit N[,TASK=N,...]``: the default count and per-task counts."""
-    default, per = Settings().limit, {}
-    for item in (x.strip() for x in str(text).split(",") if x.strip()):
-        task, sep, n = item.rpartition("=")
-        if not n.lstrip("-").isdigit():
-            raise ValueError(f"--limit takes N or TASK=N items, got {item!r}")
-        if int(n) < 0:
-            raise ValueError(f"--limit {item}: must be >= 0 (0 = every item)")
-        if sep:
-            per[task] = int(n)
-        else:
-            default = int(n)
-    return default, per
+    per = parse_pairs(text, "--limit", partial(count, zero="every item"), form="N or TASK=N", bare_key="")
+    return per.pop("", Settings().limit), per
+
+
+def _textmas_args(text: str) -> str:
+    """``--textmas-args`` as given (the cells' hashes hold the text), once it parses: a malformed item fails
+    here, before any training, not in the first textmas cell."""
+    parse_pairs(text, "--textmas-args", form="KEY=VALUE")
+    return text
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -142,10 +120,11 @@ def settings_of(args: argparse.Namespace) -> Settings:
                     temperature=args.temperature, top_p=args.top_p, recipe=args.recipe,
                     agents=args.agents, latent_steps=args.latent_steps,
                     agent_max_tokens=args.agent_max_tokens, max_gen_toks=args.max_gen_toks,
-                    chat_template=args.chat_template, seed=args.seed, textmas_args=args.textmas_args,
+                    chat_template=args.chat_template, seed=args.seed, textmas_args=_textmas_args(args.textmas_args),
                     train_steps=args.train_steps, train_batch_size=args.train_batch_size,
                     learning_rate=args.learning_rate, lora_r=args.lora_r, train_max_length=args.train_max_length,
-                    sft_examples=_families(args.sft_examples), families=_pairs(args.task_family))
+                    sft_examples=parse_pairs(args.sft_examples, "--sft-examples", count, form="FAMILY=N"),
+                    families=parse_pairs(args.task_family, "--task-family", form="TASK=FAMILY"))
 
 
 def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None) -> None:

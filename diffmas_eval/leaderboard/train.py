@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..options import parse_pairs
 from .config import FAMILY, Settings, short_hash
 
 TRAINER = "diffmas_eval.training.sft"  # the module accelerate launches (trainers/sft.py is a thin file over it)
@@ -112,7 +113,7 @@ def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
 
     notes = settings.notes()
     digest = short_hash({"data": hashlib.sha256(data.read_bytes()).hexdigest(), "model": settings.model, **notes})
-    extra = dict(a.split("=", 1) for a in settings.textmas_args.split(",") if "=" in a)
+    extra = parse_pairs(settings.textmas_args, "--textmas-args", form="KEY=VALUE")
     model_args = {"pretrained": settings.model, "agents": settings.agents,
                   "agent_max_tokens": settings.agent_max_tokens, "device": "cuda" if cuda else "cpu", **extra}
     out = work / "sft" / f"{data.stem}-notes-{digest}.jsonl"

@@ -1,0 +1,67 @@
+"""Comma-separated command-line values (``KEY=VALUE,...``, ``N,N,...``), parsed in one place.
+
+Several flags take ``KEY=VALUE`` lists (``--task-family TASK=FAMILY``, ``--sft-examples FAMILY=N``,
+``--limit N[,TASK=N]``, ``--textmas-args``); each used to split its own text, with its own rules about
+blanks, missing ``=`` and bad numbers. One parser gives them the same rules and the same kind of error:
+it names the flag, the form it expects and the item that broke it, so a typo is fixed from one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_KINDS: dict[object, str] = {int: "an integer", float: "a number"}  # builtins' own messages name no flag
+
+
+def count(text: str, zero: str | None = None) -> int:
+    """An integer >= 0: a number of items or examples (``zero``: what 0 means, for the error, e.g. "every item")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise ValueError("must be >= 0" + (f" (0 = {zero})" if zero else ""))
+    return value
+
+
+def _items(text: str) -> list[str]:
+    return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def parse_pairs(text: str, what: str, value_type: Callable[[str], T] = str, form: str = "KEY=VALUE",
+                bare_key: str | None = None) -> dict[str, T]:
+    """``KEY=VALUE,...`` as a dict, each value converted by ``value_type``; blanks around items are ignored.
+
+    ``what`` is the flag as the user typed it (``--sft-examples``) and ``form`` one item's shape
+    (``FAMILY=N``): both go into the error, with the item at fault. ``bare_key``: an item without ``=`` is
+    the value of that key (``--limit 5,gsm8k=2`` -> ``{"": 5, "gsm8k": 2}`` with ``bare_key=""``); without it,
+    such an item is an error. A later item overrides an earlier one with the same key. A value may hold ``=``
+    (``base_url=http://h/?a=b``): only the first ``=`` splits.
+    """
+    out: dict[str, T] = {}
+    for item in _items(text):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            if bare_key is None:
+                raise ValueError(f"{what} takes {form},..., got {item!r} (no '=')")
+            key, value = bare_key, item
+        elif not key:
+            raise ValueError(f"{what} takes {form},..., got {item!r} (nothing before '=')")
+        try:
+            out[key] = value_type(value)
+        except ValueError as err:
+            reason = f"{value!r} is not {_KINDS[value_type]}" if value_type in _KINDS else str(err)
+            raise ValueError(f"{what} takes {form},..., got {item!r}: {reason}") from None
+    return out
+
+
+def parse_counts(text: str, what: str) -> list[int]:
+    """``N`` or ``N,N,...`` (each an integer): e.g. ``memory --prompt-tokens 200`` or ``120,80,95``."""
+    try:
+        return [int(x) for x in _items(text)]
+    except ValueError:
+        raise ValueError(f"{what} takes N or N,N,... (integers), got {text!r}") from None

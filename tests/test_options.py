@@ -1,0 +1,78 @@
+"""The one ``KEY=VALUE,...`` parser behind --limit, --sft-examples, --task-family and --textmas-args."""
+
+import argparse
+
+import pytest
+
+from diffmas_eval.leaderboard.cli import _limits, settings_of
+from diffmas_eval.options import count, parse_counts, parse_pairs
+
+
+def test_pairs_strip_blanks_split_at_the_first_equals_and_convert():
+    assert parse_pairs(" a=1, b = 2 ,,", "--x", int) == {"a": 1, "b": 2}
+    assert parse_pairs("", "--x") == {}
+    assert parse_pairs("backend=openai,base_url=http://h:8/v1?a=b", "--textmas-args") == {
+        "backend": "openai", "base_url": "http://h:8/v1?a=b"}
+    assert parse_pairs("a=1,a=2", "--x", int) == {"a": 2}  # the later item wins, as before
+    assert parse_pairs("5,gsm8k=2", "--limit", int, bare_key="") == {"": 5, "gsm8k": 2}
+
+
+@pytest.mark.parametrize("text,value_type,form,message", [
+    ("math", str, "FAMILY=N", "--x takes FAMILY=N,..., got 'math' (no '=')"),
+    ("=4", str, "FAMILY=N", "--x takes FAMILY=N,..., got '=4' (nothing before '=')"),
+    ("math=four", int, "FAMILY=N", "--x takes FAMILY=N,..., got 'math=four': 'four' is not an integer"),
+    ("t=0.x", float, "T=X", "--x takes T=X,..., got 't=0.x': '0.x' is not a number"),
+    ("math=-1", count, "FAMILY=N", "--x takes FAMILY=N,..., got 'math=-1': must be >= 0"),
+])
+def test_pair_errors_name_the_flag_the_form_and_the_item(text, value_type, form, message):
+    with pytest.raises(ValueError) as err:
+        parse_pairs(text, "--x", value_type, form=form)
+    assert str(err.value) == message
+
+
+def test_counts():
+    assert parse_counts("200", "--prompt-tokens") == [200] and parse_counts("5, 6,", "--p") == [5, 6]
+    with pytest.raises(ValueError, match=r"--prompt-tokens takes N or N,N,... \(integers\), got '5,x'"):
+        parse_counts("5,x", "--prompt-tokens")
+    assert count("0") == 0
+    with pytest.raises(ValueError, match=r"must be >= 0 \(0 = every item\)"):
+        count("-2", zero="every item")
+
+
+def test_leaderboard_flags_parse_through_it():
+    assert _limits("3") == (3, {}) and _limits("0,gsm8k=5") == (0, {"gsm8k": 5})
+    default = _limits("")[0]
+    assert _limits("gsm8k=5") == (default, {"gsm8k": 5})
+    with pytest.raises(ValueError, match=r"--limit takes N or TASK=N,..., got 'gsm8k=-1': must be >= 0 "
+                                         r"\(0 = every item\)"):
+        _limits("2,gsm8k=-1")
+    with pytest.raises(ValueError, match=r"--limit takes N or TASK=N,..., got 'x': 'x' is not an integer"):
+        _limits("x")
+
+
+
+def _leaderboard_args(*argv):
+    from diffmas_eval.leaderboard import add_leaderboard_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_leaderboard_parser(sub)
+    return sub.choices["leaderboard"].parse_args(list(argv))
+
+
+def test_leaderboard_settings_parse_through_it(tmp_path, capsys):
+    s = settings_of(_leaderboard_args("--sft-examples", "math=4, code=2", "--task-family", "my_task=math",
+                                      "--textmas-args", "backend=openai,timeout=9"))
+    assert s.sft_examples == {"math": 4, "code": 2} and s.families == {"my_task": "math"}
+    assert s.textmas_args == "backend=openai,timeout=9"  # kept as typed: the cells' hashes hold the text
+    for flag, value, message in [("--sft-examples", "math=x", "--sft-examples takes FAMILY=N,..., got 'math=x'"),
+                                 ("--task-family", "my_task", "--task-family takes TASK=FAMILY,..., got 'my_task'"),
+                                 ("--textmas-args", "backend", "--textmas-args takes KEY=VALUE,..., got 'backend'")]:
+        with pytest.raises(ValueError, match=message):
+            settings_of(_leaderboard_args(flag, value))
+
+    from diffmas_eval.cli import main
+
+    # through the command: one line, exit 2, before anything is trained or scored
+    assert main(["leaderboard", "--sft-examples", "math", "--output", str(tmp_path / "lb.csv")]) == 2
+    assert "diffmas-eval: error: --sft-examples takes FAMILY=N,..., got 'math' (no '=')" in capsys.readouterr().err
+    assert not (tmp_path / "lb.csv").exists()
