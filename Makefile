@@ -27,7 +27,7 @@ LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock test leaderboard readme performance codegen-table lint clean
+.PHONY: install lock test leaderboard ablations readme performance codegen-table lint clean
 
 install: $(STAMP)
 
@@ -51,6 +51,15 @@ leaderboard: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMITS) \
 		--tasks $(TASKS) --methods $(METHODS) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
+
+# the paper's ablations (diffmas-eval ablate): the CPU default grid on the bundled model, JOBS at a time (README
+# states what it runs and how long it took); at the paper's scale, e.g.
+# make ablations MODEL=Qwen/Qwen3-8B JOBS=1 THREADS= ABLATE_ARGS="--latent-steps 0,10,40,100,200 --agents 2,3,4,5,6 ..."
+ABLATE_ARGS ?=
+ablations: $(STAMP)
+	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval ablate --model $(MODEL) --jobs $(JOBS) \
+		$(if $(THREADS),--threads $(THREADS)) $(ABLATE_ARGS)
+	$(VENV)/bin/diffmas-eval ablate --readme README.md
 
 # README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)
 readme: $(STAMP)

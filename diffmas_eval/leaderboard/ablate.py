@@ -337,13 +337,6 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_ablate_parser(sub) -> None:
     d = AblationOptions()
     p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
@@ -353,14 +346,14 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--task", default=d.task, help="one lm-eval task with an SFT family (default: %(default)s)")
     p.add_argument("--limit", type=int, default=d.limit, help="first N items, the same for every cell (%(default)s)")
     p.add_argument("--axes", default=",".join(d.axes), help=f"comma-separated, from {', '.join(AXES)} (default: all)")
-    p.add_argument("--latent-steps", type=_ints, default=d.latent_steps, metavar="M,...",
+    p.add_argument("--latent-steps", default=d.latent_steps, metavar="M,...",
                    help="the latent_steps axis (default: 0,10,40; the paper's: 0,10,40,100,200)")
-    p.add_argument("--agents", type=_ints, default=d.agents, metavar="N,...",
+    p.add_argument("--agents", default=d.agents, metavar="N,...",
                    help="the agents axis (default: 2,3,4; the paper's range: 2,3,4,5,6)")
     p.add_argument("--ref-agents", type=int, default=d.ref_agents, help="the reference chain's agents (%(default)s)")
     p.add_argument("--ref-steps", type=int, default=d.ref_steps,
                    help="the reference chain's latent steps (%(default)s)")
-    p.add_argument("--seeds", type=_ints, default=d.seeds, metavar="S,...",
+    p.add_argument("--seeds", default=d.seeds, metavar="S,...",
                    help="training seeds (default: 1234,1235,1236)")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps per adapter (%(default)s)")
     p.add_argument("--train-max-length", type=int, default=d.train_max_length,
@@ -383,6 +376,7 @@ def add_ablate_parser(sub) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from ..options import parse_counts
     from .ablate_report import update_readme
     from .config import parse_list
 
@@ -393,5 +387,8 @@ def _cli(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(AblationOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["axes"] = parse_list(args.axes, AXES, "axes")
+    for key in ("latent_steps", "agents", "seeds"):  # flags given as text; defaults are lists already
+        if isinstance(values[key], str):
+            values[key] = parse_counts(values[key], "--" + key.replace("_", "-"))
     run_ablation(AblationOptions(**values))
     return 0
