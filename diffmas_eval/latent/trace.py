@@ -177,8 +177,13 @@ class LatentTrace:
         self.mask = self.full_mask(new_mask)
         self.next_pos = self.next_pos + new_mask.sum(-1)
 
-    def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], added: torch.Tensor) -> None:
-        """Take over the (left-aligned) tensors of this trace extended by ``added[i]`` real positions per row."""
+    def adopt_extended(self, keys: list[torch.Tensor], values: list[torch.Tensor], added: torch.Tensor) -> None:
+        """Take over the (left-aligned) tensors of this trace extended by ``added[i]`` real positions per row.
+
+        How stage 1 appends an agent's segment: the agent ran on a fork (``AgentChain._agent``), and this
+        trace adopts the tensors it produced, growing its mask and positions by ``added``. Unlike ``adopt``
+        (a cache a forward just extended by right-padded columns), the tensors are already left-aligned.
+        """
         width = keys[0].shape[-2]
         self.keys, self.values = list(keys), list(values)
         self.mask = left_aligned_mask(self.mask.sum(-1) + added, width)
