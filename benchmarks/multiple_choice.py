@@ -183,7 +183,7 @@ def main() -> None:
         rec = recorders[name] = Recorder(device=lm.model.device)
         lm.model.register_forward_pre_hook(rec.hook, with_kwargs=True)
         if kind == "diffmas":
-            for method, phase in (("stage1", "stage 1"), ("extend", "context prefill"),
+            for method, phase in (("stage1", "stage 1"), ("prefill", "context prefill"),
                                   ("continuation_scores", "continuations")):
                 rec.wrap(lm.chain, method, phase)
 

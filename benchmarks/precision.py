@@ -57,7 +57,7 @@ def run(model, tok, agents: int, m: int, questions: list[str], latent_dtype: str
     t0 = time.perf_counter()
     trace = chain.stage1(questions, record_inputs=True)
     seconds = time.perf_counter() - t0
-    _, logits = chain.extend(trace, [chain.final_prompt(q) for q in questions])
+    _, logits = chain.prefill(trace, [chain.final_prompt(q) for q in questions])
     latents = [s.latents.double() if s.latents is not None else None for s in trace.history]
     return {"latents": latents, "logprobs": F.log_softmax(logits.double(), -1), "stage1_s": seconds,
             "trace_dtype": str(trace.keys[0].dtype).replace("torch.", "") if trace.keys[0] is not None else None}

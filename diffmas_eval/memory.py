@@ -2,14 +2,21 @@
 
 The trace stores, for every position, one key and one value vector per KV head in every layer. The
 arithmetic ``2 x layers x kv_heads x head_dim x bytes`` hides details that differ between architectures
-(``head_dim`` set apart from ``hidden / heads``, separate key and value widths, layers without a cache,
-sliding-window layers, which the chain's cache keeps in full). So instead of re-deriving each family's
-rules, the model is built on the ``meta`` device (no weights, no memory) and one token is run through it
-into a ``DynamicCache`` exactly as the chain does; the cache's per-layer shapes then give the bytes.
+(``head_dim`` set apart from ``hidden / heads``, separate key and value widths as in DeepSeek's MLA,
+layers without a cache, sliding-window layers, which the chain's cache keeps in full). So instead of
+re-deriving each family's rules, the model is built on the ``meta`` device (no weights, no memory) and one
+token is run through it into a ``DynamicCache`` exactly as the chain does; the cache's per-layer shapes
+then give the bytes.
+
+``bytes_per_position`` is the one definition of that estimate: ``diffmas-eval memory`` (``trace_memory``)
+and ``--batch_size auto`` (``harness/batching.py``'s ``RowCost``) both use it, and it equals what a real
+trace holds per row and position (``LatentTrace.bytes_per_position``, which measures its own tensors;
+``tests/test_memory.py`` checks the two agree).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -51,17 +58,48 @@ def load_text_config(model: str):
     return config.get_text_config()
 
 
-def cache_shapes(config, dtype: torch.dtype) -> list[tuple[int, int, int]]:
-    """Per layer with a KV cache: (kv_heads, key_dim, value_dim), read off a one-token forward on ``meta``."""
+_SHAPES: dict[tuple, tuple[tuple[int, int, int], ...]] = {}  # cache_shapes' results; shapes do not depend on dtype
+
+
+def cache_shapes(config, dtype: torch.dtype = torch.bfloat16, model_class=None) -> list[tuple[int, int, int]]:
+    """Per layer with a KV cache: (kv_heads, key_dim, value_dim), read off a one-token forward on ``meta``.
+
+    ``model_class``: the class to build (a loaded model's own, e.g. remote code); default: the causal LM
+    that ``AutoModelForCausalLM`` maps ``config`` to. The config is copied: building a model writes its
+    dtype and attention implementation into the config, which must not touch a live model's. The shapes do
+    not depend on the dtype, so a build that fails in ``dtype`` is retried in bfloat16 (on ``meta``, MoE
+    experts' grouped matmul accepts only bfloat16). Results are remembered per config (building a large
+    model on ``meta`` takes a moment, and ``--batch_size auto:N`` asks N times).
+    """
     from transformers import AutoModelForCausalLM, DynamicCache
 
     try:
+        key = (model_class, type(config), config.to_json_string(use_diff=False))
+    except (TypeError, ValueError):  # a config value JSON cannot write: measure every time
+        key = None
+    if key is not None and key in _SHAPES:
+        return list(_SHAPES[key])
+
+    def measure(build_dtype: torch.dtype) -> DynamicCache:
+        cfg = copy.deepcopy(config)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+            if model_class is not None:
+                model = model_class._from_config(cfg, dtype=build_dtype, attn_implementation="eager")
+            else:
+                model = AutoModelForCausalLM.from_config(cfg, dtype=build_dtype, attn_implementation="eager")
         cache = DynamicCache()
         with torch.no_grad():
             model(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta"), cache=cache, use_cache=True,
                   logits_to_keep=1)
+        return cache
+
+    try:
+        try:
+            cache = measure(dtype)
+        except Exception:
+            if dtype == torch.bfloat16:
+                raise
+            cache = measure(torch.bfloat16)
     except Exception as err:  # any architecture whose forward does not fill a plain DynamicCache
         raise ValueError(f"cannot measure the KV cache of {type(config).__name__} ({config.model_type}): "
                          f"{type(err).__name__}: {err}. The latent trace needs a causal LM whose every layer "
@@ -70,7 +108,64 @@ def cache_shapes(config, dtype: torch.dtype) -> list[tuple[int, int, int]]:
               for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
     if not shapes:
         raise ValueError(f"{type(config).__name__} filled no key/value cache; the latent trace cannot be held")
+    if key is not None:
+        if len(_SHAPES) >= 32:
+            _SHAPES.clear()
+        _SHAPES[key] = tuple(shapes)
     return shapes
+
+
+def _shapes_bytes(shapes: list[tuple[int, int, int]], dtype: torch.dtype) -> int:
+    """Bytes per position of one row for ``cache_shapes``' layers: kv_heads x (key_dim + value_dim) each."""
+    return sum(heads * (k + v) for heads, k, v in shapes) * dtype.itemsize
+
+
+def _unwrap(model):
+    """The ``PreTrainedModel`` inside PEFT, DDP or FSDP wrappers (its class and config are the model's)."""
+    from transformers import PreTrainedModel
+
+    seen = set()
+    while not isinstance(model, PreTrainedModel) and id(model) not in seen:
+        seen.add(id(model))
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def _float(dtype: torch.dtype) -> torch.dtype:
+    """A dtype a model can be built in (a quantized model's parameters may be integers): shapes only."""
+    return dtype if dtype.is_floating_point else torch.bfloat16
+
+
+def bytes_per_position(config_or_model, dtype: torch.dtype | str | None = None) -> int:
+    """KV-cache bytes one row of the trace holds per position: the package's one memory estimate.
+
+    ``config_or_model``: a config (``diffmas-eval memory``, from config.json only) or a loaded model
+    (``RowCost``: its own class is measured, so remote code and multimodal wrappers count as they run).
+    ``dtype``: the cache's dtype (a torch dtype or ``bfloat16``/``float16``/``float32``); for a model,
+    default its parameters' dtype (what the chain's trace is stored in).
+    """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if isinstance(config_or_model, torch.nn.Module):
+        model = _unwrap(config_or_model)
+        if dtype is None:
+            dtype = next(config_or_model.parameters()).dtype
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            shapes = cache_shapes(model.config, _float(dtype), type(model))
+        else:
+            shapes = cache_shapes(config_or_model.config.get_text_config(), _float(dtype))
+    else:
+        if dtype is None:
+            raise ValueError("bytes_per_position(config): pass the dtype the trace is stored in")
+        shapes = cache_shapes(config_or_model, _float(dtype))
+    return _shapes_bytes(shapes, dtype)
 
 
 def trace_memory(model: str, agents: int = 4, latent_steps: int = 10, prompt_tokens: int | list[int] = 200,
@@ -90,8 +185,8 @@ def trace_memory(model: str, agents: int = 4, latent_steps: int = 10, prompt_tok
         raise ValueError(f"prompt_tokens: give one count >= 1, or one per upstream agent ({upstream})")
     config = config if config is not None else load_text_config(model)
     torch_dtype = DTYPES[dtype]
-    shapes = cache_shapes(config, torch_dtype)
-    per_position = sum(heads * (k + v) for heads, k, v in shapes) * torch_dtype.itemsize
+    shapes = cache_shapes(config, torch_dtype)  # for the table of layer shapes (measured once, then remembered)
+    per_position = bytes_per_position(config, torch_dtype)
     positions = sum(p + latent_steps for p in prompts)
     layers = Counter(f"{h} x {k}" + (f" / {v}" if v != k else "") for h, k, v in shapes)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]

@@ -53,9 +53,10 @@ def test_upstream_agents_get_the_bare_question_final_agent_the_chat_turn(tiny_pa
 
 def test_multi_agent_run_scores_continuations_over_one_shared_trace_and_context(tiny_path, local_data, monkeypatch):
     calls, prefills = [], []
-    stage1, extend = AgentChain.stage1, AgentChain.extend
+    stage1, prefill = AgentChain.stage1, AgentChain.prefill
     monkeypatch.setattr(AgentChain, "stage1", lambda self, qs, **kw: calls.append(len(qs)) or stage1(self, qs, **kw))
-    monkeypatch.setattr(AgentChain, "extend", lambda self, t, rows: prefills.append(len(rows)) or extend(self, t, rows))
+    monkeypatch.setattr(AgentChain, "prefill",
+                        lambda self, t, rows: prefills.append(len(rows)) or prefill(self, t, rows))
     out = evaluate("diffmas", f"pretrained={tiny_path},agents=3,latent_steps=2", ["diffmas_arc_challenge"],
                    limit=3, batch_size=4)
     assert sum(calls) == 3  # one trace per question, not per (question, choice)

@@ -194,7 +194,7 @@ def test_textmas_routes_hf_arguments_by_backend(tiny_path):
         TextMASLM.create_from_arg_string(f"pretrained={tiny_path},backend=openai,base_url=http://x/v1,revison=main")
     tm = TextMASLM.create_from_arg_string(f"pretrained={tiny_path},agents=1,dtype=float32,device=cpu,"
                                           "revision=main,attn_implementation=sdpa,prefix_token_id=5")
-    assert tm.hf.model.config._attn_implementation == "sdpa" and tm.hf.prefix_token_id == 5
+    assert tm.final_hflm.model.config._attn_implementation == "sdpa" and tm.final_hflm.prefix_token_id == 5
     hf = HFLM(pretrained=str(tiny_path), device="cpu", dtype="float32", attn_implementation="sdpa")
     assert_close(loglikelihoods(tm), loglikelihoods(hf))
 

@@ -234,11 +234,11 @@ def test_a_trace_on_another_device_than_its_layer_is_a_clear_error(tiny_llama):
     chain = AgentChain(model, tok, LatentConfig(latent_steps=1))
     trace = chain.stage1(QUESTIONS[:1])
     final = [chain.final_prompt(QUESTIONS[0])]
-    chain.extend(trace, final)  # the same placement reads fine
+    chain.prefill(trace, final)  # the same placement reads fine
     trace.keys[1] = trace.keys[1].to("meta")
     with pytest.raises(ValueError, match=r"trace's layer 1 is on meta but the model runs layer 1 on cpu.*one "
                                          r"device_map"):
-        chain.extend(trace, final)
+        chain.prefill(trace, final)
     with pytest.raises(ValueError, match="trace's layer 1 is on meta"):
         chain.final_logits(trace, final)
 

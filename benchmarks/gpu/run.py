@@ -231,14 +231,14 @@ def batched_vs_alone(env: Env, model) -> dict:
     chain = chain_of(env, model, m=4)
     finals = [chain.final_prompt(q) for q in qs]
     batch = chain.stage1(qs)
-    _, first_b = chain.extend(batch, finals)
+    _, first_b = chain.prefill(batch, finals)
     kv, logit, same = 0.0, 0.0, 0
     for i, q in enumerate(qs):
         alone = chain.stage1([q])
         real = batch.mask[i].bool()
         for kb, ka in zip(batch.keys + batch.values, alone.keys + alone.values):
             kv = max(kv, float((kb[i][:, real].float() - ka[0].float()).abs().max() / ka.float().abs().max()))
-        _, first_a = chain.extend(alone, [finals[i]])
+        _, first_a = chain.prefill(alone, [finals[i]])
         logit = max(logit, float((first_b[i].float() - first_a[0].float()).abs().max()))
         same += int(first_b[i].argmax() == first_a[0].argmax())
     return {"rows": len(qs), "kv_max_rel_diff": kv, "first_token_logit_max_abs_diff": logit,
@@ -286,7 +286,7 @@ def attention(env: Env, model) -> dict:
         model.set_attn_implementation(impl)
         chain = chain_of(env, model, m=4)
         seconds, trace = env.timed(lambda: chain.stage1(qs, record_inputs=True))
-        _, first = chain.extend(trace, [chain.final_prompt(q) for q in qs])
+        _, first = chain.prefill(trace, [chain.final_prompt(q) for q in qs])
         out[impl] = {"stage1_s": seconds, "first": first.float(), "latents": [s.latents.float() for s in trace.history]}
     model.set_attn_implementation("sdpa")
     rel = max(float((a - b).norm() / b.norm()) for a, b in zip(out["sdpa"]["latents"], out["eager"]["latents"]))

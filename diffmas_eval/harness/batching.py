@@ -14,16 +14,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import memory
+
 CPU_SHARE = 0.5  # of the free memory a CPU run may plan to use (the rest: allocator slack, other processes)
 
 
 @dataclass
 class RowCost:
-    """One row's peak memory, in bytes, for a trace of ``trace`` positions and a final agent of ``final``."""
+    """One row's peak memory, in bytes, for a trace of ``trace`` positions and a final agent of ``final``.
 
-    layers: int
-    kv_heads: int
-    head_dim: int
+    ``bytes_per_position``: the KV cache one row holds per position, from ``memory.bytes_per_position``,
+    the package's one estimate (the same as ``diffmas-eval memory`` and a real trace's own accounting),
+    so head_dim set apart, separate key/value widths and layers without a cache count as they are.
+    """
+
+    bytes_per_position: int
     heads: int
     hidden: int
     intermediate: int
@@ -34,15 +39,9 @@ class RowCost:
     def of(cls, model) -> RowCost:
         cfg = model.config.get_text_config()
         heads = cfg.num_attention_heads
-        return cls(layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, heads=heads,
+        return cls(bytes_per_position=memory.bytes_per_position(model), heads=heads,
                    hidden=cfg.hidden_size, intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
                    vocab=cfg.vocab_size, dtype_bytes=next(model.parameters()).element_size())
-
-    @property
-    def bytes_per_position(self) -> int:
-        """KV cache per position of one row: 2 (K, V) x layers x kv_heads x head_dim x dtype bytes."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
 
     def row(self, trace: int, final: int, prefill: int, scored: int = 1) -> int:
         """Peak bytes of one row.

@@ -323,7 +323,7 @@ class DiffMASLM(HFLM):
                 for k0 in range(0, len(keys), bs):
                     part = keys[k0:k0 + bs]
                     with self._precision():
-                        prefixed, first = self.chain.extend(trace.select([row for row, _ in part]),
+                        prefixed, first = self.chain.prefill(trace.select([row for row, _ in part]),
                                                             [list(ctx) for _, ctx in part])
                     todo = [(p - k0, i) for p, i in pairs if k0 <= p < k0 + len(part)]
                     for t0 in range(0, len(todo), bs):

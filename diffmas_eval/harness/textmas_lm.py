@@ -122,6 +122,17 @@ class _Req:
 
 
 class TextMASLM(TemplateLM):
+    """``lm_eval --model textmas``. What it holds, by name (the model_arg stays ``backend=hf|openai``):
+
+    ``backend``: lm-eval's own attribute, ``"causal"`` (``TemplateLM`` reads it for its tokenization mode;
+    lm-eval's name, so it cannot say more). ``backend_kind``: the user's ``backend=`` choice, ``"hf"`` or
+    ``"openai"``, as logged in results. ``agent_backend``: the object the agents' text goes through
+    (``HFBackend`` in process, or ``OpenAIBackend`` for a server): every upstream agent, and with
+    ``openai`` the final agent too. ``final_hflm``: with ``hf``, the final agent as lm-eval's ``HFLM``
+    (``FinalAgentLM``: answers exactly as ``hf``), which also owns the model and tokenizer that
+    ``agent_backend`` uses; ``None`` with ``openai``.
+    """
+
     def __init__(self, pretrained: str = "bundled:smollm2-135m-instruct", backend: str = "hf",
                  base_url: str | None = None, model: str | None = None, tokenizer: str | None = None,
                  api_key: str | None = None, timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4,
@@ -145,37 +156,39 @@ class TextMASLM(TemplateLM):
         self.batch_size = int(batch_size)
         self.max_gen_toks = 256  # lm-eval's default when a task sets none (as HFLM)
         self.backend = "causal"  # TemplateLM's tokenization mode (decoder-only)
-        self.backend_name = backend
+        self.backend_kind = backend
         self.enable_thinking = enable_thinking
         if backend == "hf":
             import torch
 
-            self.hf = FinalAgentLM(pretrained=resolve_pretrained(pretrained), dtype=dtype,
-                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                           batch_size=self.batch_size, max_batch_size=max_batch_size, max_length=max_length,
-                           enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
-                           tokenizer=resolve_pretrained(tokenizer) if tokenizer else None, **hf_args)
-            self.tokenizer = self.hf.tokenizer
-            text_backend = HFBackend(self.hf.model, self.tokenizer, self.hf.tok_encode, self.batch_size)
+            self.final_hflm = FinalAgentLM(
+                pretrained=resolve_pretrained(pretrained), dtype=dtype,
+                device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                batch_size=self.batch_size, max_batch_size=max_batch_size, max_length=max_length,
+                enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
+                tokenizer=resolve_pretrained(tokenizer) if tokenizer else None, **hf_args)
+            self.tokenizer = self.final_hflm.tokenizer
+            agent_backend = HFBackend(self.final_hflm.model, self.tokenizer, self.final_hflm.tok_encode,
+                                      self.batch_size)
             self._chunk = self.batch_size
         else:
             if not base_url:
                 raise ValueError("backend=openai needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1")
             from transformers import AutoTokenizer
 
-            self.hf = None
+            self.final_hflm = None
             source = resolve_pretrained(tokenizer or pretrained)
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             served = model or (resolve_pretrained(pretrained) if pretrained.startswith("bundled:") else pretrained)
-            text_backend = OpenAIBackend(base_url, served, api_key or os.environ.get("OPENAI_API_KEY"),
+            agent_backend = OpenAIBackend(base_url, served, api_key or os.environ.get("OPENAI_API_KEY"),
                                          timeout=float(timeout), max_retries=int(max_retries),
                                          num_concurrent=int(num_concurrent))
             self._chunk = max(self.batch_size, int(num_concurrent))
-        self.text_backend = text_backend
-        if self.hf is not None:  # accelerate launch: take the inner HFLM's rank, as diffmas does
-            join_data_parallel(self.hf)
-            self._rank, self._world_size = self.hf.rank, self.hf.world_size
-        self.chain = TextChain(text_backend, self.tokenizer, order, role_map, topology, int(agent_max_tokens),
+        self.agent_backend = agent_backend
+        if self.final_hflm is not None:  # accelerate launch: take the inner HFLM's rank, as diffmas does
+            join_data_parallel(self.final_hflm)
+            self._rank, self._world_size = self.final_hflm.rank, self.final_hflm.world_size
+        self.chain = TextChain(agent_backend, self.tokenizer, order, role_map, topology, int(agent_max_tokens),
                                enable_thinking)
         self.final_role = order[-1]
         self.accounting = Accounting("textmas")
@@ -185,18 +198,18 @@ class TextMASLM(TemplateLM):
     # -- tokenizer, as HFLM ---------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.hf.eot_token_id if self.hf else self.tokenizer.eos_token_id
+        return self.final_hflm.eot_token_id if self.final_hflm else self.tokenizer.eos_token_id
 
     @property
     def prefix_token_id(self) -> int:
-        if self.hf:
-            return self.hf.prefix_token_id
+        if self.final_hflm:
+            return self.final_hflm.prefix_token_id
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        if self.hf:
-            return self.hf.tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
+        if self.final_hflm:
+            return self.final_hflm.tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
         kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         bos = self.tokenizer.bos_token
         if add_special_tokens is None and bos and string.startswith(bos):
@@ -209,8 +222,8 @@ class TextMASLM(TemplateLM):
 
     # -- what each agent reads --------------------------------------------------------------------
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        if self.hf:
-            return self.hf.apply_chat_template(messages, add_generation_prompt)
+        if self.final_hflm:
+            return self.final_hflm.apply_chat_template(messages, add_generation_prompt)
         kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt, **kwargs)
@@ -261,7 +274,7 @@ class TextMASLM(TemplateLM):
             kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = kwargs.pop("max_gen_toks")
-            if self.hf is None and kwargs.get("do_sample"):
+            if self.final_hflm is None and kwargs.get("do_sample"):
                 raise ValueError("textmas backend=openai decodes greedily; drop do_sample from gen_kwargs")
             for c0 in range(0, len(indices), self._chunk):
                 chunk = indices[c0:c0 + self._chunk]
@@ -269,16 +282,16 @@ class TextMASLM(TemplateLM):
                 t0 = time.perf_counter()
                 traces = self.chain.run([self._question(a[0]) for a in args])
                 finals = [self._final_context(a[0], t) for a, t in zip(args, traces)]
-                if self.hf is not None:
-                    texts = self.hf.generate_until([_Req((f, copy.deepcopy(a[1]))) for f, a in zip(finals, args)],
-                                                   disable_tqdm=True)
-                    tokens = [self.hf.generated.get(f) for f in finals]  # a repeated sample shares its context
-                    stats = [self.hf.stats[f].popleft().record() for f in finals]
+                if self.final_hflm is not None:
+                    texts = self.final_hflm.generate_until(
+                        [_Req((f, copy.deepcopy(a[1]))) for f, a in zip(finals, args)], disable_tqdm=True)
+                    tokens = [self.final_hflm.generated.get(f) for f in finals]  # a repeated sample shares its context
+                    stats = [self.final_hflm.stats[f].popleft().record() for f in finals]
                     for f in finals:
-                        self.hf.generated.pop(f, None)
-                        self.hf.stats.pop(f, None)
+                        self.final_hflm.generated.pop(f, None)
+                        self.final_hflm.stats.pop(f, None)
                 else:  # stability metrics from the server's sampled-token logprobs (vLLM; absent where none)
-                    outs = self.text_backend.generate(finals, max_gen, stop=until, logprobs=0)
+                    outs = self.agent_backend.generate(finals, max_gen, stop=until, logprobs=0)
                     eos_ids = {self.tokenizer.eos_token_id, self.eot_token_id}
                     texts, tokens = [o.text for o in outs], [o.tokens for o in outs]
                     stats = [served_record(o, eos_ids, self.tokenizer) for o in outs]
@@ -287,7 +300,7 @@ class TextMASLM(TemplateLM):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", a, text)
                     self.accounting.record(requests[i], self._agents_log(trace, n, per), per, stability=st,
-                                           backend=self.backend_name, topology=self.chain.topology)
+                                           backend=self.backend_kind, topology=self.chain.topology)
                 bar.update(len(chunk))
         bar.close()
         return results
@@ -311,8 +324,8 @@ class TextMASLM(TemplateLM):
             for i in idx:
                 ctx, cont = requests[i].args
                 pairs.append((self._final_context(ctx, trace_of[i]) if ctx else ctx, cont))
-            scores = (self.hf.loglikelihood([_Req(p) for p in pairs], disable_tqdm=True) if self.hf is not None
-                      else self._remote_loglikelihood(pairs))
+            scores = (self.final_hflm.loglikelihood([_Req(p) for p in pairs], disable_tqdm=True)
+                      if self.final_hflm is not None else self._remote_loglikelihood(pairs))
             per = (time.perf_counter() - t0) / len(chunk)
             for i, res in zip(idx, scores):
                 results[i] = res
@@ -320,7 +333,7 @@ class TextMASLM(TemplateLM):
             for q, trace in zip(chunk, traces):
                 first, *rest = by_question[q]
                 self.accounting.record(requests[first], self._agents_log(trace, 0, per), per,
-                                       backend=self.backend_name, topology=self.chain.topology)
+                                       backend=self.backend_kind, topology=self.chain.topology)
                 for i in rest:
                     self.accounting.register(requests[i], self.accounting.records[-1])
             bar.update(len(idx))
@@ -335,9 +348,9 @@ class TextMASLM(TemplateLM):
             else:
                 cont_ids = self.tok_encode(cont, add_special_tokens=False)
                 ctx_ids = [self.prefix_token_id]
-            scored = self.text_backend.prompt_logprobs(ctx_ids + cont_ids)[-len(cont_ids):]
+            scored = self.agent_backend.prompt_logprobs(ctx_ids + cont_ids)[-len(cont_ids):]
             if any(v is None for v, _ in scored):
-                raise BackendError(f"{self.text_backend.base_url} returned no log-probability for some prompt tokens")
+                raise BackendError(f"{self.agent_backend.base_url} returned no log-probability for some prompt tokens")
             out.append((sum(v for v, _ in scored), all(g for _, g in scored)))
         return out
 
@@ -345,29 +358,29 @@ class TextMASLM(TemplateLM):
         raise NotImplementedError("textmas scores through loglikelihood()")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        if self.hf is not None and not self.chain.upstream:
-            return self.hf.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        if self.final_hflm is not None and not self.chain.upstream:
+            return self.final_hflm.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         raise NotImplementedError("textmas supports loglikelihood_rolling only with backend=hf and agents=1")
 
     # -- data parallel (backend=hf under accelerate launch): the inner HFLM's collectives -------------
     def all_gather(self, tensor):
-        return self.hf.all_gather(tensor) if self.hf is not None else tensor
+        return self.final_hflm.all_gather(tensor) if self.final_hflm is not None else tensor
 
     def gather_object(self, obj, dst=0):
-        return self.hf.gather_object(obj, dst) if self.hf is not None else [obj]
+        return self.final_hflm.gather_object(obj, dst) if self.final_hflm is not None else [obj]
 
     def barrier(self) -> None:
         """lm-eval's barrier after each request type: also bring every rank's accounting to rank 0."""
-        if self.hf is not None:
-            self.hf.barrier()
+        if self.final_hflm is not None:
+            self.final_hflm.barrier()
             self.accounting.gather(self)
 
     # -- reporting --------------------------------------------------------------------------------
     def get_model_info(self) -> dict:
-        info = {"textmas": {"backend": self.backend_name, "topology": self.chain.topology,
+        info = {"textmas": {"backend": self.backend_kind, "topology": self.chain.topology,
                             "roles": self.chain.roles, "agent_max_tokens": self.chain.agent_max_tokens},
                 "accounting": self.accounting.summary(), "stability": self.accounting.stability()}
-        if self.hf is None:
-            info["textmas"]["base_url"] = self.text_backend.base_url
-            info["textmas"]["model"] = self.text_backend.model
+        if self.final_hflm is None:
+            info["textmas"]["base_url"] = self.agent_backend.base_url
+            info["textmas"]["model"] = self.agent_backend.model
         return info

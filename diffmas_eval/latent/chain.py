@@ -273,7 +273,7 @@ class AgentChain(nn.Module):
                 if upcast:  # stage 2 reads the trace in the model's dtype
                     keys, values = ([t.to(model_dtype) for t in ts] for ts in (keys, values))
                     latents = [x.to(model_dtype) for x in latents] if latents else latents
-                trace.extend(keys, values, real)
+                trace.adopt_extended(keys, values, real)
                 longest = torch.maximum(longest, real)
                 trace.add_segment(Segment(role, mask.shape[1], m, real.tolist(),
                                           keys if record else None, values if record else None,
@@ -369,10 +369,13 @@ class AgentChain(nn.Module):
                          logits_to_keep=cols)
         return out.logits, lengths - (width - cols)
 
-    def extend(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[LatentTrace, torch.Tensor]:
+    def prefill(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[LatentTrace, torch.Tensor]:
         """The final agent's shared prefix: ``rows`` prefilled over the trace (right-padded, then the
         trace left-aligned again), and the logits ``[B, V]`` at each row's last token. A context is
-        prefilled once and every continuation, or the answer, goes on from it."""
+        prefilled once and every continuation, or the answer, goes on from it.
+
+        A prefill that returns a new trace (a fork holding the trace then ``rows``); ``trace`` itself is
+        left as it was, so one stage-1 trace serves many prefills."""
         self.check_devices(trace)
         work = trace.fork()
         cache = work.cache()
@@ -387,7 +390,7 @@ class AgentChain(nn.Module):
     def continuation_scores(self, trace: LatentTrace, first: torch.Tensor,
                             continuations: list[list[int]]) -> list[tuple[float, bool]]:
         """``log p(continuation | trace)`` per row, over a trace that already holds the context
-        (``extend``; ``first``: its last logits, which predict each continuation's first token)."""
+        (``prefill``; ``first``: its last logits, which predict each continuation's first token)."""
         if any(not c for c in continuations):
             raise ValueError("every continuation needs at least one token")
         logits, ends = self.final_logits(trace, continuations, max(map(len, continuations)))
@@ -406,7 +409,7 @@ class AgentChain(nn.Module):
         if any(not c for c in continuations) or any(not c for c in contexts):
             raise ValueError("every context and continuation needs at least one token (prefix an empty "
                              "context with a BOS/EOT token, as lm-eval does)")
-        prefixed, first = self.extend(trace, contexts)
+        prefixed, first = self.prefill(trace, contexts)
         return self.continuation_scores(prefixed, first, continuations)
 
     def loss(self, trace: LatentTrace, input_ids: list[list[int]], labels: list[list[int]],
@@ -440,7 +443,7 @@ class AgentChain(nn.Module):
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
         # prefill the final agent's prompt (right-padded, then left-aligned), then decode one column per row
-        work, logits = self.extend(trace, prompts)
+        work, logits = self.prefill(trace, prompts)
         cache = work.cache(reserve=max_new_tokens)  # decoding writes in place: O(1) bytes moved per token
         mask = work.mask
         step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)

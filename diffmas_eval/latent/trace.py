@@ -131,10 +131,18 @@ class LatentTrace:
         return sum(t.nelement() * t.element_size() for t in [*self.keys, *self.values] if t is not None)
 
     def bytes_per_position(self) -> int:
-        """2 (K and V) x layers x kv_heads x head_dim x bytes, for one row."""
-        if self.keys[0] is None:
-            return 0
-        return sum(2 * k[0, :, 0].nelement() * k.element_size() for k in self.keys)
+        """Bytes one row holds per position: per layer kept, its key (kv_heads x key_dim) and its value
+        (kv_heads x value_dim), each in its own tensor's dtype; 0 before the first segment.
+
+        It measures the tensors the trace holds (keys and values apart: DeepSeek's MLA caches a latent
+        and a RoPE key of different widths; a layer without a cache holds none). It therefore equals the
+        package's estimate from the config alone, ``diffmas_eval.memory.bytes_per_position(model)``
+        (used by ``diffmas-eval memory`` and ``--batch_size auto``), for a trace stored in the model's
+        dtype, which stage 1 guarantees (``latent_dtype=float32`` casts back): the estimate reads the
+        same cache shapes off a one-token forward on ``meta``. ``tests/test_memory.py`` checks they agree.
+        """
+        return sum(t[0, :, 0].nelement() * t.element_size()
+                   for t in (*self.keys, *self.values) if t is not None and t.shape[0] > 0)
 
     # -- reading and writing ----------------------------------------------------------------------
     def cache(self, reserve: int = 0) -> DynamicCache:
@@ -169,8 +177,13 @@ class LatentTrace:
         self.mask = self.full_mask(new_mask)
         self.next_pos = self.next_pos + new_mask.sum(-1)
 
-    def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], added: torch.Tensor) -> None:
-        """Take over the (left-aligned) tensors of this trace extended by ``added[i]`` real positions per row."""
+    def adopt_extended(self, keys: list[torch.Tensor], values: list[torch.Tensor], added: torch.Tensor) -> None:
+        """Take over the (left-aligned) tensors of this trace extended by ``added[i]`` real positions per row.
+
+        How stage 1 appends an agent's segment: the agent ran on a fork (``AgentChain._agent``), and this
+        trace adopts the tensors it produced, growing its mask and positions by ``added``. Unlike ``adopt``
+        (a cache a forward just extended by right-padded columns), the tensors are already left-aligned.
+        """
         width = keys[0].shape[-2]
         self.keys, self.values = list(keys), list(values)
         self.mask = left_aligned_mask(self.mask.sum(-1) + added, width)
