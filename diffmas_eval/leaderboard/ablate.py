@@ -85,6 +85,7 @@ def grid(axes: list[str], steps: list[int], agents: list[int], ref_agents: int, 
         raise ValueError(f"--agents values must be >= 2, got {agents}")
     if min(steps, default=0) < 0:
         raise ValueError(f"--latent-steps values must be >= 0, got {steps}")
+    steps, agents = sorted({*steps, ref_steps}), sorted({*agents, ref_agents})  # each axis holds its anchor
     out = []
     for axis in axes:
         if axis == "latent_steps":
@@ -141,8 +142,9 @@ def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, 
 
 
 # -- bad input, before anything runs ---------------------------------------------------------------
-def _longest_item(task: str, limit: int, tokenizer) -> tuple[str, int]:
-    """The longest question among the task's scored items (lm-eval's own docs), and its longest choice's tokens."""
+def _longest_item(task: str, limit: int, tokenizer) -> tuple[str, int | None]:
+    """The longest question among the task's scored items (lm-eval's own docs), and the longest choice's tokens
+    (None: a generative task, whose answer takes its token cap)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     t = get_task_dict([task], TaskManager())[task]
@@ -151,10 +153,9 @@ def _longest_item(task: str, limit: int, tokenizer) -> tuple[str, int]:
         raise ValueError(f"{task} has no items to score")
     texts = [str(t.doc_to_text(doc)) for doc in docs]
     longest = max(texts, key=lambda x: len(tokenizer(x)["input_ids"]))
-    choice = 0
-    if t.OUTPUT_TYPE == "multiple_choice":
-        choice = max(len(tokenizer(" " + str(c))["input_ids"]) for doc in docs for c in t.doc_to_choice(doc))
-    return longest, choice
+    if t.OUTPUT_TYPE != "multiple_choice":
+        return longest, None
+    return longest, max(len(tokenizer(" " + str(c))["input_ids"]) for doc in docs for c in t.doc_to_choice(doc))
 
 
 def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions) -> None:
@@ -166,7 +167,6 @@ def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions
     from ..latent.config import LatentConfig
     from ..models import prepare_tokenizer, resolve_pretrained
     from ..prompts import TEXT_ROLES, chat_format, final_preamble
-    from ..protocol import is_generative
 
     path = resolve_pretrained(opts.model)
     tok = AutoTokenizer.from_pretrained(path)
@@ -181,7 +181,7 @@ def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions
         final_role = TEXT_ROLES[config.roles[-1]].instruction
         final = len(tok(chat_format(tok, final_role, final_preamble(config.upstream) + question, None),
                         add_special_tokens=False)["input_ids"])
-        final += s.answer_cap(opts.task) if is_generative(opts.task) else choice_tokens
+        final += s.answer_cap(opts.task) if choice_tokens is None else choice_tokens
         try:
             check_budget(config, lengths, [final], ctx)
         except TraceTooLongError as err:
