@@ -114,7 +114,7 @@ class AblationOptions:
 
     model: str = "bundled:smollm2-135m-instruct"
     task: str = "diffmas_arc_challenge"
-    limit: int = 50
+    limit: int = 30
     axes: list[str] = field(default_factory=lambda: list(AXES))
     latent_steps: list[int] = field(default_factory=lambda: [0, 10, 40])
     agents: list[int] = field(default_factory=lambda: [2, 3, 4])
@@ -123,7 +123,7 @@ class AblationOptions:
     seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])
     train_steps: int = 8
     train_max_length: int = 256
-    probe_rows: int = 4
+    probe_rows: int = 2
     max_trace_tokens: int | None = None
     output: str = "ablations/ablations.csv"
     work_dir: str | None = None
@@ -136,9 +136,12 @@ class AblationOptions:
 
 def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, Settings]]:
     """Every (variant, seed) cell: trained variants once per seed, untrained ones once (module docstring)."""
-    return [(v, seed, v.settings(base, seed))
-            for v in grid(opts.axes, opts.latent_steps, opts.agents, opts.ref_agents, opts.ref_steps)
-            for seed in (opts.seeds if v.trained else opts.seeds[:1])]
+    out = [(v, seed, v.settings(base, seed))
+           for v in grid(opts.axes, opts.latent_steps, opts.agents, opts.ref_agents, opts.ref_steps)
+           for seed in (opts.seeds if v.trained else opts.seeds[:1])]
+    for _, _, s in out:
+        s.check_chain()
+    return out
 
 
 # -- bad input, before anything runs ---------------------------------------------------------------
