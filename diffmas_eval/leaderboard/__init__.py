@@ -3,7 +3,8 @@ on the same items of every task; a tidy CSV, a Markdown table, charts, and READM
 
 ``config`` (methods, tasks, hashes) · ``train`` (SFT sets, adapters via ``accelerate launch trainers/sft.py``) ·
 ``cells`` (one method x task through lm-eval or ``diffmas-eval codegen``) · ``collect`` (results files made
-anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``cli``.
+anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``cli`` · ``pool`` (N jobs at once) ·
+``ablate`` / ``ablate_report`` (``diffmas-eval ablate``: the paper's ablation grid as cells of the same kind).
 """
 
 from .cli import add_leaderboard_parser
