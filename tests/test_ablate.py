@@ -42,7 +42,8 @@ def mini(tiny_path, data_dir, tmp_path_factory):
     mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("ablate")
-    assert main(mini_args(tiny_path, out)) == 0
+    mp.chdir(out)  # relative paths, as `make ablations` gives them (the trainer runs in another directory)
+    assert main(mini_args(tiny_path, Path("."))) == 0
     yield out
     torch.set_num_threads(threads)
     mp.undo()
@@ -145,7 +146,7 @@ def test_miniature_ablation_writes_every_output(mini):
 
 def test_rerun_reuses_every_cell_adapter_and_probe(mini, tiny_path, capsys):
     before = (mini / "ablations.csv").read_text()
-    assert main(mini_args(tiny_path, mini)) == 0
+    assert main(mini_args(tiny_path, Path("."))) == 0
     out = capsys.readouterr().out
     assert "0 jobs to run" in out and "[start" not in out
     assert (mini / "ablations.csv").read_text() == before

@@ -139,6 +139,8 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     if method == "textmas-sft":  # the SFT rows with the untrained text agents' notes (cached by their settings)
         data = notes_set(settings, data, work, cuda)
     out.mkdir(parents=True, exist_ok=True)
+    # the trainer runs in the adapter's directory (_stream), so every path it is given must be absolute
+    out, data = out.resolve(), data.resolve()
     log = out / "train.log"
     resume = _last_checkpoint(out)
     print(f"== {method} adapter ({family}): training {spec['steps'] or str(spec.get('epochs')) + ' epoch(s)'} steps x "
