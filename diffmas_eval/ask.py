@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import DEFAULT_MODEL
+
 if TYPE_CHECKING:  # torch loads when a chain is built, not when the command line is parsed
     from .latent import AgentChain, LatentConfig, LatentTrace
-
-DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
 
 @dataclass

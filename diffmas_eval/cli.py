@@ -5,36 +5,38 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from .ask import DEFAULT_MODEL
+from . import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .latent.config import LatentConfig
 
 
-def add_chain_args(p: argparse.ArgumentParser) -> None:
-    from .latent.config import CHOICES  # the chain's own choices: one definition
+def add_chain_args(p: argparse.ArgumentParser, config_class: type[LatentConfig] | None = None) -> None:
+    """The model flags, then one flag per chain option offered to ``ask`` (``latent.config.chain_options``:
+    names, types, defaults, choices and help come from there; ``latent_steps`` is ``--latent-steps``).
+    ``config_class``: a ``LatentConfig`` subclass whose extra options become flags too."""
+    from .latent.config import LatentConfig, chain_options
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--peft", default=None, help="path of a PEFT adapter to load on top of the model")
-    p.add_argument("--agents", type=int, default=4, help="number of agents, final agent included (default: 4)")
-    p.add_argument("--latent-steps", type=int, default=10, help="latent thoughts per upstream agent (default: 10)")
-    p.add_argument("--realign", default="ridge", choices=CHOICES["realign"])
-    p.add_argument("--trace", default="concat", choices=CHOICES["trace"],
-                   help="concat | overwrite (keep the latest segment) | stitch (segments built apart: StitchMAS)")
-    p.add_argument("--topology", default="sequential", choices=CHOICES["topology"],
-                   help="sequential (planner, critic, ...) | hierarchical (math, science, code, then a summarizer)")
-    p.add_argument("--max-trace-tokens", type=int, default=None)
+    for o in chain_options(config_class or LatentConfig, front="ask"):
+        p.add_argument("--" + o.name.replace("_", "-"), type=o.type if o.type is not bool else o.parse,
+                       default=o.default, choices=o.choices,
+                       help=o.help.replace("%", "%%") + " (default: %(default)s)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
 
 
-def chain_of(args: argparse.Namespace):
+def chain_of(args: argparse.Namespace, config_class: type[LatentConfig] | None = None):
     """The chain the ``add_chain_args`` flags describe (its options checked before the model loads)."""
     from .ask import build_chain
-    from .latent import LatentConfig
+    from .latent.config import LatentConfig, chain_options
 
-    config = LatentConfig.from_dict({"agents": args.agents, "latent_steps": args.latent_steps,
-                                     "realign": args.realign, "trace": args.trace, "topology": args.topology,
-                                     "max_trace_tokens": args.max_trace_tokens})
+    config_class = config_class or LatentConfig
+    config = config_class.from_dict({o.name: getattr(args, o.name) for o in chain_options(config_class, front="ask")})
     return build_chain(args.model, config, peft=args.peft, dtype=args.dtype, device=args.device, seed=args.seed)
 
 

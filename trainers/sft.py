@@ -6,7 +6,8 @@
 
 The trainer is ``diffmas_eval.training.sft`` (``accelerate launch -m diffmas_eval.training.sft``, or the
 ``diffmas-sft`` script, from an installed wheel); this file is the checkout's launcher over it, so every
-option, its help and its default are defined there once.
+option, its help and its default are defined there once (the DiffMAS ones in the chain's schema,
+``diffmas_eval.latent.config``).
 """
 
 from diffmas_eval.training.sft import DiffMASArguments, cli, main  # noqa: F401  (DiffMASArguments: re-exported)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import DEFAULT_MODEL
+
 MAS_MODELS = ("diffmas", "textmas")  # models with agent roles: they get the code-family roles
 SECRET_ARGS = ("api_key",)
 
@@ -22,7 +24,7 @@ def add_codegen_parser(sub) -> None:
                                    "and print (or run, --evaluate) the evalplus.evaluate command that scores them.")
     p.add_argument("--model", required=True, help="lm-eval model name: hf, diffmas, textmas, ...")
     p.add_argument("--model_args", "--model-args", default="",
-                   help="as for lm_eval, e.g. pretrained=bundled:smollm2-135m-instruct,agents=4")
+                   help=f"as for lm_eval, e.g. pretrained={DEFAULT_MODEL},agents=4")
     p.add_argument("--dataset", required=True, choices=["humaneval", "mbpp"])
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks (writes a subset dataset file)")
     p.add_argument("--n-samples", type=int, default=1, help="samples per task (default 1: greedy)")

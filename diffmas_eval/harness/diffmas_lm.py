@@ -31,7 +31,9 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
+from .. import DEFAULT_MODEL
 from ..latent import AgentChain, LatentConfig
+from ..latent.config import DEFAULT_AGENTS, chain_options, saved_fields
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import (
@@ -50,23 +52,16 @@ from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
-OPTIONS = {
-    "pretrained": "hub id, local path or bundled:NAME (default bundled:smollm2-135m-instruct)",
+# model_args that are not chain options: loading, roles, batching, stage 2 (the chain's own come from its schema)
+MODEL_OPTIONS = {
+    "pretrained": f"hub id, local path or bundled:NAME (default {DEFAULT_MODEL})",
     "peft": "path of a PEFT adapter (e.g. the output_dir of trainers/sft.py; its saved chain options apply)",
-    "agents": "number of agents, final agent included (default 4: planner, critic, refiner, solver)",
-    "latent_steps": "latent thoughts per upstream agent (default 10)",
-    "realign": "ridge | identity | none",
-    "trace": "concat | overwrite | stitch (StitchMAS: each upstream segment built without seeing the others)",
-    "topology": "sequential (default: planner, critic, refiner, ...) | hierarchical (math, science, code domain "
-                "agents over the question alone, then a summarizer)",
+}
+RUN_OPTIONS = {
     "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
     "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch: an integer, auto or auto:N (sized for trace + final agent)",
-    "max_trace_tokens": "refuse a latent trace longer than this",
-    "latent_dtype": "model (default) | float32: a bf16/float16 model's stage 1 in float32 (2x weight memory "
-                    "during stage 1; README 'What dtype and batching can and cannot change')",
-    "enable_thinking": "passed to every agent's chat template (Qwen3; as with hf, needs think_end_token)",
     "stage2": "hf (final agent in process, default) | vllm (its decoding on a `vllm serve --enable-prompt-embeds` "
               "server, the trace sent as prompt embeddings; log-likelihoods stay in process)",
     "base_url": "stage2=vllm: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
@@ -76,9 +71,17 @@ OPTIONS = {
     "max_retries": "stage2=vllm: retries after a failed attempt, with backoff (default 2)",
     "num_concurrent": "stage2=vllm: requests in flight (default 4)",
 }
-eval_logger = logging.getLogger("lm_eval.models.diffmas")  # under lm-eval's logger and verbosity
-DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
+
+def model_options(config_class: type[LatentConfig] = LatentConfig) -> dict[str, str]:
+    """Every diffmas model_arg and its one-line help, in the order the typo message lists them: the model,
+    then the chain's options offered to lm-eval (``latent.config.chain_options``), then the rest."""
+    chain = {o.name: o.describe() for o in chain_options(config_class, front="lm_eval")}
+    return {**MODEL_OPTIONS, **chain, **RUN_OPTIONS}
+
+
+OPTIONS = model_options()
+eval_logger = logging.getLogger("lm_eval.models.diffmas")  # under lm-eval's logger and verbosity
 
 def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: str | None) -> None:
     """``stage2=vllm`` (``stage2_vllm.py``) needs one causal sequence, a server and the name it serves."""
@@ -101,15 +104,19 @@ def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: s
 
 
 class DiffMASLM(HFLM):
-    def __init__(self, pretrained=DEFAULT_MODEL, peft: str | None = None, agents: int | None = None,
-                 latent_steps: int | None = None, realign: str | None = None, trace: str | None = None,
-                 topology: str | None = None, roles: str | None = None, family: str | None = None,
-                 device: str | None = None, batch_size: int | str = 1,
-                 max_trace_tokens: int | None = None, enable_thinking: bool | None = None, stage2: str = "hf",
-                 latent_dtype: str = "model",
-                 base_url: str | None = None, served_model: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 2, num_concurrent: int = 4, **hf_args) -> None:
-        hf_args = check_model_args("diffmas", hf_args, OPTIONS)
+    # The chain's options schema: its user-facing fields (``latent.config.chain_options``) are model_args
+    # here, taken from ``**kwargs`` by name; a subclass with more options sets its own.
+    config_class: type[LatentConfig] = LatentConfig
+
+    def __init__(self, pretrained=DEFAULT_MODEL, peft: str | None = None, roles: str | None = None,
+                 family: str | None = None, device: str | None = None, batch_size: int | str = 1,
+                 stage2: str = "hf", base_url: str | None = None, served_model: str | None = None,
+                 timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4, **kwargs) -> None:
+        """``kwargs``: the chain options (``OPTIONS``; ``None`` means not given) and every ``hf`` model_arg."""
+        schema = chain_options(self.config_class, front="lm_eval")
+        given = {o.name: o.parse(kwargs.pop(o.name)) for o in schema if o.name in kwargs}
+        given = {k: v for k, v in given.items() if v is not None}
+        hf_args = check_model_args("diffmas", kwargs, model_options(self.config_class))
         served_model = served_model or (pretrained if isinstance(pretrained, str) and not peft else None)
         parse_batch_size("diffmas", batch_size)
         if hf_args.get("backend") == "seq2seq":
@@ -117,19 +124,17 @@ class DiffMASLM(HFLM):
         local = isinstance(pretrained, str) and not pretrained.startswith("bundled:")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
         saved, realign_file = load_chain_config(peft, pretrained if local else None)
-        role_map, order = family_roles(family, TEXT_ROLES), saved.get("roles", default_roles(4))
-        if agents is not None or topology is not None:
-            order = topology_roles(int(agents or len(order)), topology or saved.get("topology", "sequential"))
+        role_map, order = family_roles(family, TEXT_ROLES), saved.get("roles", default_roles(DEFAULT_AGENTS))
+        agents = given.pop("agents", None)
+        if agents is not None or "topology" in given:
+            order = topology_roles(agents or len(order), given.get("topology", saved.get("topology", "sequential")))
         if roles:
             role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
-            if agents is not None and int(agents) != len(order):
+            if agents is not None and agents != len(order):
                 raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
-        pick = {"latent_steps": latent_steps, "realign": realign, "trace": trace, "topology": topology}
-        options = {k: saved.get(k) if v is None else v for k, v in pick.items()}
-        options["realign_target"] = saved.get("realign_target")
-        config = LatentConfig(roles=order, max_trace_tokens=max_trace_tokens, enable_thinking=enable_thinking,
-                              latent_dtype=latent_dtype, **{k: v for k, v in options.items() if v is not None})
-        config.latent_steps = int(config.latent_steps)
+        values = {k: saved[k] for k in saved_fields(self.config_class) if k in saved}  # what was trained
+        config = self.config_class(roles=order, **{**values, **given})
+        enable_thinking = config.enable_thinking
         config.check_roles(role_map)
         layout = "hierarchical" if config.topology == "hierarchical" else config.trace
         _check_stage2(stage2, layout, base_url, served_model)  # before loading the model

@@ -30,6 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
+from .. import DEFAULT_MODEL
 from ..models import resolve_pretrained
 from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..protocol import check_gen_kwargs
@@ -133,7 +134,7 @@ class TextMASLM(TemplateLM):
     ``agent_backend`` uses; ``None`` with ``openai``.
     """
 
-    def __init__(self, pretrained: str = "bundled:smollm2-135m-instruct", backend: str = "hf",
+    def __init__(self, pretrained: str = DEFAULT_MODEL, backend: str = "hf",
                  base_url: str | None = None, model: str | None = None, tokenizer: str | None = None,
                  api_key: str | None = None, timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4,
                  agents: int | None = None, topology: str = "sequential", agent_max_tokens: int = 512,

@@ -1,8 +1,17 @@
-"""The knobs of a DiffMAS chain, validated so a typo fails loudly with the valid choices."""
+"""The knobs of a DiffMAS chain, validated so a typo fails loudly with the valid choices.
+
+``LatentConfig`` is also the one schema of the chain's user-facing options: each such field carries its
+help, its choices and the front ends it appears in as field metadata (``option``), and ``chain_options``
+turns them, with the ``agents`` pseudo-option, into ``ChainOption`` records. Every front end is generated
+from those records (``lm_eval --model diffmas`` model_args and their typo message, ``diffmas-eval ask``
+flags, the TRL ``DiffMASArguments`` of ``trainers/sft.py``), so a new option, a new choice or a changed
+default is written once, here, and cannot drift between them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +25,70 @@ CHOICES = {
     "realign_target": ("embedding_output", "weight_rows"),
     "latent_dtype": ("model", "float32"),
 }
+DEFAULT_AGENTS = 4  # planner, critic, refiner, solver
+
+# The front ends an option can appear in: lm-eval model_args (``harness/diffmas_lm.py``), the flags of
+# ``diffmas-eval ask`` (``cli.py``) and the TRL arguments of SFT (``training/sft.py``).
+FRONT_ENDS = ("lm_eval", "ask", "sft")
+AGENTS_HELP = ("number of agents, final agent included; the topology names their roles (sequential: planner, "
+               "critic, refiner, ..., solver)")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+           fronts: tuple[str, ...] = FRONT_ENDS, saved: bool = False) -> Any:
+    """A user-facing ``LatentConfig`` field: its default and the metadata ``chain_options`` reads.
+
+    ``help``: one line, naming every choice (``tests/test_schema.py`` checks that), without the default
+    (each front end shows the default its own way). ``fronts``: where the option is offered (an
+    inference-only option is not an SFT flag, a training-only one not an eval model_arg). ``saved``: a
+    trained chain's value (``diffmas.json``, ``latent/persist.py``) applies at evaluation when the option is
+    not given, because the adapter learned to read that trace; run-time limits and precision are not
+    inherited.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "fronts": fronts, "saved": saved})
+
+
+@dataclass(frozen=True)
+class ChainOption:
+    """One user-facing chain option, as every front end needs it.
+
+    ``type``: the scalar a command-line or model_args text parses to (``int``, ``str``, ``bool``, ``float``);
+    ``optional``: ``None`` is a valid value (meaning: no limit / the model's own default).
+    """
+
+    name: str
+    type: type
+    default: Any
+    choices: tuple[str, ...] | None
+    help: str
+    fronts: tuple[str, ...] = FRONT_ENDS
+    saved: bool = False
+    optional: bool = False
+
+    @property
+    def annotation(self) -> Any:
+        """The field type a dataclass front end (TRL's parser) declares."""
+        return self.type | None if self.optional else self.type
+
+    def parse(self, value: Any) -> Any:
+        """``value`` as this option's type: text from a command line or model_args, or a value as is."""
+        if not isinstance(value, str) or self.type is str:
+            return value
+        if self.type is bool:
+            lowered = value.strip().lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError(f"{self.name}={value!r} is not a boolean; use true or false")
+        try:
+            return self.type(value)
+        except ValueError:
+            raise ValueError(f"{self.name}={value!r} is not a valid {self.type.__name__}") from None
+
+    def describe(self) -> str:
+        """The one-line help with the default, as lm-eval's model_args list shows it."""
+        return self.help if self.default is None else f"{self.help} (default {self.default})"
 
 
 @dataclass
@@ -41,25 +114,39 @@ class LatentConfig:
     then casts the trace to the model's dtype for stage 2: the latent loop can amplify bf16 rounding
     (``benchmarks/precision.py``). Costs 2x the half-precision weight memory during stage 1 and
     float32 speed; inference only (stage 1 without autograd).
+
+    The fields declared with ``option`` are the user-facing ones (``chain_options``); the others are set by
+    code: ``roles`` from ``agents``/``topology`` (or a roles file), ``checkpoint_agents`` by the trainer from
+    ``gradient_checkpointing``, ``realign_lambda`` is the paper's constant, ``realign_target`` comes from a
+    saved chain.
     """
 
-    roles: list[str] = field(default_factory=lambda: default_roles(4))
-    latent_steps: int = 10
-    realign: str = "ridge"
-    trace: str = "concat"
-    topology: str = "sequential"
-    stage1_grad: str = "full"
-    max_trace_tokens: int | None = None
+    roles: list[str] = field(default_factory=lambda: default_roles(DEFAULT_AGENTS))
+    latent_steps: int = option(10, "latent thoughts per upstream agent", saved=True)
+    realign: str = option("ridge", "ridge (LatentMAS's ridge map, output to input embeddings) | identity | none",
+                          choices=CHOICES["realign"], saved=True)
+    trace: str = option("concat", "concat | overwrite (keep the latest segment) | stitch (StitchMAS: each upstream "
+                        "segment built without seeing the others)", choices=CHOICES["trace"], saved=True)
+    topology: str = option("sequential", "sequential (planner, critic, refiner, ...: each agent reads the trace so "
+                           "far) | hierarchical (math, science, code domain agents over the question alone, then a "
+                           "summarizer)", choices=CHOICES["topology"], saved=True)
+    stage1_grad: str = option("full", "full | none (no gradient through stage 1)", choices=CHOICES["stage1_grad"],
+                              fronts=("sft",))
+    max_trace_tokens: int | None = option(None, "refuse a latent trace longer than this")
     checkpoint_agents: bool = False
     realign_lambda: float = 1e-5
-    realign_target: str = "embedding_output"
-    enable_thinking: bool | None = None
-    latent_dtype: str = "model"
+    realign_target: str = field(default="embedding_output", metadata={"saved": True})
+    enable_thinking: bool | None = option(None, "passed to every agent's chat template (Qwen3; as with hf, needs "
+                                          "think_end_token)", fronts=("lm_eval",))
+    latent_dtype: str = option("model", "model | float32: a bf16/float16 model's stage 1 in float32 (2x weight "
+                               "memory during stage 1; README 'What dtype and batching can and cannot change')",
+                               choices=CHOICES["latent_dtype"], fronts=("lm_eval",))
 
     def __post_init__(self) -> None:
-        for key, valid in CHOICES.items():
-            if getattr(self, key) not in valid:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not valid; choose one of {', '.join(valid)}")
+        for f in dataclasses.fields(self):  # the schema's choices (a subclass's options too), then CHOICES
+            valid = f.metadata.get("choices") or CHOICES.get(f.name)
+            if valid and getattr(self, f.name) not in valid:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not valid; choose one of {', '.join(valid)}")
         if not self.roles:
             raise ValueError("a chain needs at least one agent (the final agent)")
         if self.latent_steps < 0:
@@ -100,3 +187,32 @@ class LatentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def chain_options(config_class: type[LatentConfig] = LatentConfig, front: str | None = None) -> list[ChainOption]:
+    """The user-facing chain options of ``config_class`` (``LatentConfig`` or a subclass that adds some), in
+    order: ``agents`` first (it picks ``roles`` with the topology), then every field declared with ``option``.
+    ``front``: only those offered there (one of ``FRONT_ENDS``).
+
+    User-facing today: agents, latent_steps, realign, trace, topology, max_trace_tokens everywhere;
+    stage1_grad for SFT only (evaluation runs without autograd); enable_thinking and latent_dtype for
+    lm-eval only. Not user-facing: roles, checkpoint_agents, realign_lambda, realign_target.
+    """
+    hints = typing.get_type_hints(config_class)
+    options = [ChainOption("agents", int, DEFAULT_AGENTS, None, AGENTS_HELP)]
+    for f in dataclasses.fields(config_class):
+        if "help" not in f.metadata:
+            continue
+        args = typing.get_args(hints[f.name])
+        scalar = next((a for a in args if a is not type(None)), hints[f.name])
+        choices = f.metadata.get("choices")
+        options.append(ChainOption(f.name, scalar, f.default, tuple(choices) if choices else None,
+                                   f.metadata["help"], tuple(f.metadata.get("fronts", FRONT_ENDS)),
+                                   bool(f.metadata.get("saved")), type(None) in args))
+    return [o for o in options if front is None or front in o.fronts]
+
+
+def saved_fields(config_class: type[LatentConfig] = LatentConfig) -> list[str]:
+    """The fields whose value in a saved chain (``diffmas.json``) applies when not given (``option(saved=)``);
+    ``roles`` is not among them: a front end resolves it with ``agents``, ``topology`` or a roles file."""
+    return [f.name for f in dataclasses.fields(config_class) if f.metadata.get("saved")]

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import DEFAULT_MODEL
 from .config import CODE_TASKS, Settings, short_hash
 
 AXES = ("latent_steps", "agents", "trace", "stage1_grad", "realign")
@@ -112,7 +113,7 @@ def is_reference(v: Variant, ref_agents: int, ref_steps: int) -> bool:
 class AblationOptions:
     """What ``diffmas-eval ablate`` runs; every field is a flag of the same name (``--ref-agents``, ...)."""
 
-    model: str = "bundled:smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     task: str = "diffmas_arc_challenge"
     limit: int = 30
     axes: list[str] = field(default_factory=lambda: list(AXES))

@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from .. import DEFAULT_MODEL
+
 # the default five, then the paper's baselines and ablations (issue 22), on request (--methods)
 DEFAULT_METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
 METHODS = (*DEFAULT_METHODS, "stitchmas", "latentmas-hier", "diffmas-hier", "textmas-sft")
@@ -56,7 +58,7 @@ def short_hash(obj) -> str:
 class Settings:
     """Everything that determines the numbers of a leaderboard (not where files go, not the batch size)."""
 
-    model: str = "bundled:smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     limit: int = 5
     agents: int = 3
     latent_steps: int = 4

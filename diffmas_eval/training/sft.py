@@ -11,38 +11,52 @@
         --dataset_name data/commonsense_sft.jsonl --use_peft --max_steps 100 --output_dir out/
 
 Every SFTConfig/ModelConfig/ScriptArguments option works as in TRL (``--help`` lists them); the
-DiffMAS options are below. ``--dataset_name`` is a hub id or a local .json/.jsonl file with
+DiffMAS options are ``DiffMASArguments``. ``--dataset_name`` is a hub id or a local .json/.jsonl file with
 ``prompt`` and ``completion`` (strings or chat messages). The output directory holds the adapter
 (or model) and ``diffmas.json``, so ``lm_eval --model diffmas --model_args pretrained=...,peft=out/``
-rebuilds the trained chain. It lives in the package so that an installed wheel trains too (the
-leaderboard launches this module, not a file of the checkout).
+rebuilds the trained chain. The DiffMAS flags are generated from the chain's option schema
+(``latent.config.chain_options``), the one place their types, defaults, choices and help are written.
+It lives in the package so that an installed wheel trains too (the leaderboard launches this module,
+not a file of the checkout).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 
 import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config
 
-from ..latent import LatentConfig
+from ..latent.config import LatentConfig, chain_options
 from ..models import prepare_tokenizer, resolve_pretrained
 from .trainer import DiffMASSFTTrainer
 
+TRAIN_REALIGN_HELP = "train the realignment W_a too"
 
-@dataclass
-class DiffMASArguments:
-    agents: int = field(default=4, metadata={"help": "agents, final agent included"})
-    latent_steps: int = field(default=10, metadata={"help": "latent thoughts per upstream agent"})
-    realign: str = field(default="ridge", metadata={"help": "ridge | identity | none"})
-    trace: str = field(default="concat", metadata={"help": "concat | overwrite | stitch (segments built apart)"})
-    topology: str = field(default="sequential", metadata={"help": "sequential | hierarchical (domain agents + "
-                                                                  "summarizer)"})
-    stage1_grad: str = field(default="full", metadata={"help": "full | none (no gradient through stage 1)"})
-    train_realign: bool = field(default=False, metadata={"help": "train the realignment W_a too"})
-    max_trace_tokens: int | None = field(default=None, metadata={"help": "refuse longer latent traces"})
+
+def diffmas_arguments(config_class: type[LatentConfig] = LatentConfig) -> type:
+    """TRL's dataclass of the DiffMAS flags (``--agents --latent_steps ...``): one field per chain option
+    offered to SFT (``latent.config.chain_options``: type, default, help and choices, which TrlParser passes
+    to argparse from the field metadata), then ``train_realign``, a training-only switch that is not part of
+    the chain. Built from the schema so a new chain option is a flag here without being restated;
+    ``config_class``: a ``LatentConfig`` subclass whose extra options become flags too."""
+    schema = chain_options(config_class, front="sft")
+    fields = []
+    for o in schema:
+        metadata = {"help": o.help} | ({"choices": list(o.choices)} if o.choices else {})
+        fields.append((o.name, o.annotation, field(default=o.default, metadata=metadata)))
+    fields.append(("train_realign", bool, field(default=False, metadata={"help": TRAIN_REALIGN_HELP})))
+
+    def to_config(self) -> LatentConfig:
+        """The chain these flags describe (checked: a bad choice fails with the valid ones)."""
+        return config_class.from_dict({o.name: getattr(self, o.name) for o in schema})
+
+    return make_dataclass("DiffMASArguments", fields, namespace={"to_config": to_config, "__module__": __name__})
+
+
+DiffMASArguments = diffmas_arguments()
 
 
 def load_data(name: str, config: str | None):
@@ -59,9 +73,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                                                  attn_implementation=model_args.attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     prepare_tokenizer(tokenizer)
-    chain = LatentConfig.from_dict({"agents": dm_args.agents, "latent_steps": dm_args.latent_steps,
-                                    "realign": dm_args.realign, "trace": dm_args.trace, "topology": dm_args.topology,
-                                    "stage1_grad": dm_args.stage1_grad, "max_trace_tokens": dm_args.max_trace_tokens})
+    chain = dm_args.to_config()
     dataset = load_data(script_args.dataset_name, script_args.dataset_config)
     test_split = script_args.dataset_test_split
     trainer = DiffMASSFTTrainer(
@@ -73,8 +85,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     trainer.save_model(training_args.output_dir)
 
 
-def parser() -> TrlParser:
-    p = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DiffMASArguments))
+def parser(arguments: type | None = None) -> TrlParser:
+    """TRL's parser over its own arguments and ``arguments`` (default ``DiffMASArguments``)."""
+    p = TrlParser((ScriptArguments, SFTConfig, ModelConfig, arguments or DiffMASArguments))
     p.set_defaults(lora_r=8, lora_alpha=16)  # DiffMAS default: rank-8 LoRA shared by all roles
     if not torch.cuda.is_available():  # TRL defaults to bf16, which refuses to start on a CPU-only machine
         p.set_defaults(bf16=False, use_cpu=True)
