@@ -165,14 +165,15 @@ def test_bad_grids_are_refused_before_anything_runs(data_dir, tmp_path, capsys, 
     from diffmas_eval.tiny import save_tiny_model
 
     monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
-    small = save_tiny_model(tmp_path / "small", "llama", context=512)
+    small = save_tiny_model(tmp_path / "small", "llama", context=2048)
     out = tmp_path / "abl"
     base = ["ablate", "--model", str(small), "--output", str(out / "ablations.csv")]
-    # a model with a 512-position context: 200 latent steps x 3 upstream agents cannot fit
+    # a 2048-position context: ARC's longest question (its tiny tokenizer spells it out) fits 3 upstream agents with
+    # 10 latent steps each and the final agent, but not with 200 each
     assert main([*base, "--axes", "latent_steps,agents", "--latent-steps", "0,200", "--agents", "2,6"]) == 2
     err = capsys.readouterr().err
     assert "ablation cell latent_steps=200 (untrained) (agents=4, latent_steps=200) does not fit" in err
-    assert "exceed the model's context of 512" in err
+    assert "exceed the model's context of 2048" in err
     assert main([*base, "--axes", "trace", "--max-trace-tokens", "50"]) == 2
     assert "max_trace_tokens=50" in capsys.readouterr().err
     assert main([*base, "--axes", "depth"]) == 2
