@@ -49,6 +49,7 @@ from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..stability import served_record
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
+from ..stopping import eos_ids
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
 
@@ -155,7 +156,7 @@ class DiffMASLM(HFLM):
             self.stage2_server = PromptEmbedsBackend(base_url, served, timeout=timeout, max_retries=max_retries,
                                                      num_concurrent=num_concurrent)
             # before any answer: a clear error, or the embedding scale the server applies
-            self.stage2_server.preflight(self.model, self.tokenizer, eos=self.chain._eos_ids())
+            self.stage2_server.preflight(self.model, self.tokenizer, eos=eos_ids(self.model, self.tokenizer))
         join_data_parallel(self)
 
     def barrier(self) -> None:

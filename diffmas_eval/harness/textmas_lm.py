@@ -35,6 +35,7 @@ from ..models import resolve_pretrained
 from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..protocol import check_gen_kwargs
 from ..stability import AnswerStats, StepRecorder, served_record
+from ..stopping import eos_ids
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -95,10 +96,8 @@ class FinalAgentLM(HFLM):
         return out
 
     def _eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id, self.eot_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
-        return {i for i in ids if i is not None}
+        """``stopping.eos_ids`` and lm-eval's end-of-text id (what HFLM itself stops at)."""
+        return eos_ids(self.model, self.tokenizer) | ({self.eot_token_id} - {None})
 
 
 def _answer_stats(row: list[int], logps: list[float], ents: list[float], steps: int, eos: set[int],

@@ -33,6 +33,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from ..models import context_length
 from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble
 from ..stability import AnswerStats, step_stats
+from ..stopping import cut_at_stop, eos_ids
 from .config import LatentConfig
 from .realign import Realigner
 from .trace import LatentTrace, Segment, left_aligned_mask
@@ -438,7 +439,7 @@ class AgentChain(nn.Module):
         budgets for benchmarks) or at a stop string. Each answer's ``stats`` come from the logits this loop
         computes anyway (the model's distribution before the sampling warpers), so they change no token."""
         stop = [s for s in (stop or []) if s]
-        eos = set() if ignore_eos else self._eos_ids()
+        eos = set() if ignore_eos else eos_ids(self.model, self.tokenizer)
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
@@ -479,17 +480,9 @@ class AgentChain(nn.Module):
             logits = out.logits[:, -1]
         results = []
         for ids, lp, en, how in zip(out_ids, logps, ents, ended):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            for s in stop:
-                text = text.split(s)[0]
+            text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
             results.append(Generation(text, ids, AnswerStats(lp, en, how)))
         return results
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
-        return {i for i in ids if i is not None}
 
     # -- diagnostics ------------------------------------------------------------------------------
     def gradient_probe(self, questions: list[str], input_ids: list[list[int]],

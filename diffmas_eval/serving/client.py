@@ -6,7 +6,8 @@ requests in flight (``map``), parsing a ``/v1/completions`` answer into one resu
 and the served model names. Text prompts (``textmas backend=openai``) and prompt embeddings
 (``diffmas stage2=vllm``, ``stage2_vllm.py``) are two payloads of the same ``complete`` call.
 
-``cut_at_stop`` is lm-eval's stop convention, used by the servers' answers and the in-process chain alike.
+``cut_at_stop`` (``stopping.py``, re-exported here) is lm-eval's stop convention, used by the servers' answers
+and the in-process chain alike.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
+
+from ..stopping import cut_at_stop  # noqa: F401  (re-exported: the servers' answers are cut by it)
 
 # the OpenAI completions API (and vLLM, which validates it) takes at most 4 stop strings; the rest are cut on
 # the client (``cut_at_stop``), which gives the same text: the server just stops later
@@ -37,14 +40,6 @@ class Completion:
     logprobs: list[float] | None = None
     token_texts: list[str] | None = None
     stop_reason: str | int | None = None
-
-
-def cut_at_stop(text: str, stop: list[str] | None) -> str:
-    """lm-eval's convention: the text before the first occurrence of any stop string."""
-    for s in stop or []:
-        if s:
-            text = text.split(s)[0]
-    return text
 
 
 class OpenAIClient:

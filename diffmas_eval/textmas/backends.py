@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..serving.client import BackendError, Completion, OpenAIClient, cut_at_stop
+from ..stopping import eos_ids
 
 __all__ = ["BackendError", "Completion", "HFBackend", "OpenAIBackend", "cut_at_stop"]
 
@@ -34,9 +35,7 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str] | None = None) -> list[Completion]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        eos.discard(None)
+        eos = eos_ids(self.model, self.tokenizer)
         ids = [self.encode(p) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
         out: list[Completion | None] = [None] * len(ids)
