@@ -115,14 +115,14 @@ class AblationOptions:
 
     model: str = DEFAULT_MODEL
     task: str = "diffmas_arc_challenge"
-    limit: int = 30
+    limit: int = 20
     axes: list[str] = field(default_factory=lambda: list(AXES))
     latent_steps: list[int] = field(default_factory=lambda: [0, 10, 40])
     agents: list[int] = field(default_factory=lambda: [2, 3, 4])
-    ref_agents: int = 4
+    ref_agents: int = 3
     ref_steps: int = 10
     seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])
-    train_steps: int = 8
+    train_steps: int = 4
     train_max_length: int = 256
     probe_rows: int = 2
     max_trace_tokens: int | None = None
