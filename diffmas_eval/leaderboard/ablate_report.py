@@ -47,6 +47,14 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _relative(path: str) -> str:
+    """A path under the working directory as a relative one (the CSVs are committed; made anywhere, read anywhere)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd())) if path else ""
+    except ValueError:
+        return path
+
+
 # -- rows from the run's files -----------------------------------------------------------------------
 def publish(plan, opts, output: Path) -> list[dict]:
     """The CSVs, charts and Markdown of a finished grid (``ablate.Plan``); returns the cells' rows."""
@@ -68,7 +76,7 @@ def publish(plan, opts, output: Path) -> list[dict]:
                      "realign": "trained" if chain.get("train_realign") else "fixed", "task": opts.task,
                      "metric": metric, "value": results["results"][opts.task][f"{metric},none"],
                      "n": len(meta.get("per_item", {})), "config_hash": meta["config_hash"],
-                     "adapter": meta.get("adapter", ""), "source": str(path)})
+                     "adapter": _relative(meta.get("adapter", "")), "source": str(path)})
         if meta["config_hash"] not in seen:
             seen.add(meta["config_hash"])
             items += [{"config_hash": meta["config_hash"], "doc_id": k, "score": x}

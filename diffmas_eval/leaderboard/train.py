@@ -139,19 +139,19 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     if method == "textmas-sft":  # the SFT rows with the untrained text agents' notes (cached by their settings)
         data = notes_set(settings, data, work, cuda)
     out.mkdir(parents=True, exist_ok=True)
-    # the trainer runs in the adapter's directory (_stream), so every path it is given must be absolute
-    out, data = out.resolve(), data.resolve()
     log = out / "train.log"
     resume = _last_checkpoint(out)
     print(f"== {method} adapter ({family}): training {spec['steps'] or str(spec.get('epochs')) + ' epoch(s)'} steps x "
           f"batch {spec['batch_size']} x accumulation {spec.get('accumulation', 1)} at "
           f"{spec['agents']} agent(s){' (resuming from ' + resume.name + ')' if resume else ''}; log {log}", flush=True)
-    code = _stream(launch_command(spec, data, out, resume, cuda, threads), log)
+    # the trainer runs in the adapter's directory (_stream), so every path it is given is absolute
+    code = _stream(launch_command(spec, data.resolve(), out.resolve(), resume and resume.resolve(), cuda, threads),
+                   log)
     if code != 0 and resume is not None:  # an unreadable checkpoint (killed mid-save): start over, cleanly
         print(f"resuming from {resume} failed (exit {code}); restarting {method} ({family}) from scratch", flush=True)
         shutil.rmtree(out)
         out.mkdir(parents=True)
-        code = _stream(launch_command(spec, data, out, None, cuda, threads), log)
+        code = _stream(launch_command(spec, data.resolve(), out.resolve(), None, cuda, threads), log)
     if code != 0:
         raise RuntimeError(f"training {method} ({family}) failed (exit {code}); see {log}")
     missing = [f for f in ADAPTER_FILES if not (out / f).exists()]
