@@ -211,8 +211,9 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
             pts = sorted((int(r["variant"]), r["mean"], r["std"]) for r in steps if r["trained"] == trained)
             if pts:
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label="trained (diffmas)" if trained
-                            else "untrained (latentmas)")
+                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, markersize=5 if trained else 10,
+                            mfc=None if trained else "none",  # hollow and larger: visible where the lines coincide
+                            label="trained (diffmas)" if trained else "untrained (latentmas)")
         ax.set_xlabel("latent steps per upstream agent")
         ax.set_ylabel(f"{rows[0]['metric']} on {rows[0]['task']} (n={rows[0]['n']})")
         ax.set_title("Accuracy vs latent steps (error bars: std over seeds)")
@@ -228,7 +229,8 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(ys, labels, fontsize=8)
         ax.set_xlabel("accuracy difference")
-        paths.append(_save(fig, ax, out / CHARTS[1], grid="x", fontsize=8, loc="lower right"))
+        ax.set_ylim(-0.8, len(deltas) + 0.3)  # room above the first row for the legend
+        paths.append(_save(fig, ax, out / CHARTS[1], grid="x", fontsize=8, loc="upper right"))
     trace = {k: v for k, v in _grad_groups(grads).items() if k[0] == "trace" and k[1] in ("concat", "overwrite")}
     if trace:
         fig, ax = plt.subplots(figsize=(6, 4))
