@@ -297,10 +297,9 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
 
 def run_ablation(opts: AblationOptions) -> list[dict]:
     """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
-    import torch
-
     from . import train
     from .ablate_report import publish
+    from .cli import run_environment
     from .pool import run_jobs
 
     if opts.task in CODE_TASKS:
@@ -319,13 +318,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
         raise ValueError(f"no SFT family for task {opts.task}; ablations train on the task's family: choose a task "
                          "the leaderboard maps (e.g. diffmas_arc_challenge, diffmas_gsm8k)")
     check_fits(cells_of(opts, base), opts)  # before any compute
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batch: int | str = int(opts.batch_size) if str(opts.batch_size).isdigit() else opts.batch_size
-    if opts.data_dir:
-        os.environ["DIFFMAS_DATA_DIR"] = str(Path(opts.data_dir).resolve())
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-        os.environ["OMP_NUM_THREADS"] = str(opts.threads)
+    device, batch = run_environment(opts.device, opts.batch_size, opts.data_dir, opts.threads)
     output = Path(opts.output)
     runs, work = output.parent / "runs", Path(opts.work_dir) if opts.work_dir else output.parent / "cache"
     data, bounds, base.sft_sources[family] = train.sft_set(family, None, work, opts.data_dir)

@@ -41,10 +41,9 @@ def _write(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        raise ValueError(f"{path} does not exist; run `diffmas-eval ablate` first (or pass --output)")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    from .report import read_csv
+
+    return read_csv(path, "diffmas-eval ablate")
 
 
 def _relative(path: str) -> str:

@@ -166,10 +166,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[Path]:
-    """Train what is missing, score what is missing; return the results file of every cell."""
+def run_environment(device: str | None, batch_size: str | int, data_dir: str | None,
+                    threads: int | None) -> tuple[str, int | str]:
+    """The device and batch size of a run, with its data directory and thread count set for this process and the
+    jobs, trainings and EvalPlus runs it starts (``leaderboard`` and ``ablate`` alike)."""
     import torch
 
+    if data_dir:
+        os.environ["DIFFMAS_DATA_DIR"] = str(Path(data_dir).resolve())
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # EvalPlus's and accelerate's subprocesses
+    batch: int | str = int(batch_size) if str(batch_size).isdigit() else batch_size
+    return device or ("cuda" if torch.cuda.is_available() else "cpu"), batch
+
+
+def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[Path]:
+    """Train what is missing, score what is missing; return the results file of every cell."""
     from ..protocol import SAMPLED_TASKS, check_stability_tasks, is_generative
     from . import cells, train
 
@@ -191,13 +204,7 @@ def run_all(settings: Settings, args: argparse.Namespace, output: Path) -> list[
         if unsampled:
             raise ValueError(f"{', '.join(unsampled)}: {protocol.samples} samples per question are scored for "
                              f"{', '.join([*SAMPLED_TASKS, *CODE_TASKS])} only (log-likelihood tasks are scored once)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batch_size: int | str = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
-    if args.data_dir:
-        os.environ["DIFFMAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # EvalPlus's and accelerate's subprocesses
+    device, batch_size = run_environment(args.device, args.batch_size, args.data_dir, args.threads)
     runs = output.parent / "runs"
     work = Path(args.work_dir) if args.work_dir else output.parent / "cache"
     t_start = time.perf_counter()

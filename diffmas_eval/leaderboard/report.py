@@ -38,9 +38,10 @@ def write_curves(rows: list[dict], path: Path) -> None:
         writer.writerows(sorted(rows, key=lambda r: (_order({**r, "metric": ""}), int(r["position"]))))
 
 
-def read_csv(path: Path) -> list[dict]:
+def read_csv(path: Path, command: str = "diffmas-eval leaderboard") -> list[dict]:
+    """The rows of a CSV that ``command`` writes (the error says to run it)."""
     if not path.exists():
-        raise ValueError(f"{path} does not exist; run `diffmas-eval leaderboard` first (or pass --output)")
+        raise ValueError(f"{path} does not exist; run `{command}` first (or pass --output)")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
