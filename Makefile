@@ -64,6 +64,7 @@ ablations: $(STAMP)
 # README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)
 readme: $(STAMP)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
+	$(VENV)/bin/diffmas-eval options --readme README.md
 
 # the performance tables of README.md: each benchmark prints Markdown into benchmarks/results/ (about 40 min here)
 BENCH_ENV := DIFFMAS_DATA_DIR=$(DATA_DIR)

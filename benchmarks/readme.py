@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from diffmas_eval.readme import replace_section
+
 ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)"),
          ("multiple_choice", "Multiple-choice scoring (`benchmarks/multiple_choice.py`)"),
          ("scaling", "Scaling with agents and latent steps (`benchmarks/scaling.py`)"),
@@ -38,19 +40,12 @@ def section(results: Path, name: str = "performance") -> str:
 
 def main(readme: str = "README.md", results: str = "benchmarks/results", *opts: str) -> int:
     name = opts[1] if len(opts) == 2 and opts[0] == "--section" else "performance"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    path = Path(readme)
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {name} markers; add {start} and {end} where the tables go")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{start}\n{section(Path(results), name)}{end}{tail}"
-    if new != text:
-        path.write_text(new)
-    print(f"{readme}: {name} section {'updated' if new != text else 'unchanged'}")
+    try:
+        changed = replace_section(Path(readme), name, section(Path(results), name))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    print(f"{readme}: {name} section {'updated' if changed else 'unchanged'}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))

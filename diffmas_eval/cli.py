@@ -1,5 +1,5 @@
-"""``diffmas-eval``: ask a DiffMAS chain one question; the trace memory of a model; build the leaderboard;
-generate code for EvalPlus."""
+"""``diffmas-eval``: ask a DiffMAS chain one question; the trace memory of a model; build the leaderboard and the
+ablations; generate code for EvalPlus; print the option reference."""
 
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ def add_chain_args(p: argparse.ArgumentParser, config_class: type[LatentConfig] 
     names, types, defaults, choices and help come from there; ``latent_steps`` is ``--latent-steps``).
     ``config_class``: a ``LatentConfig`` subclass whose extra options become flags too."""
     from .latent.config import LatentConfig, chain_options
+    from .options import add_flags
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--peft", default=None, help="path of a PEFT adapter to load on top of the model")
-    for o in chain_options(config_class or LatentConfig, front="ask"):
-        p.add_argument("--" + o.name.replace("_", "-"), type=o.type if o.type is not bool else o.parse,
-                       default=o.default, choices=o.choices,
-                       help=o.help.replace("%", "%%") + " (default: %(default)s)")
+    add_flags(p, chain_options(config_class or LatentConfig, front="ask"))
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -75,6 +73,19 @@ def memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def options(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .readme import options_reference, update_options
+
+    if args.readme is None:
+        print(options_reference(), end="")
+        return 0
+    changed = update_options(Path(args.readme))
+    print(f"{args.readme}: options section {'updated' if changed else 'already up to date'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffmas-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     p_data.set_defaults(func=sft_data)
 
     p_mem = sub.add_parser("memory", help="trace bytes per position and per question, from the model config only")
+    from .latent.config import chain_options
+    from .options import add_flags
+
     p_mem.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME")
-    p_mem.add_argument("--agents", type=int, default=4, help="agents, final agent included (default: 4)")
-    p_mem.add_argument("--latent-steps", type=int, default=10, help="latent steps per upstream agent (default: 10)")
+    add_flags(p_mem, chain_options(front="memory"))
     p_mem.add_argument("--prompt-tokens", default="200",
                        help="tokens of each upstream agent's prompt (role + question), or one per upstream agent "
                             "comma-separated (default: 200)")
@@ -107,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     p_mem.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p_mem.add_argument("--json", action="store_true", help="print one JSON object")
     p_mem.set_defaults(func=memory)
+
+    p_opt = sub.add_parser("options", help="the option reference: every chain option and model_arg, and the front "
+                                          "ends that offer each (README's list is this)")
+    p_opt.add_argument("--readme", default=None, metavar="README.md",
+                       help="regenerate README's option reference (between its options markers) instead of printing")
+    p_opt.set_defaults(func=options)
 
     from .codegen.cli import add_codegen_parser
     from .leaderboard import add_leaderboard_parser

@@ -4,12 +4,19 @@ Several flags take ``KEY=VALUE`` lists (``--task-family TASK=FAMILY``, ``--sft-e
 ``--limit N[,TASK=N]``, ``--textmas-args``); each used to split its own text, with its own rules about
 blanks, missing ``=`` and bad numbers. One parser gives them the same rules and the same kind of error:
 it names the flag, the form it expects and the item that broke it, so a typo is fixed from one line.
+
+``add_flags`` is the one way a chain option of the schema (``latent.config.chain_options``) becomes a
+command-line flag, for every command that offers it (``ask``, ``memory``, ``leaderboard``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import argparse
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .latent.config import ChainOption
 
 T = TypeVar("T")
 
@@ -65,3 +72,19 @@ def parse_counts(text: str, what: str) -> list[int]:
         return [int(x) for x in _items(text)]
     except ValueError:
         raise ValueError(f"{what} takes N or N,N,... (integers), got {text!r}") from None
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an option: ``latent_steps`` is ``--latent-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options: Iterable[ChainOption],
+              defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per option, its type, choices and help from the schema; ``defaults``: a command's own
+    default for some of them (the leaderboard's CPU-sized chain), shown in the help as the one it uses."""
+    defaults = defaults or {}
+    for o in options:
+        parser.add_argument(flag(o.name), dest=o.name, type=o.type if o.type is not bool else o.parse,
+                            default=defaults.get(o.name, o.default), choices=o.choices,
+                            help=o.help.replace("%", "%%") + " (default: %(default)s)")

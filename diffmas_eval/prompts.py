@@ -48,6 +48,11 @@ CODE_ROLES: dict[str, Role] = _by_name(
                    "solves the problem, in one markdown code block."),
 )
 FAMILIES = ("general", "code")
+# the model_args that pick the agents' instructions, in both lm-eval models (``diffmas``, ``textmas``)
+ROLE_OPTIONS = {
+    "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
+    "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
+}
 UPSTREAM_CYCLE = ("planner", "critic", "refiner")
 FINAL_ROLE = "solver"
 FINAL_PREAMBLE = (

@@ -37,6 +37,7 @@ from ..latent.config import DEFAULT_AGENTS, chain_options, saved_fields
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
 from ..prompts import (
+    ROLE_OPTIONS,
     TEXT_ROLES,
     default_roles,
     family_roles,
@@ -47,6 +48,7 @@ from ..prompts import (
 )
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
+from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
 from ..stability import served_record
 from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stopping import eos_ids
@@ -59,18 +61,14 @@ MODEL_OPTIONS = {
     "peft": "path of a PEFT adapter (e.g. the output_dir of trainers/sft.py; its saved chain options apply)",
 }
 RUN_OPTIONS = {
-    "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
-    "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
+    **ROLE_OPTIONS,
     "device": "cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch: an integer, auto or auto:N (sized for trace + final agent)",
     "stage2": "hf (final agent in process, default) | vllm (its decoding on a `vllm serve --enable-prompt-embeds` "
               "server, the trace sent as prompt embeddings; log-likelihoods stay in process)",
-    "base_url": "stage2=vllm: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
     "served_model": "stage2=vllm: model name sent to the server (default: pretrained as given; with peft, the "
                     "adapter's --lora-modules name)",
-    "timeout": "stage2=vllm: seconds per request attempt (default 120)",
-    "max_retries": "stage2=vllm: retries after a failed attempt, with backoff (default 2)",
-    "num_concurrent": "stage2=vllm: requests in flight (default 4)",
+    **client_options("stage2=vllm"),
 }
 
 
@@ -112,7 +110,8 @@ class DiffMASLM(HFLM):
     def __init__(self, pretrained=DEFAULT_MODEL, peft: str | None = None, roles: str | None = None,
                  family: str | None = None, device: str | None = None, batch_size: int | str = 1,
                  stage2: str = "hf", base_url: str | None = None, served_model: str | None = None,
-                 timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4, **kwargs) -> None:
+                 timeout: float = TIMEOUT_S, max_retries: int = MAX_RETRIES, num_concurrent: int = NUM_CONCURRENT,
+                 **kwargs) -> None:
         """``kwargs``: the chain options (``OPTIONS``; ``None`` means not given) and every ``hf`` model_arg."""
         schema = chain_options(self.config_class, front="lm_eval")
         given = {o.name: o.parse(kwargs.pop(o.name)) for o in schema if o.name in kwargs}

@@ -31,9 +31,11 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from .. import DEFAULT_MODEL
+from ..latent.config import chain_options
 from ..models import resolve_pretrained
-from ..prompts import TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
+from ..prompts import ROLE_OPTIONS, TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..protocol import check_gen_kwargs
+from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
 from ..stability import AnswerStats, StepRecorder, served_record
 from ..stopping import eos_ids
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
@@ -44,18 +46,14 @@ OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME (backend=hf: the model; backend=openai: its tokenizer "
                   "and, unless model= is given, the served model's name)",
     "backend": "hf | openai",
-    "base_url": "backend=openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
     "model": "backend=openai: model name sent to the server (default: pretrained; bundled:NAME its local path)",
     "tokenizer": "tokenizer for the chat template (default: pretrained); backend=hf: HFLM's tokenizer",
     "api_key": "backend=openai: API key (default EMPTY; or $OPENAI_API_KEY)",
-    "timeout": "backend=openai: seconds per request attempt (default 120)",
-    "max_retries": "backend=openai: retries after a failed attempt, with backoff (default 2)",
-    "num_concurrent": "backend=openai: requests in flight (default 4)",
-    "agents": "number of agents, final agent included (default 4)",
-    "topology": "sequential (planner, critic, refiner, solver) | hierarchical (domain agents, then a summarizer)",
+    **client_options("backend=openai"),
+    # the chain's shape means the same here as in diffmas: its help is the schema's
+    **{o.name: o.describe() for o in chain_options() if o.name in ("agents", "topology")},
     "agent_max_tokens": "tokens each upstream agent may write (default 512)",
-    "roles": "YAML file 'role: instruction', in agent order; the last one is the final agent",
-    "family": "role instructions of a task family: general (default) | code (diffmas-eval codegen sets it)",
+    **ROLE_OPTIONS,
     "dtype": "backend=hf: auto | float32 | bfloat16 | float16",
     "device": "backend=hf: cuda, cuda:N or cpu (default: cuda if available)",
     "batch_size": "questions per batch (an integer)",
@@ -135,7 +133,8 @@ class TextMASLM(TemplateLM):
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, backend: str = "hf",
                  base_url: str | None = None, model: str | None = None, tokenizer: str | None = None,
-                 api_key: str | None = None, timeout: float = 120.0, max_retries: int = 2, num_concurrent: int = 4,
+                 api_key: str | None = None, timeout: float = TIMEOUT_S, max_retries: int = MAX_RETRIES,
+                 num_concurrent: int = NUM_CONCURRENT,
                  agents: int | None = None, topology: str = "sequential", agent_max_tokens: int = 512,
                  roles: str | None = None, family: str | None = None, dtype: str = "auto", device: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = 64, max_length: int | None = None,

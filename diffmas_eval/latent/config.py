@@ -28,14 +28,19 @@ CHOICES = {
 DEFAULT_AGENTS = 4  # planner, critic, refiner, solver
 
 # The front ends an option can appear in: lm-eval model_args (``harness/diffmas_lm.py``), the flags of
-# ``diffmas-eval ask`` (``cli.py``) and the TRL arguments of SFT (``training/sft.py``).
-FRONT_ENDS = ("lm_eval", "ask", "sft")
+# ``diffmas-eval ask`` (``cli.py``), the TRL arguments of SFT (``training/sft.py``), and the flags of
+# ``diffmas-eval leaderboard`` and ``diffmas-eval memory``. The last two take only the chain's shape (agents,
+# latent steps): the leaderboard's methods fix every other option (its cells' hashes hold them), and the
+# memory estimate depends on nothing else. An option is offered where a chain is built (``CHAIN_FRONTS``)
+# unless it says otherwise.
+FRONT_ENDS = ("lm_eval", "ask", "sft", "leaderboard", "memory")
+CHAIN_FRONTS = ("lm_eval", "ask", "sft")
 AGENTS_HELP = ("number of agents, final agent included; the topology names their roles (sequential: planner, "
                "critic, refiner, ..., solver)")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-           fronts: tuple[str, ...] = FRONT_ENDS, saved: bool = False) -> Any:
+           fronts: tuple[str, ...] = CHAIN_FRONTS, saved: bool = False) -> Any:
     """A user-facing ``LatentConfig`` field: its default and the metadata ``chain_options`` reads.
 
     ``help``: one line, naming every choice (``tests/test_schema.py`` checks that), without the default
@@ -61,7 +66,7 @@ class ChainOption:
     default: Any
     choices: tuple[str, ...] | None
     help: str
-    fronts: tuple[str, ...] = FRONT_ENDS
+    fronts: tuple[str, ...] = CHAIN_FRONTS
     saved: bool = False
     optional: bool = False
 
@@ -122,7 +127,7 @@ class LatentConfig:
     """
 
     roles: list[str] = field(default_factory=lambda: default_roles(DEFAULT_AGENTS))
-    latent_steps: int = option(10, "latent thoughts per upstream agent", saved=True)
+    latent_steps: int = option(10, "latent thoughts per upstream agent", fronts=FRONT_ENDS, saved=True)
     realign: str = option("ridge", "ridge (LatentMAS's ridge map, output to input embeddings) | identity | none",
                           choices=CHOICES["realign"], saved=True)
     trace: str = option("concat", "concat | overwrite (keep the latest segment) | stitch (StitchMAS: each upstream "
@@ -194,12 +199,13 @@ def chain_options(config_class: type[LatentConfig] = LatentConfig, front: str | 
     order: ``agents`` first (it picks ``roles`` with the topology), then every field declared with ``option``.
     ``front``: only those offered there (one of ``FRONT_ENDS``).
 
-    User-facing today: agents, latent_steps, realign, trace, topology, max_trace_tokens everywhere;
-    stage1_grad for SFT only (evaluation runs without autograd); enable_thinking and latent_dtype for
-    lm-eval only. Not user-facing: roles, checkpoint_agents, realign_lambda, realign_target.
+    User-facing today: agents and latent_steps everywhere; realign, trace, topology, max_trace_tokens
+    wherever a chain is built (lm-eval, ask, SFT); stage1_grad for SFT only (evaluation runs without
+    autograd); enable_thinking and latent_dtype for lm-eval only. Not user-facing: roles, checkpoint_agents,
+    realign_lambda, realign_target.
     """
     hints = typing.get_type_hints(config_class)
-    options = [ChainOption("agents", int, DEFAULT_AGENTS, None, AGENTS_HELP)]
+    options = [ChainOption("agents", int, DEFAULT_AGENTS, None, AGENTS_HELP, FRONT_ENDS)]
     for f in dataclasses.fields(config_class):
         if "help" not in f.metadata:
             continue
@@ -207,7 +213,7 @@ def chain_options(config_class: type[LatentConfig] = LatentConfig, front: str | 
         scalar = next((a for a in args if a is not type(None)), hints[f.name])
         choices = f.metadata.get("choices")
         options.append(ChainOption(f.name, scalar, f.default, tuple(choices) if choices else None,
-                                   f.metadata["help"], tuple(f.metadata.get("fronts", FRONT_ENDS)),
+                                   f.metadata["help"], tuple(f.metadata.get("fronts", CHAIN_FRONTS)),
                                    bool(f.metadata.get("saved")), type(None) in args))
     return [o for o in options if front is None or front in o.fronts]
 

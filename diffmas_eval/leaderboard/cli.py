@@ -9,7 +9,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ..options import count, parse_pairs
+from ..latent.config import chain_options
+from ..options import add_flags, count, parse_pairs
 from ..protocol import PROTOCOLS
 from .collect import STABILITY_METRICS
 from .config import (
@@ -52,8 +53,8 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--stability", default=None, metavar="TASK,...",
                    help="tasks whose stability metrics (answer perplexity, entropy) are reported (default: every "
                         "generative task; a log-likelihood task is refused)")
-    p.add_argument("--agents", type=int, default=d.agents, help="textmas/latentmas/diffmas agents (%(default)s)")
-    p.add_argument("--latent-steps", type=int, default=d.latent_steps, help="latentmas/diffmas (%(default)s)")
+    # the chain's shape, from the schema (textmas, latentmas, diffmas and their variants), with the CPU-sized defaults
+    add_flags(p, chain_options(front="leaderboard"), {"agents": d.agents, "latent_steps": d.latent_steps})
     p.add_argument("--agent-max-tokens", type=int, default=d.agent_max_tokens,
                    help="textmas: tokens each upstream agent writes (%(default)s)")
     p.add_argument("--max-gen-toks", type=int, default=None,
@@ -118,7 +119,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     limit, limits = _limits(args.limit)
     return Settings(model=args.model, limit=limit, limits=limits, protocol=args.protocol, samples=args.samples,
                     temperature=args.temperature, top_p=args.top_p, recipe=args.recipe,
-                    agents=args.agents, latent_steps=args.latent_steps,
+                    **{o.name: getattr(args, o.name) for o in chain_options(front="leaderboard")},
                     agent_max_tokens=args.agent_max_tokens, max_gen_toks=args.max_gen_toks,
                     chat_template=args.chat_template, seed=args.seed, textmas_args=_textmas_args(args.textmas_args),
                     train_steps=args.train_steps, train_batch_size=args.train_batch_size,

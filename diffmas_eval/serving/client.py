@@ -22,8 +22,19 @@ from ..stopping import cut_at_stop  # noqa: F401  (re-exported: the servers' ans
 # the OpenAI completions API (and vLLM, which validates it) takes at most 4 stop strings; the rest are cut on
 # the client (``cut_at_stop``), which gives the same text: the server just stops later
 MAX_SERVER_STOPS = 4
+# the client's defaults, which every model_arg that sets them (``client_options``) names
+TIMEOUT_S, MAX_RETRIES, NUM_CONCURRENT = 120.0, 2, 4
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def client_options(when: str) -> dict[str, str]:
+    """The model_args that configure the client, one help line each (the lm-eval models' ``OPTIONS``), for the
+    ``textmas`` and ``diffmas`` models alike; ``when``: the setting they apply under (``backend=openai``)."""
+    return {"base_url": f"{when}: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1",
+            "timeout": f"{when}: seconds per request attempt (default {TIMEOUT_S:g})",
+            "max_retries": f"{when}: retries after a failed attempt, with backoff (default {MAX_RETRIES})",
+            "num_concurrent": f"{when}: requests in flight (default {NUM_CONCURRENT})"}
 
 
 class BackendError(RuntimeError):
@@ -45,8 +56,8 @@ class Completion:
 class OpenAIClient:
     """``/v1/completions`` and ``/v1/models`` of one OpenAI-compatible server, for one served model name."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 2, num_concurrent: int = 4):
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = TIMEOUT_S,
+                 max_retries: int = MAX_RETRIES, num_concurrent: int = NUM_CONCURRENT):
         import openai
 
         self.base_url, self.model = base_url.rstrip("/"), model
