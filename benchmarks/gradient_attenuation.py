@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import load_model
 
@@ -26,7 +27,7 @@ QUESTIONS = [
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--agents", type=int, nargs="+", default=[4])
     p.add_argument("--latent-steps", type=int, default=10)
     p.add_argument("--dtype", default="float32")

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.latent.trace import GrowingLayer
 from diffmas_eval.models import load_model
@@ -126,7 +127,7 @@ class Bench:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--agent-tokens", type=int, default=64, help="text MAS: tokens each upstream agent writes")

@@ -40,6 +40,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from diffmas_eval import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 TASK = "diffmas_arc_challenge"
 
@@ -149,7 +151,7 @@ def build_requests(manager, lm, chat: bool, limit: int) -> list:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct", help="hub id, local path or bundled:NAME")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME")
     p.add_argument("--limit", type=int, default=8, help="first N docs of the task")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--chat", choices=["off", "on"], nargs="+", default=["off", "on"], help="chat template")

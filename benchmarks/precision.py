@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import load_model
 from diffmas_eval.tiny import make_tiny_model
@@ -127,7 +128,7 @@ def batch_vs_alone(name: str, model32, tok, agents: int, m: int, dtypes: list[st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["bundled:smollm2-135m-instruct", "tiny:gemma3", "tiny:qwen3",
+    p.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "tiny:gemma3", "tiny:qwen3",
                                                    "tiny:llama"])
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--latent-steps", type=int, default=4)

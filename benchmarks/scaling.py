@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import load_model
 
@@ -63,7 +64,7 @@ def sweep(name: str, points: list[dict], key: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--agents", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--latent-steps", type=int, nargs="+", default=[0, 10, 20, 40, 80])
     p.add_argument("--fixed-agents", type=int, default=4, help="agents during the latent-steps sweep")

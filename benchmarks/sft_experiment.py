@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from diffmas_eval import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TASKS = {"commonsense": "diffmas_commonsense_qa", "math": "diffmas_gsm8k"}
@@ -34,7 +36,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--family", default="commonsense", choices=sorted(TASKS))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)

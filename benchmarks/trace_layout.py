@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import load_model
 
@@ -62,7 +63,7 @@ def timed(chain, questions: list[str], new_tokens: int) -> tuple[float, float, l
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--baseline", default="HEAD~1", help="git revision of the chain to compare against")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--agents", type=int, default=4)

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffmas_eval import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -166,7 +168,7 @@ def run_one(args, method: str, agents: int, ckpt: bool, data: Path, work: Path) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct", help="hub id, local path or bundled:NAME")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME")
     p.add_argument("--agents", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--checkpointing", choices=["off", "on"], nargs="+", default=["off", "on"])
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (the first warms up)")

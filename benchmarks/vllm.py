@@ -26,6 +26,7 @@ import time
 import torch
 from lm_eval.api.instance import Instance
 
+from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.harness.textmas_lm import TextMASLM
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import load_model, resolve_pretrained
@@ -79,7 +80,7 @@ def textmas(path: str, url: str, questions: list[str], batch: int, agent_tokens:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--agent-tokens", type=int, default=32)

@@ -255,6 +255,23 @@ def test_cli_sample_log_keeps_every_agent_text_and_the_results_summarise(tiny_pa
     assert summary["per_task"]["diffmas_gsm8k"]["seconds_per_sample"] > 0
 
 
+def test_accounting_is_the_given_models_and_never_written_onto_lm_evals_requests(tiny_path, local_data):
+    """A caller holding the model objects gets each one's records (``add_accounting(..., lm.accounting)``), not
+    the latest model's; lm-eval's Instances carry no attribute of ours."""
+    from diffmas_eval.harness.diffmas_lm import DiffMASLM
+
+    two, three = (DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},device=cpu,agents={n},latent_steps=1")
+                  for n in (2, 3))
+    runs = [simple_evaluate(model=lm, tasks=["diffmas_gsm8k"], limit=2, log_samples=True, gen_kwargs=GEN)
+            for lm in (two, three)]
+    first = add_accounting("diffmas_gsm8k", copy.deepcopy(runs[0]["samples"]["diffmas_gsm8k"]), two.accounting)
+    latest = add_accounting("diffmas_gsm8k", copy.deepcopy(runs[0]["samples"]["diffmas_gsm8k"]))
+    assert [len(s[ACCOUNTING_KEY]["agents"]) for s in first] == [2, 2]
+    assert [len(s[ACCOUNTING_KEY]["agents"]) for s in latest] == [3, 3]  # the CLI's only handle: the latest model
+    assert len(two.accounting.records) == len(three.accounting.records) == 2
+    assert not any(k.startswith("_diffmas") for req, _ in two.accounting._seen.values() for k in vars(req))
+
+
 def test_diffmas_accounting_and_leaderboard_columns(tiny_path, local_data):
     res = evaluate("diffmas", f"pretrained={tiny_path},agents=2,latent_steps=3", ["diffmas_gsm8k"], limit=2,
                    batch_size=2)

@@ -10,8 +10,13 @@
   are keyed by (task, prompt hash), the two things lm-eval's sample log identifies a sample by; the
   plugin (``plugin._log_accounting``) adds each sample's record as the field ``diffmas_accounting``
   when lm-eval writes ``samples_<task>_*.jsonl`` (``--log_samples``), for runs of our models. In
-  Python, ``add_accounting(task, results["samples"][task])`` does the same, right after the run: the
-  records kept are those of the latest ``diffmas``/``textmas`` model created in the process.
+  Python, ``add_accounting(task, results["samples"][task], lm.accounting)`` does the same, right after
+  the run. Where lm-eval gives no handle on the model, one module-level reference remains (``LATEST``,
+  the latest ``diffmas``/``textmas`` model's records): ``lm_eval`` creates the model inside
+  ``cli_evaluate`` and calls ``EvaluationTracker.save_results_samples(task, samples)`` with neither the
+  model nor anything that names it, so the plugin's hook can reach the records only that way (and a
+  Python caller that passes a model string to ``simple_evaluate`` has no model object either). Nothing
+  is written onto lm-eval's objects: which requests were accounted is kept by the ``Accounting``.
   The summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
 - ``join_data_parallel`` / ``Accounting.gather``: ``accelerate launch -m lm_eval`` on any device.
   HFLM shards requests by rank only when it sees more than one GPU; on CPU (gloo) or one shared GPU
@@ -111,7 +116,10 @@ class Accounting:
         self.records: list[dict] = []
         self.by_sample: dict[tuple[str, str], dict] = {}
         self._sent, self._unsent = 0, []  # what ``gather`` has not sent to rank 0 yet
-        LATEST["by_sample"] = self.by_sample  # a new model starts a new run
+        # times each request was accounted, by identity (lm-eval's Instances are unhashable dataclasses); the
+        # request is held beside its count so that its id cannot be reused by another object during the run
+        self._seen: dict[int, tuple[object, int]] = {}
+        LATEST["by_sample"] = self.by_sample  # a new model starts a new run (see the module docstring)
 
     def record(self, request, agents: list[dict], seconds: float, stability: dict | None = None, **extra) -> dict:
         """Account one answered request (one sample) and register the record for the sample log.
@@ -122,11 +130,11 @@ class Accounting:
         sample, in the order of lm-eval's ``resps`` (a task with ``repeats: k`` sends the same request
         k times in a row, and each answer is recorded in turn).
         """
-        seen = getattr(request, "_diffmas_accounted", 0)
+        seen = self._seen.get(id(request), (None, 0))[1]
         if seen and seen >= (getattr(request, "repeats", 1) or 1):
             return self.by_sample.get(sample_key(getattr(request, "task_name", None), request.args[0]), {})
         if hasattr(request, "args"):
-            request._diffmas_accounted = seen + 1
+            self._seen[id(request)] = (request, seen + 1)
         rec = {"method": self.method, "task": getattr(request, "task_name", None),
                "doc_id": getattr(request, "doc_id", None), "agents": agents,
                "tokens": sum(a.get("tokens") or 0 for a in agents), "seconds": round(seconds, 4), **extra}
@@ -223,10 +231,14 @@ def sample_key(task: str | None, context: str) -> tuple[str, str]:
     return str(task), hash_string(context)
 
 
-def add_accounting(task: str, samples: list[dict]) -> list[dict]:
-    """Put each logged sample's accounting record (if any) in its field ``diffmas_accounting``."""
+def add_accounting(task: str, samples: list[dict], accounting: Accounting | None = None) -> list[dict]:
+    """Put each logged sample's accounting record (if any) in its field ``diffmas_accounting``.
+
+    ``accounting``: the model's (``lm.accounting``) when the caller has the model object; by default the
+    latest model's, the only way lm-eval's CLI allows (module docstring)."""
+    by_sample = accounting.by_sample if accounting is not None else LATEST["by_sample"]
     for sample in samples:
-        record = LATEST["by_sample"].get((str(task), sample.get("prompt_hash")))
+        record = by_sample.get((str(task), sample.get("prompt_hash")))
         if record is not None:
             sample[ACCOUNTING_KEY] = record
     return samples
