@@ -76,3 +76,19 @@ def test_leaderboard_settings_parse_through_it(tmp_path, capsys):
     assert main(["leaderboard", "--sft-examples", "math", "--output", str(tmp_path / "lb.csv")]) == 2
     assert "diffmas-eval: error: --sft-examples takes FAMILY=N,..., got 'math' (no '=')" in capsys.readouterr().err
     assert not (tmp_path / "lb.csv").exists()
+
+
+def test_the_leaderboard_is_a_function_its_flags_describe(tmp_path, monkeypatch):
+    """``run_leaderboard(Settings, RunOptions, output)`` is what the command calls: the parser's defaults are the
+    dataclasses' own, and bad input fails in the function itself, before anything is trained or scored."""
+    from diffmas_eval.leaderboard import RunOptions, Settings, run_leaderboard
+    from diffmas_eval.leaderboard.cli import run_options_of
+
+    monkeypatch.delenv("DIFFMAS_DATA_DIR", raising=False)
+    assert run_options_of(_leaderboard_args()) == RunOptions() and settings_of(_leaderboard_args()) == Settings()
+    out = tmp_path / "lb.csv"
+    with pytest.raises(ValueError, match=r"unknown methods nope; choose from single"):
+        run_leaderboard(Settings(), RunOptions(methods="single,nope"), out)
+    with pytest.raises(ValueError, match=r"--jobs must be >= 1, got 0"):
+        run_leaderboard(Settings(), RunOptions(jobs=0), out)
+    assert not out.parent.joinpath("runs").exists()

@@ -3,13 +3,15 @@ on the same items of every task; a tidy CSV, a Markdown table, charts, and READM
 
 ``config`` (methods, tasks, hashes) · ``train`` (SFT sets, adapters via ``accelerate launch trainers/sft.py``) ·
 ``cells`` (one method x task through lm-eval or ``diffmas-eval codegen``) · ``collect`` (results files made
-anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``cli`` · ``pool`` (N jobs at once) ·
+anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``run`` (the leaderboard as a function,
+``run_leaderboard``) · ``cli`` (its flags only) · ``pool`` (N jobs at once) ·
 ``ablate`` / ``ablate_report`` (``diffmas-eval ablate``: the paper's ablation grid as cells of the same kind).
 """
 
 from .cli import add_leaderboard_parser
 from .collect import FIELDS, collect, rows_from_lm_eval
-from .config import METHODS, method_model_args
+from .config import METHODS, Settings, method_model_args
+from .run import RunOptions, run_leaderboard
 
 
 def rows_from_results(results: dict, method: str, seconds: float | None = None) -> list[dict]:
@@ -19,4 +21,5 @@ def rows_from_results(results: dict, method: str, seconds: float | None = None) 
     return rows_from_lm_eval(results, Path("<memory>"), method)
 
 
-__all__ = ["FIELDS", "METHODS", "add_leaderboard_parser", "collect", "method_model_args", "rows_from_results"]
+__all__ = ["FIELDS", "METHODS", "RunOptions", "Settings", "add_leaderboard_parser", "collect", "method_model_args",
+           "rows_from_results", "run_leaderboard"]

@@ -299,8 +299,8 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
     from . import train
     from .ablate_report import publish
-    from .cli import run_environment
     from .pool import run_jobs
+    from .run import run_environment
 
     if opts.task in CODE_TASKS:
         raise ValueError(f"{opts.task}: ablations score lm-eval tasks (their per-item scores pair the cells); "

@@ -1,0 +1,189 @@
+"""The leaderboard as a function: ``run_leaderboard(settings, RunOptions(...), output)`` trains what is missing,
+scores what is missing, collects every cell's results and publishes the CSV, table and charts.
+
+``diffmas-eval leaderboard`` (``cli.py``) only parses its flags into a ``Settings`` (what the cells compute, and
+so their hashes) and a ``RunOptions`` (how and where they run: nothing of it changes a number), then calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .collect import STABILITY_METRICS
+from .config import (
+    CODE_TASKS,
+    DEFAULT_METHODS,
+    FAMILY,
+    METHODS,
+    TASKS,
+    TEXT_METHODS,
+    TRAINED,
+    Settings,
+    parse_list,
+    short_hash,
+)
+
+
+@dataclass
+class RunOptions:
+    """Which cells, and how they run. ``methods``, ``tasks``, ``stability``: comma-separated (``config.METHODS``,
+    lm-eval task names and the code tasks); ``stability``: the tasks whose stability metrics are kept (None:
+    every generative task); ``jobs`` processes at once, each with ``threads`` torch threads; ``work_dir``: SFT
+    sets, adapters, caches (default: beside the output)."""
+
+    methods: str = ",".join(DEFAULT_METHODS)
+    tasks: str = ",".join(TASKS)
+    stability: str | None = None
+    jobs: int = 1
+    threads: int | None = None
+    device: str | None = None
+    batch_size: str | int = "8"
+    data_dir: str | None = None
+    work_dir: str | None = None
+
+
+def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[dict]:
+    """Every cell trained and scored (or reused), then published beside ``output`` (the CSV); returns the rows."""
+    from .collect import collect, curves
+    from .report import markdown
+
+    paths = run_cells(settings, run, output)
+    rows = collect([str(p) for p in paths])
+    if run.stability:
+        keep = set(parse_list(run.stability, None, "stability"))
+        rows = [r for r in rows if r["metric"] not in STABILITY_METRICS or r["task"] in keep]
+    publish(rows, output, curves([str(p) for p in paths]))
+    print(markdown(rows))
+    return rows
+
+
+def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None) -> None:
+    """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows)."""
+    from .report import charts, document, write_csv, write_curves
+
+    write_csv(rows, output)
+    if curve_rows is not None:
+        write_curves(curve_rows, output.parent / "entropy_curve.csv")
+    (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, ""))
+    for path in charts(rows, output.parent):
+        print(f"wrote {path}")
+    print(f"wrote {output} and {output.parent / 'leaderboard.md'}")
+
+
+def run_environment(device: str | None, batch_size: str | int, data_dir: str | None,
+                    threads: int | None) -> tuple[str, int | str]:
+    """The device and batch size of a run, with its data directory and thread count set for this process and the
+    jobs, trainings and EvalPlus runs it starts (``leaderboard`` and ``ablate`` alike)."""
+    import torch
+
+    if data_dir:
+        os.environ["DIFFMAS_DATA_DIR"] = str(Path(data_dir).resolve())
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # EvalPlus's and accelerate's subprocesses
+    batch: int | str = int(batch_size) if str(batch_size).isdigit() else batch_size
+    return device or ("cuda" if torch.cuda.is_available() else "cpu"), batch
+
+
+def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
+    """Train what is missing, score what is missing; return the results file of every cell."""
+    from ..protocol import SAMPLED_TASKS, check_stability_tasks, is_generative
+    from . import cells, train
+
+    methods, tasks = parse_list(run.methods, METHODS, "methods"), parse_list(run.tasks, None, "tasks")
+    if run.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {run.jobs}")
+    if settings.limit < 0:
+        raise ValueError("--limit must be >= 0 (0 = every item)")
+    protocol = settings.decoding()  # before any compute: k, temperature, top-p, the preset's name
+    settings.recipe_settings()
+    unknown_limits = sorted(set(settings.limits) - set(tasks))
+    if unknown_limits:
+        raise ValueError(f"--limit names task(s) {', '.join(unknown_limits)} not in --tasks ({', '.join(tasks)})")
+    if run.stability:
+        check_stability_tasks(parse_list(run.stability, None, "stability"))
+    if protocol.samples > 1:
+        unsampled = [t for t in tasks if t not in CODE_TASKS and t not in SAMPLED_TASKS and is_generative(t)]
+        if unsampled:
+            raise ValueError(f"{', '.join(unsampled)}: {protocol.samples} samples per question are scored for "
+                             f"{', '.join([*SAMPLED_TASKS, *CODE_TASKS])} only (log-likelihood tasks are scored once)")
+    device, batch_size = run_environment(run.device, run.batch_size, run.data_dir, run.threads)
+    runs = output.parent / "runs"
+    work = Path(run.work_dir) if run.work_dir else output.parent / "cache"
+    t_start = time.perf_counter()
+
+    # 1. adapters: one per trained method and task family (the SFT set of that family)
+    adapters: dict[tuple[str, str], Path] = {}
+    trained = [m for m in methods if m in TRAINED]
+    bad = {t: f for t, f in settings.families.items() if f not in set(FAMILY.values())}
+    if bad:
+        raise ValueError(f"--task-family {bad}: unknown family; choose from {sorted(set(FAMILY.values()))}")
+    families = list(dict.fromkeys(settings.family_of(t) for t in tasks if settings.family_of(t)))
+    unknown = [t for t in tasks if not settings.family_of(t)]
+    if trained and unknown:
+        raise ValueError(f"no SFT family for task(s) {', '.join(unknown)}, so {', '.join(trained)} cannot be scored "
+                         "on them; name the adapter that scores each: --task-family TASK=FAMILY (families: "
+                         f"{sorted(set(FAMILY.values()))}), or drop them from --tasks or --methods")
+    sets: dict[str, Path] = {}
+    for family in families if trained else []:  # before anything runs: no trained method sees a scored item
+        sets[family], bounds, settings.sft_sources[family] = train.sft_set(
+            family, settings.sft_examples.get(family), work, run.data_dir, settings.recipe_settings()["data"])
+        for task in tasks:
+            train.check_disjoint(family, bounds, [task], settings.limit_of(task))
+    todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
+    need = sorted({(m, settings.family_of(t)) for m, t in todo if m in TRAINED})
+
+    # 2. cells: the untrained methods first (their numbers come before any training time), then each trained
+    # method's cells, its family's adapter trained (or reused) right before the first cell that needs it
+    order = sorted([(m, t) for m in methods for t in tasks], key=lambda c: (c[0] in TRAINED, methods.index(c[0])))
+    paths = [cells.result_path(runs, settings, m, t) for m, t in order]
+    for k, ((method, task), path) in enumerate(zip(order, paths), 1):
+        if (method, task) not in todo:
+            print(f"[cell {k}/{len(order)}] {method} x {task}: done ({path})", flush=True)
+    if run.jobs > 1:
+        _run_pool(settings, run, todo, need, sets, work, runs, batch_size, device)
+        print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
+        return paths
+    for k, (method, task) in enumerate(order, 1):
+        if (method, task) not in todo:
+            continue
+        adapter = None
+        if method in TRAINED:
+            family = settings.family_of(task)
+            if (method, family) not in adapters:
+                done_n = sum(1 for x in need if x in adapters) + 1
+                print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "
+                      f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
+                adapters[method, family] = train.adapter(settings, method, family, sets[family], work,
+                                                            device == "cuda", run.threads)
+            adapter = adapters[method, family]
+        print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
+              flush=True)
+        cells.score(settings, method, task, runs, work, batch_size, device, adapter)
+    print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
+    return paths
+
+
+def _run_pool(settings: Settings, run: RunOptions, todo: list, need: list, sets: dict, work: Path,
+              runs: Path, batch_size: int | str, device: str) -> None:
+    """``--jobs N``: the missing adapters and cells as jobs of ``pool.run_jobs``, the longest cells first."""
+    from . import cells, train
+    from .pool import Job, run_jobs
+
+    logs = work / "logs"
+    jobs = []
+    for method, family in need:
+        jobs.append(Job(f"train {method} ({family})", train.adapter,
+                        (settings, method, family, sets[family], work, device == "cuda", run.threads),
+                        logs / f"train-{method}-{family}.log"))
+    # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
+    longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] in TEXT_METHODS else 1))
+    for method, task in longest:
+        after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
+        jobs.append(Job(f"{method} x {task}", cells.score, (settings, method, task, runs, work, batch_size, device),
+                        logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log",
+                        after))
+    run_jobs(jobs, run.jobs, run.threads)
