@@ -61,7 +61,8 @@ ablations: $(STAMP)
 		$(if $(THREADS),--threads $(THREADS)) $(ABLATE_ARGS)
 	$(VENV)/bin/diffmas-eval ablate --readme README.md
 
-# README.md's results section from leaderboards/leaderboard.csv (running it twice changes nothing)
+# README.md's results section from leaderboards/leaderboard.csv, and its option reference from the code (running it
+# twice changes nothing)
 readme: $(STAMP)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 	$(VENV)/bin/diffmas-eval options --readme README.md

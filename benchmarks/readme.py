@@ -47,5 +47,6 @@ def main(readme: str = "README.md", results: str = "benchmarks/results", *opts: 
     print(f"{readme}: {name} section {'updated' if changed else 'unchanged'}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))

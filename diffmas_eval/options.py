@@ -80,11 +80,13 @@ def flag(name: str) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options: Iterable[ChainOption],
-              defaults: Mapping[str, Any] | None = None) -> None:
+              defaults: Mapping[str, Any] | None = None, notes: Mapping[str, str] | None = None) -> None:
     """One flag per option, its type, choices and help from the schema; ``defaults``: a command's own
-    default for some of them (the leaderboard's CPU-sized chain), shown in the help as the one it uses."""
-    defaults = defaults or {}
+    default for some of them (the leaderboard's CPU-sized chain), shown in the help as the one it uses;
+    ``notes``: what the option means in that command, put before the schema's help (the methods it applies to)."""
+    defaults, notes = defaults or {}, notes or {}
     for o in options:
+        note = f"{notes[o.name]}: " if o.name in notes else ""
         parser.add_argument(flag(o.name), dest=o.name, type=o.type if o.type is not bool else o.parse,
                             default=defaults.get(o.name, o.default), choices=o.choices,
-                            help=o.help.replace("%", "%%") + " (default: %(default)s)")
+                            help=(note + o.help).replace("%", "%%") + " (default: %(default)s)")

@@ -41,13 +41,15 @@ def replace_section(readme: Path, name: str, body: str, command: str | None = No
     readme = Path(readme)
     text = readme.read_text()
     prefix, end = f"<!-- {name}:start", end_marker(name)
-    if prefix not in text or end not in text:
+    at = text.find(prefix)
+    close = text.find("-->", at)
+    if at < 0 or close < 0 or text.find(end, close) < 0:  # missing, unclosed, or the end before the start
         raise ValueError(f"{readme} has no {name} markers; put these two lines where the section goes:\n"
                          f"{start_marker(name, command)}\n{end}")
     head, rest = text.split(prefix, 1)
     marker_tail, rest = rest.split("-->", 1)
     _, tail = rest.split(end, 1)
-    body = body if body.endswith("\n") else body + "\n"
+    body = body if body.endswith("\n") or not body else body + "\n"
     new = f"{head}{prefix}{marker_tail}-->\n{body}{end}{tail}"
     if new == text:
         return False
@@ -64,11 +66,11 @@ def options_reference(config_class: type[LatentConfig] | None = None) -> str:
     ``diffmas`` and ``textmas`` lm-eval models (one help line each, as their typo message lists them)."""
     from .harness import diffmas_lm, textmas_lm
     from .latent.config import FRONT_ENDS, LatentConfig, chain_options
-    from .leaderboard.config import Settings
+    from .leaderboard.config import chain_defaults
 
     config_class = config_class or LatentConfig
     chain = chain_options(config_class)
-    own = {"leaderboard": {"agents": Settings().agents, "latent_steps": Settings().latent_steps}}
+    own = {"leaderboard": chain_defaults()}
     lines = ["**The chain's options** (`LatentConfig`, `diffmas_eval/latent/config.py`): one definition, and each "
              "front end spells it its own way. A front end's own default is given where it differs.", "",
              "| option | default | " + " | ".join(SPELLING[f][0] for f in FRONT_ENDS) + " | help |",

@@ -269,7 +269,20 @@ def test_accounting_is_the_given_models_and_never_written_onto_lm_evals_requests
     assert [len(s[ACCOUNTING_KEY]["agents"]) for s in first] == [2, 2]
     assert [len(s[ACCOUNTING_KEY]["agents"]) for s in latest] == [3, 3]  # the CLI's only handle: the latest model
     assert len(two.accounting.records) == len(three.accounting.records) == 2
-    assert not any(k.startswith("_diffmas") for req, _ in two.accounting._seen.values() for k in vars(req))
+    assert two.accounting._seen == {}  # nothing of the finished run is held
+
+
+def test_a_request_is_accounted_once_per_repeat_and_left_as_lm_eval_made_it():
+    from diffmas_eval.harness.common import Accounting
+
+    acc = Accounting("diffmas")
+    req = Instance("generate_until", {}, ("Q: 1+1?", {}), 0, metadata=("t", 0, 2))  # task, doc_id, repeats
+    before = dict(vars(req))
+    for _ in range(3):  # the third is a data-parallel padding copy: not counted again
+        acc.record(req, [{"role": "solver", "tokens": 1}], 0.1)
+    assert len(acc.records) == 2 and vars(req) == before
+    del req
+    assert acc._seen == {}  # the entry left with its request
 
 
 def test_diffmas_accounting_and_leaderboard_columns(tiny_path, local_data):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import json
 import statistics
+import weakref
 from collections import defaultdict
 
 ACCOUNTING_KEY = "diffmas_accounting"
@@ -116,9 +117,10 @@ class Accounting:
         self.records: list[dict] = []
         self.by_sample: dict[tuple[str, str], dict] = {}
         self._sent, self._unsent = 0, []  # what ``gather`` has not sent to rank 0 yet
-        # times each request was accounted, by identity (lm-eval's Instances are unhashable dataclasses); the
-        # request is held beside its count so that its id cannot be reused by another object during the run
-        self._seen: dict[int, tuple[object, int]] = {}
+        # times each request was accounted, by identity (lm-eval's Instances are unhashable dataclasses), beside a
+        # weak reference to it: an entry leaves with its request, so a model used for many runs holds no old
+        # requests and a new object at a freed address starts at 0
+        self._seen: dict[int, tuple[weakref.ref | object, int]] = {}
         LATEST["by_sample"] = self.by_sample  # a new model starts a new run (see the module docstring)
 
     def record(self, request, agents: list[dict], seconds: float, stability: dict | None = None, **extra) -> dict:
@@ -130,11 +132,11 @@ class Accounting:
         sample, in the order of lm-eval's ``resps`` (a task with ``repeats: k`` sends the same request
         k times in a row, and each answer is recorded in turn).
         """
-        seen = self._seen.get(id(request), (None, 0))[1]
+        seen = self.times_accounted(request)
         if seen and seen >= (getattr(request, "repeats", 1) or 1):
             return self.by_sample.get(sample_key(getattr(request, "task_name", None), request.args[0]), {})
         if hasattr(request, "args"):
-            self._seen[id(request)] = (request, seen + 1)
+            self._count(request, seen + 1)
         rec = {"method": self.method, "task": getattr(request, "task_name", None),
                "doc_id": getattr(request, "doc_id", None), "agents": agents,
                "tokens": sum(a.get("tokens") or 0 for a in agents), "seconds": round(seconds, 4), **extra}
@@ -147,6 +149,18 @@ class Accounting:
         else:
             self.register(request, {**rec, "stability": [stability]} if stability is not None else rec)
         return rec
+
+    def times_accounted(self, request) -> int:
+        ref, n = self._seen.get(id(request), (None, 0))
+        return n if (ref() if isinstance(ref, weakref.ref) else ref) is request else 0
+
+    def _count(self, request, n: int) -> None:
+        key = id(request)
+        try:
+            ref: weakref.ref | object = weakref.ref(request, lambda _, k=key: self._seen.pop(k, None))
+        except TypeError:  # an object without weak references (a test's stand-in): held for the model's life
+            ref = request
+        self._seen[key] = (ref, n)
 
     def _logged(self, request) -> dict | None:
         args = getattr(request, "args", None)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from .. import DEFAULT_MODEL
-from ..latent.config import chain_options
+from ..latent.config import DEFAULT_AGENTS, chain_options
 from ..models import resolve_pretrained
 from ..prompts import ROLE_OPTIONS, TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
 from ..protocol import check_gen_kwargs
@@ -147,7 +147,7 @@ class TextMASLM(TemplateLM):
         if not str(batch_size).isdigit():
             raise ValueError(f"textmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
         role_map = family_roles(family, TEXT_ROLES)
-        order = topology_roles(4 if agents is None else int(agents), topology)
+        order = topology_roles(DEFAULT_AGENTS if agents is None else int(agents), topology)
         if roles:
             role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
             if agents is not None and int(agents) != len(order):

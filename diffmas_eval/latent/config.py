@@ -31,12 +31,12 @@ DEFAULT_AGENTS = 4  # planner, critic, refiner, solver
 # ``diffmas-eval ask`` (``cli.py``), the TRL arguments of SFT (``training/sft.py``), and the flags of
 # ``diffmas-eval leaderboard`` and ``diffmas-eval memory``. The last two take only the chain's shape (agents,
 # latent steps): the leaderboard's methods fix every other option (its cells' hashes hold them), and the
-# memory estimate depends on nothing else. An option is offered where a chain is built (``CHAIN_FRONTS``)
-# unless it says otherwise.
+# memory estimate is of the ``trace=concat`` trace, which depends on nothing else. An option is offered where
+# a chain is built (``CHAIN_FRONTS``) unless it says otherwise.
 FRONT_ENDS = ("lm_eval", "ask", "sft", "leaderboard", "memory")
 CHAIN_FRONTS = ("lm_eval", "ask", "sft")
-AGENTS_HELP = ("number of agents, final agent included; the topology names their roles (sequential: planner, "
-               "critic, refiner, ..., solver)")
+AGENTS_HELP = ("number of agents, final agent included (sequential: planner, critic, refiner, ..., solver; "
+               "hierarchical: domain agents, then a summarizer)")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,

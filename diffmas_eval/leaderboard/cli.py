@@ -6,14 +6,13 @@ Only flags: they are parsed into a ``Settings`` and a ``RunOptions``, and ``run.
 from __future__ import annotations
 
 import argparse
-import os
 from functools import partial
 from pathlib import Path
 
 from ..latent.config import chain_options
 from ..options import add_flags, count, parse_pairs
 from ..protocol import PROTOCOLS
-from .config import DEFAULT_METHODS, METHODS, RECIPES, Settings
+from .config import METHODS, RECIPES, Settings, chain_defaults
 from .run import RunOptions
 
 
@@ -23,7 +22,7 @@ def add_leaderboard_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--methods", default=r.methods,
-                   help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {r.methods}; "
                         "stitchmas: DiffMAS with segments built apart, trained; latentmas-hier / diffmas-hier: the "
                         "hierarchical chain, untrained / trained; textmas-sft: the text MAS with its final agent "
                         "LoRA-trained over the notes the untrained agents write for the SFT prompts)")
@@ -41,7 +40,9 @@ def add_leaderboard_parser(sub) -> None:
                    help="tasks whose stability metrics (answer perplexity, entropy) are reported (default: every "
                         "generative task; a log-likelihood task is refused)")
     # the chain's shape, from the schema (textmas, latentmas, diffmas and their variants), with the CPU-sized defaults
-    add_flags(p, chain_options(front="leaderboard"), {"agents": d.agents, "latent_steps": d.latent_steps})
+    add_flags(p, chain_options(front="leaderboard"), chain_defaults(),
+              {"agents": "textmas, latentmas, diffmas and their variants",
+               "latent_steps": "latentmas, diffmas and their variants"})
     p.add_argument("--agent-max-tokens", type=int, default=d.agent_max_tokens,
                    help="textmas: tokens each upstream agent writes (%(default)s)")
     p.add_argument("--max-gen-toks", type=int, default=None,
@@ -76,7 +77,7 @@ def add_leaderboard_parser(sub) -> None:
                    help="cells and trainings run at once, each in its own process with --threads threads (default "
                         "%(default)s). On a CPU, --jobs CORES --threads 1 is the fastest; each job logs to "
                         "WORK_DIR/logs/")
-    p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
+    p.add_argument("--data-dir", default=r.data_dir,
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
     p.add_argument("--output", default="leaderboards/leaderboard.csv",
                    help="the CSV; leaderboard.md, the charts and runs/ go beside it")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .. import DEFAULT_MODEL
 
@@ -189,6 +190,14 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
         peft = f",peft={adapter}" if method == "textmas-sft" else ""
         return "textmas", f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}{peft}"
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def chain_defaults() -> dict[str, Any]:
+    """The leaderboard's own defaults for the chain options it offers (``chain_options(front="leaderboard")``):
+    ``Settings``' CPU-sized chain, which its flags and README's option reference show."""
+    from ..latent.config import chain_options
+
+    return {o.name: getattr(Settings(), o.name) for o in chain_options(front="leaderboard")}
 
 
 def parse_list(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collect import STABILITY_METRICS
@@ -31,8 +31,9 @@ from .config import (
 class RunOptions:
     """Which cells, and how they run. ``methods``, ``tasks``, ``stability``: comma-separated (``config.METHODS``,
     lm-eval task names and the code tasks); ``stability``: the tasks whose stability metrics are kept (None:
-    every generative task); ``jobs`` processes at once, each with ``threads`` torch threads; ``work_dir``: SFT
-    sets, adapters, caches (default: beside the output)."""
+    every generative task); ``jobs`` processes at once, each with ``threads`` torch threads; ``data_dir``: the
+    local benchmark data (default ``$DIFFMAS_DATA_DIR``, else the hub); ``work_dir``: SFT sets, adapters,
+    caches (default: beside the output)."""
 
     methods: str = ",".join(DEFAULT_METHODS)
     tasks: str = ",".join(TASKS)
@@ -41,7 +42,7 @@ class RunOptions:
     threads: int | None = None
     device: str | None = None
     batch_size: str | int = "8"
-    data_dir: str | None = None
+    data_dir: str | None = field(default_factory=lambda: os.environ.get("DIFFMAS_DATA_DIR"))
     work_dir: str | None = None
 
 
