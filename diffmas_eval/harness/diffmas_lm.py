@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .. import DEFAULT_MODEL
 from ..latent import AgentChain, LatentConfig
+from ..latent.chain import Generation
 from ..latent.config import DEFAULT_AGENTS, chain_options, saved_fields
 from ..latent.persist import load_chain_config
 from ..models import resolve_pretrained
@@ -396,13 +397,9 @@ class DiffMASLM(HFLM):
                                                    stop=until, **sampling)
                 per = (time.perf_counter() - t0) / len(batch)
                 for i, gen in zip(batch, gens):
-                    results[i] = self._answer(gen, until)
+                    results[i], tokens, stability = self._finish(gen, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
-                    served = isinstance(gen, Completion)
-                    stability = (served_record(gen, set(self.stage2_server.eos), self.tokenizer) if served
-                                 else gen.stats.record() if gen.stats else None)
-                    self.accounting.record(requests[i], self._agents_log(
-                        (gen.tokens or 0) if served else len(gen.token_ids)), per, stability=stability)
+                    self.accounting.record(requests[i], self._agents_log(tokens), per, stability=stability)
                 bar.update(len(batch))
         bar.close()
         return results
@@ -413,14 +410,29 @@ class DiffMASLM(HFLM):
         rows = trace_embeddings(self.model, trace, finals)
         return self.stage2_server.generate_embeds(rows, max_gen, until, Sampling(**sampling))
 
-    def _answer(self, gen, until: list[str]) -> str:
-        """The generated text, after the thinking part if ``think_end_token`` is set (exactly as ``hf``)."""
+    def _finish(self, gen: Generation | Completion, until: list[str]) -> tuple[str, int, dict | None]:
+        """The answer (after the thinking part if ``think_end_token`` is set, exactly as ``hf``), its generated
+        tokens and its stability record. The one place the two stage 2s differ: in process (``Generation``)
+        there are token ids and their statistics; a server's answer (``Completion``, ``stage2=vllm``) has text,
+        a token count and per-token log-probabilities."""
+        if isinstance(gen, Completion):
+            return (self._answer_text(gen.text, until), gen.tokens or 0,
+                    served_record(gen, set(self.stage2_server.eos), self.tokenizer))
+        return self._answer_ids(gen, until), len(gen.token_ids), gen.stats.record() if gen.stats else None
+
+    def _answer_text(self, text: str, until: list[str]) -> str:
+        """A server's text after the thinking part (its think token decoded to its text)."""
+        end = self.think_end_token
+        if end is None:
+            return text
+        end = self.tok_decode([end], skip_special_tokens=False) if isinstance(end, int) else end
+        return postprocess_generated_text(text, until, end)
+
+    def _answer_ids(self, gen: Generation, until: list[str]) -> str:
+        """In process: the text after the last think-end token id (or string), as ``hf`` cuts it."""
         end = self.think_end_token
         if end is None:
             return gen.text
-        if isinstance(gen, Completion):  # stage2=vllm: the server's text (a think token decoded to its text)
-            end = self.tok_decode([end], skip_special_tokens=False) if isinstance(end, int) else end
-            return postprocess_generated_text(gen.text, until, end)
         ids = gen.token_ids
         if isinstance(end, int):
             last = [k for k, t in enumerate(ids) if t == end]
