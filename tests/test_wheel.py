@@ -93,3 +93,14 @@ def test_installed_wheel_trains_and_scores_the_leaderboard(installed, tiny_path,
     launches = [line for line in run.stdout.splitlines() if line.startswith("$ ")]  # the commands it ran
     assert len(launches) == 2 and all("-m accelerate.commands.launch" in c and " -m diffmas_eval.training.sft " in c
                                       for c in launches)
+
+
+def test_installed_wheel_prints_readmes_option_reference(installed, local_data, tmp_path):
+    """``diffmas-eval options`` from the wheel, away from the checkout: the same reference as README's."""
+    python, _ = installed
+    out = subprocess.run([str(python.with_name("diffmas-eval")), "options"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=_fresh_env(local_data))
+    assert out.returncode == 0, out.stderr[-3000:]
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- options:start", 1)[1].split("-->", 1)[1].split("<!-- options:end -->", 1)[0]
+    assert out.stdout.strip() == section.strip()
