@@ -20,10 +20,17 @@ if TYPE_CHECKING:
     from .latent.config import LatentConfig
 
 OPTIONS_COMMAND = "diffmas-eval options --readme README.md"
-# how each front end spells an option, and where it is typed
-SPELLING = {"lm_eval": ("lm-eval `--model_args`", "{}="), "ask": ("`diffmas-eval ask`", "--{}"),
-            "sft": ("`trainers/sft.py`", "--{}"), "leaderboard": ("`diffmas-eval leaderboard`", "--{}"),
-            "memory": ("`diffmas-eval memory`", "--{}")}
+# where each front end's options are typed
+FRONT_TITLES = {"lm_eval": "lm-eval `--model_args`", "ask": "`diffmas-eval ask`", "sft": "`trainers/sft.py`",
+                "leaderboard": "`diffmas-eval leaderboard`", "memory": "`diffmas-eval memory`"}
+
+
+def spelled(front: str, name: str) -> str:
+    """How ``front`` spells option ``name``: a model_arg ``name=``, TRL's ``--name`` (underscores kept, as
+    ``HfArgumentParser`` names fields), or a ``diffmas-eval`` flag (``options.flag``)."""
+    from .options import flag
+
+    return f"{name}=" if front == "lm_eval" else f"--{name}" if front == "sft" else flag(name)
 
 
 def start_marker(name: str, command: str | None = None) -> str:
@@ -57,6 +64,11 @@ def replace_section(readme: Path, name: str, body: str, command: str | None = No
     return True
 
 
+def section_of(text: str, name: str) -> str:
+    """The body of README text's ``name`` section, as ``replace_section`` writes it (what a test compares)."""
+    return text.split(f"<!-- {name}:start", 1)[1].split("-->", 1)[1].split(end_marker(name), 1)[0]
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
@@ -73,16 +85,15 @@ def options_reference(config_class: type[LatentConfig] | None = None) -> str:
     own = {"leaderboard": chain_defaults()}
     lines = ["**The chain's options** (`LatentConfig`, `diffmas_eval/latent/config.py`): one definition, and each "
              "front end spells it its own way. A front end's own default is given where it differs.", "",
-             "| option | default | " + " | ".join(SPELLING[f][0] for f in FRONT_ENDS) + " | help |",
+             "| option | default | " + " | ".join(FRONT_TITLES[f] for f in FRONT_ENDS) + " | help |",
              "|---" * (len(FRONT_ENDS) + 3) + "|"]
     for o in chain:
         where = []
         for f in FRONT_ENDS:
-            name = o.name if f in ("lm_eval", "sft") else o.name.replace("_", "-")
-            spelled = f"`{SPELLING[f][1].format(name)}`" if f in o.fronts else ""
-            if spelled and o.name in own.get(f, {}):
-                spelled += f" ({own[f][o.name]})"
-            where.append(spelled)
+            cell = f"`{spelled(f, o.name)}`" if f in o.fronts else ""
+            if cell and o.name in own.get(f, {}):
+                cell += f" ({own[f][o.name]})"
+            where.append(cell)
         lines.append(f"| `{o.name}` | `{o.default}` | " + " | ".join(where) + f" | {_cell(o.help)} |")
     chain_names = {o.name for o in chain}
     diffmas = {k: v for k, v in diffmas_lm.model_options(config_class).items() if k not in chain_names}

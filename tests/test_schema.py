@@ -150,10 +150,9 @@ def test_leaderboard_and_memory_flags_are_the_schemas(capsys):
 def test_the_readme_option_reference_is_the_schemas():
     from pathlib import Path
 
-    from diffmas_eval.readme import options_reference
+    from diffmas_eval.readme import options_reference, section_of
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("<!-- options:start", 1)[1].split("-->", 1)[1].split("<!-- options:end -->", 1)[0]
+    section = section_of((Path(__file__).resolve().parents[1] / "README.md").read_text(), "options")
     assert section.strip() == options_reference().strip(), "stale: diffmas-eval options --readme README.md"
     row = next(line for line in options_reference(DummyConfig).splitlines() if line.startswith("| `dummy_opt`"))
     assert all(s in row for s in ("`dummy_opt=`", "`--dummy-opt`", "`--dummy_opt`", "an option only this test knows"))

@@ -125,7 +125,7 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
 
 def run(args: argparse.Namespace) -> int:
     from .collect import collect, curves
-    from .report import markdown, read_csv, update_readme
+    from .report import read_csv, update_readme
     from .run import publish, run_leaderboard
 
     output = Path(args.output)
@@ -138,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             raise ValueError(f"no results in {' '.join(args.from_results)}")
         publish(rows, output, curves(args.from_results))
-        print(markdown(rows))
         return 0
     run_leaderboard(settings_of(args), run_options_of(args), output)
     return 0

@@ -49,7 +49,6 @@ class RunOptions:
 def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[dict]:
     """Every cell trained and scored (or reused), then published beside ``output`` (the CSV); returns the rows."""
     from .collect import collect, curves
-    from .report import markdown
 
     paths = run_cells(settings, run, output)
     rows = collect([str(p) for p in paths])
@@ -57,13 +56,13 @@ def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[d
         keep = set(parse_list(run.stability, None, "stability"))
         rows = [r for r in rows if r["metric"] not in STABILITY_METRICS or r["task"] in keep]
     publish(rows, output, curves([str(p) for p in paths]))
-    print(markdown(rows))
     return rows
 
 
 def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None) -> None:
-    """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows)."""
-    from .report import charts, document, write_csv, write_curves
+    """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows); then the
+    table, printed."""
+    from .report import charts, document, markdown, write_csv, write_curves
 
     write_csv(rows, output)
     if curve_rows is not None:
@@ -72,6 +71,7 @@ def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None
     for path in charts(rows, output.parent):
         print(f"wrote {path}")
     print(f"wrote {output} and {output.parent / 'leaderboard.md'}")
+    print(markdown(rows))
 
 
 def run_environment(device: str | None, batch_size: str | int, data_dir: str | None,
