@@ -71,6 +71,24 @@ def test_miniature_leaderboard_writes_csv_table_and_charts(mini):
         assert (mini / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_per_item_scores_outlive_the_cells(mini, tmp_path):
+    """leaderboard_items.csv: every cell's score on every item, averaging to the headline value; collected again from
+    the cells' files, the same bytes (so the committed file is what the committed cells said)."""
+    headline = ("acc", "pass@1")
+    rows = {(r["method"], r["task"]): r for r in read_rows(mini / "leaderboard.csv") if r["metric"] in headline}
+    items = read_rows(mini / "leaderboard_items.csv")
+    assert {(r["method"], r["task"], r["metric"]) for r in items} == {(m, t, r["metric"]) for (m, t), r in rows.items()}
+    for (method, task), row in rows.items():
+        scores = [float(r["score"]) for r in items if (r["method"], r["task"]) == (method, task)]
+        assert len(scores) == 2 and sum(scores) / 2 == pytest.approx(float(row["value"]), abs=1e-4)
+        assert {r["config_hash"] for r in items if (r["method"], r["task"]) == (method, task)} == {row["config_hash"]}
+    assert [r["doc_id"] for r in items if r["task"] == "humanevalplus"][:2] == ["HumanEval/0", "HumanEval/1"]
+    again = tmp_path / "again" / "leaderboard.csv"
+    assert main(["leaderboard", "--from-results", str(mini / "runs"), "--output", str(again)]) == 0
+    assert (again.parent / "leaderboard_items.csv").read_bytes() == (mini / "leaderboard_items.csv").read_bytes()
+    assert again.read_bytes() == (mini / "leaderboard.csv").read_bytes()
+
+
 def test_rerun_reuses_every_finished_cell_and_adapter(mini, tiny_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (mini / "runs").rglob("*.json")}
     assert main(mini_args(tiny_path, mini)) == 0

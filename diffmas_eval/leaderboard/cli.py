@@ -80,7 +80,8 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--data-dir", default=r.data_dir,
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
     p.add_argument("--output", default="leaderboards/leaderboard.csv",
-                   help="the CSV; leaderboard.md, the charts and runs/ go beside it")
+                   help="the CSV; leaderboard.md, leaderboard_items.csv (per-item scores), the charts and runs/ go "
+                        "beside it")
     p.add_argument("--work-dir", default=None, help="SFT sets, adapters, request caches (default: OUTPUT_DIR/cache)")
     p.add_argument("--from-results", nargs="+", metavar="[METHOD=]PATH",
                    help="skip running: collect lm-eval results JSONs / EvalPlus *_eval_results.json (files or "
@@ -124,7 +125,7 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .collect import collect, curves
+    from .collect import collect, curves, items
     from .report import read_csv, update_readme
     from .run import publish, run_leaderboard
 
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         rows = collect(args.from_results, args.skip_bad)
         if not rows:
             raise ValueError(f"no results in {' '.join(args.from_results)}")
-        publish(rows, output, curves(args.from_results))
+        publish(rows, output, curves(args.from_results), items(args.from_results))
         return 0
     run_leaderboard(settings_of(args), run_options_of(args), output)
     return 0

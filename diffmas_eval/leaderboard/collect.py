@@ -131,14 +131,69 @@ def curves(specs: list[str]) -> list[dict]:
     return out
 
 
+def items(specs: list[str]) -> list[dict]:
+    """Every cell's per-item scores on its headline metric, one row per (cell, item): what a paired comparison of
+    two methods on the same items needs, kept in the committed ``leaderboard_items.csv`` so the per-cell results
+    files need not be. lm-eval files carry them in our metadata (``per_item``: cells the leaderboard scored; files
+    made elsewhere have none), EvalPlus files per task (pass@1 of that task's samples). A cell seen twice is kept
+    once."""
+    from .config import primary_metric
+
+    out, seen = [], set()
+    for method, path in expand(specs):
+        data = _read_json(path) or {}
+        try:
+            scored = _item_scores(data, path, method)
+        except BadResults:
+            continue  # collect() reports a bad file (or skips it with --skip-bad); it has no items either way
+        if scored is None:
+            continue
+        common, task, scores = scored
+        key = (common["model"], common["method"], task)
+        if key in seen:
+            continue
+        seen.add(key)
+        out += [{"model": common["model"], "method": common["method"], "task": task, "metric": primary_metric(task),
+                 "doc_id": doc, "score": _r(score, 6), "config_hash": common["config_hash"]}
+                for doc, score in scores.items()]
+    return out
+
+
+def _item_scores(data: dict, path: Path, method: str | None) -> tuple[dict, str, dict[str, float]] | None:
+    """(the cell's identifying fields, its task, doc id -> score) of one results file; None if it has no items."""
+    if "eval" in data:
+        from ..extras import require
+
+        runs = data["eval"]
+        if not isinstance(runs, dict) or not runs:
+            return None
+        passed = require("evalplus.eval").PASS
+        meta = _read_json(path.with_name(f"{META}.json")) or {}
+        codegen = _read_json(path.with_name("codegen.json")) or {}
+        if not (meta.get("method") or method or codegen.get("model")):
+            return None
+        common = _common(meta, str(codegen.get("model", "")), _args(codegen.get("model_args", {})), method, path)
+        task = meta.get("task") or EVALPLUS_TASKS.get(codegen.get("dataset", ""), "humanevalplus")
+        return common, task, {task_id: sum(x["base_status"] == x["plus_status"] == passed for x in r) / len(r)
+                              for task_id, r in runs.items() if isinstance(r, list) and r}
+    meta = data.get(META, {})
+    config = data.get("config")
+    if not meta.get("per_item") or not isinstance(config, dict) or not isinstance(data.get("results"), dict):
+        return None
+    common = _common(meta, str(config.get("model", "")), _args(config.get("model_args", "")), method, path)
+    task = meta.get("task") or next(iter(data["results"]), "")
+    return common, task, meta["per_item"]
+
+
 def rows_from_evalplus(results: dict, source: Path, method: str | None = None) -> list[dict]:
     """pass@1 (base tests; base + plus tests) of an EvalPlus ``*_eval_results.json`` (greedy: one sample per task).
 
     The stderr is lm-eval's for a mean, sqrt(p (1 - p) / (n - 1)), so it compares with the other columns.
     Method and model come from ``leaderboard.json``/``codegen.json`` beside it when ``diffmas-eval codegen`` made it.
     """
-    from evalplus.eval import PASS
+    from ..extras import require
 
+    PASS = require("evalplus.eval").PASS  # noqa: N806 (EvalPlus's name)
     runs = results.get("eval")
     if not isinstance(runs, dict) or not runs or not all(isinstance(v, list) and v for v in runs.values()):
         raise BadResults(f"{source}: not an EvalPlus results file (no per-task 'eval' lists)")

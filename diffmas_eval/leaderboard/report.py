@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..extras import require
 from ..readme import end_marker, replace_section, start_marker
 from .collect import FIELDS
 from .config import LAYOUT, METHODS, TEXT_METHODS, primary_metric
@@ -18,6 +19,7 @@ README_START, README_END = start_marker("leaderboard", README_COMMAND), end_mark
 CHARTS = ("accuracy.png", "accuracy_vs_tokens.png")
 STABILITY_CHARTS = ("entropy_curve.png", "perplexity_vs_accuracy.png")  # drawn when the results carry stability
 CURVE_FIELDS = ["method", "task", "position", "entropy", "n"]
+ITEM_FIELDS = ["model", "method", "task", "metric", "doc_id", "score", "config_hash"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -37,6 +39,23 @@ def write_curves(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (_order({**r, "metric": ""}), int(r["position"]))))
+
+
+def write_items(rows: list[dict], path: Path) -> None:
+    """leaderboard_items.csv: each cell's score on each item (``collect.items``), in the table's order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ITEM_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (_order(r), r["model"], _doc_order(str(r["doc_id"])))))
+    tmp.replace(path)
+
+
+def _doc_order(doc_id: str) -> tuple:
+    """lm-eval's doc ids are integers, EvalPlus's ``HumanEval/12``: numeric order within either."""
+    head, _, tail = doc_id.rpartition("/")
+    return (head, int(tail)) if tail.isdigit() else (head, -1, tail)
 
 
 def read_csv(path: Path, command: str = "diffmas-eval leaderboard") -> list[dict]:
@@ -198,8 +217,7 @@ def _save(fig, ax, path: Path, grid: str = "both", **legend) -> Path:
 
 def charts(rows: list[dict], out: Path) -> list[Path]:
     """Accuracy per task and method (error bars: stderr); accuracy against tokens per sample."""
-    import matplotlib
-
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

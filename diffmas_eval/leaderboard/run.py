@@ -48,25 +48,30 @@ class RunOptions:
 
 def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[dict]:
     """Every cell trained and scored (or reused), then published beside ``output`` (the CSV); returns the rows."""
-    from .collect import collect, curves
+    from .collect import collect, curves, items
 
     paths = run_cells(settings, run, output)
-    rows = collect([str(p) for p in paths])
+    specs = [str(p) for p in paths]
+    rows = collect(specs)
     if run.stability:
         keep = set(parse_list(run.stability, None, "stability"))
         rows = [r for r in rows if r["metric"] not in STABILITY_METRICS or r["task"] in keep]
-    publish(rows, output, curves([str(p) for p in paths]))
+    publish(rows, output, curves(specs), items(specs))
     return rows
 
 
-def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None) -> None:
-    """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows); then the
+def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None,
+            item_rows: list[dict] | None = None) -> None:
+    """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows;
+    ``item_rows``: leaderboard_items.csv's, the per-item scores that outlive the cells' results files); then the
     table, printed."""
-    from .report import charts, document, markdown, write_csv, write_curves
+    from .report import charts, document, markdown, write_csv, write_curves, write_items
 
     write_csv(rows, output)
     if curve_rows is not None:
         write_curves(curve_rows, output.parent / "entropy_curve.csv")
+    if item_rows is not None:
+        write_items(item_rows, output.parent / "leaderboard_items.csv")
     (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, ""))
     for path in charts(rows, output.parent):
         print(f"wrote {path}")
