@@ -126,7 +126,7 @@ class AblationOptions:
     train_max_length: int = 256
     probe_rows: int = 2
     max_trace_tokens: int | None = None
-    output: str = "ablations/ablations.csv"
+    output: str = "leaderboards/ablations/ablations.csv"
     work_dir: str | None = None
     data_dir: str | None = None
     jobs: int = 1

@@ -20,6 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ..extras import require
 from ..readme import end_marker, replace_section, start_marker
 
 CELL_FIELDS = ["axis", "variant", "method", "trained", "reference", "seed", "agents", "latent_steps", "trace",
@@ -196,8 +197,7 @@ def gradient_table(grads: list[dict]) -> str:
 
 def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
     """Accuracy vs latent steps; every variant's Δ with its interval; gradient norm vs depth (concat, overwrite)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -250,7 +250,7 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def update_readme(readme: Path, output: Path, charts_dir: str = "ablations/") -> bool:
+def update_readme(readme: Path, output: Path, charts_dir: str = "leaderboards/ablations/") -> bool:
     """Replace README's section between the markers with the one made from the CSVs; True if it changed."""
     out = output.parent
     section = document(_read(output), _read(out / "ablation_items.csv"), _read(out / "gradients.csv"),
