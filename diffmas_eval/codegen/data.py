@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..extras import require
+
 DATASETS = {
     # name: (override variable, file under $DIFFMAS_DATA_DIR, EvalPlus release name)
     "humaneval": ("HUMANEVAL_OVERRIDE_PATH", "humanevalplus/HumanEvalPlus.jsonl.gz", "HumanEvalPlus"),
@@ -79,6 +81,7 @@ def load_dataset(name: str) -> Dataset:
         if not path.exists():
             raise ValueError(f"{var}={path} does not exist; unset it or point it at an EvalPlus {release} file")
     else:
+        require("evalplus")
         from evalplus.data.humaneval import HUMANEVAL_PLUS_VERSION
         from evalplus.data.mbpp import MBPP_PLUS_VERSION
         from evalplus.data.utils import get_dataset_metadata, make_cache

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..extras import locate, require
 from .data import Dataset
 
 RUNNER = ("import os, sys; from evalplus.evaluate import main; sys.argv[0] = 'evalplus.evaluate'; main(); "
@@ -77,6 +78,8 @@ def clear_stale_results(dataset: Dataset, samples: Path) -> Path | None:
 def pass_at_1(results: dict) -> dict[str, float]:
     """pass@1 (base tests; base + plus tests) from an EvalPlus results file, as EvalPlus computes it."""
     import numpy as np
+
+    require("evalplus")
     from evalplus.eval import PASS, estimate_pass_at_k
 
     runs = list(results["eval"].values())
@@ -94,6 +97,7 @@ def run(dataset: Dataset, samples: Path, parallel: int | None = None, min_time_l
     if backup is not None:
         print(f"moved stale results aside: {backup}", file=sys.stderr)
     args, env = command(dataset, samples, parallel, min_time_limit, gt_time_limit_factor)
+    locate("evalplus")  # a missing extra as our error, not a traceback from the subprocess
     argv = [sys.executable, "-c", RUNNER, *args[1:]]
     proc = subprocess.run(argv, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
     path = results_path(samples)

@@ -17,6 +17,7 @@ import time
 from lm_eval.api.instance import Instance
 from tqdm import tqdm
 
+from ..extras import require
 from .data import task_prompt
 
 # evalplus.codegen.run_codegen (0.3.1), the default "instruct" prompt
@@ -43,6 +44,7 @@ def build_prompt(lm, dataset: str, task: dict) -> str:
 
 def gen_kwargs(lm, dataset: str, max_new_tokens: int, temperature: float) -> dict:
     """lm-eval generation kwargs with EvalPlus's stop strings and sampling settings."""
+    require("evalplus")
     from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
 
     until = [*EOS, "\n```\n"] if is_chat(lm) else [*EOS, *extra_eos_for_direct_completion(dataset)]
@@ -55,6 +57,7 @@ def gen_kwargs(lm, dataset: str, max_new_tokens: int, temperature: float) -> dic
 
 def to_solution(lm, task: dict, output: str) -> tuple[str, str]:
     """``(raw, sanitized)`` as ``evalplus.codegen`` stores them."""
+    require("evalplus")
     from evalplus.sanitize import sanitize
 
     raw = output.replace("\t", "    ")

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..extras import require
 from ..stopping import cut_at_stop  # noqa: F401  (re-exported: the servers' answers are cut by it)
 
 # the OpenAI completions API (and vLLM, which validates it) takes at most 4 stop strings; the rest are cut on
@@ -58,7 +59,7 @@ class OpenAIClient:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = TIMEOUT_S,
                  max_retries: int = MAX_RETRIES, num_concurrent: int = NUM_CONCURRENT):
-        import openai
+        openai = require("openai")
 
         self.base_url, self.model = base_url.rstrip("/"), model
         self.timeout, self.max_retries, self.num_concurrent = float(timeout), int(max_retries), max(1, num_concurrent)
@@ -70,7 +71,7 @@ class OpenAIClient:
 
     def _guard(self, call: Callable[[], R]) -> R:
         """Every failure of the ``openai`` client as one ``BackendError`` that names the URL and what to do."""
-        import openai
+        openai = require("openai")
 
         try:
             return call()

@@ -97,6 +97,9 @@ def _paper_code(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
         with gzip.open(local, "rt", encoding="utf-8") as f:
             problems = [json.loads(line) for line in f if line.strip()]
     else:  # EvalPlus fetches its release itself
+        from ..extras import require
+
+        require("evalplus")
         from evalplus.data import get_human_eval_plus
 
         problems = list(get_human_eval_plus().values())
