@@ -53,8 +53,8 @@ leaderboard: $(STAMP)
 		--tasks $(TASKS) --methods $(METHODS) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
-# the paper's ablations (diffmas-eval ablate): the CPU default grid on the bundled model, JOBS at a time (README
-# states what it runs and how long it took); at the paper's scale, e.g.
+# the paper's ablations (diffmas-eval ablate, into leaderboards/ablations/): the CPU default grid on the bundled model,
+# JOBS at a time (README states what it runs and how long it took); at the paper's scale, e.g.
 # make ablations MODEL=Qwen/Qwen3-8B JOBS=1 THREADS= ABLATE_ARGS="--latent-steps 0,10,40,100,200 --agents 2,3,4,5,6 ..."
 ABLATE_ARGS ?=
 ablations: $(STAMP)
