@@ -31,7 +31,6 @@ def test_the_summaries_are_committed_and_the_runs_are_not():
     assert [p for p in SUMMARIES if not (ROOT / p).is_file()] == []
     ignore = (ROOT / ".gitignore").read_text().splitlines()
     assert [p for p in IGNORED if p not in ignore] == []
-    assert not (ROOT / "ablations").exists()  # the ablations live under leaderboards/ now
 
 
 def test_both_commands_publish_under_leaderboards():
