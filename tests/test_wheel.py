@@ -95,12 +95,12 @@ def test_installed_wheel_trains_and_scores_the_leaderboard(installed, tiny_path,
                                       for c in launches)
 
 
-def test_installed_wheel_prints_readmes_option_reference(installed, local_data, tmp_path):
-    """``diffmas-eval options`` from the wheel, away from the checkout: the same reference as README's."""
+def test_installed_wheel_prints_the_docs_option_reference(installed, local_data, tmp_path):
+    """``diffmas-eval options`` from the wheel, away from the checkout: the same reference as docs/options.md's."""
     python, _ = installed
     out = subprocess.run([str(python.with_name("diffmas-eval")), "options"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env=_fresh_env(local_data))
     assert out.returncode == 0, out.stderr[-3000:]
-    from diffmas_eval.readme import section_of
+    from diffmas_eval.readme import OPTIONS_PAGE, section_of
 
-    assert out.stdout.strip() == section_of((ROOT / "README.md").read_text(), "options").strip()
+    assert out.stdout.strip() == section_of((ROOT / OPTIONS_PAGE).read_text(), "options").strip()

@@ -367,8 +367,8 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
     p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
     p.add_argument("--device", default=None)
-    p.add_argument("--readme", default=None, metavar="README.md",
-                   help="only regenerate README's ablations section from the CSVs beside --output")
+    p.add_argument("--readme", default=None, metavar="PAGE.md",
+                   help="only regenerate the ablations section (docs/ablations.md) from the CSVs beside --output")
     p.set_defaults(func=_cli)
 
 

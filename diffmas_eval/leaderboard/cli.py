@@ -86,8 +86,9 @@ def add_leaderboard_parser(sub) -> None:
                    help="skip running: collect lm-eval results JSONs / EvalPlus *_eval_results.json (files or "
                         "directories) made anywhere")
     p.add_argument("--skip-bad", action="store_true", help="leave malformed results files out (default: an error)")
-    p.add_argument("--readme", default=None, metavar="README.md",
-                   help="only regenerate README's results section from the CSV (--output)")
+    p.add_argument("--readme", default=None, metavar="PAGE.md",
+                   help="only regenerate the results sections from the CSV (--output): the full one of "
+                        "docs/leaderboard.md, the short one of README.md")
     p.set_defaults(func=run)
 
 
