@@ -74,14 +74,15 @@ readme: $(STAMP)
 
 # the docs site (mkdocs + material, the `docs` extra): regenerate the sections, then build site/ with every link
 # and anchor checked; docs-serve previews it at http://127.0.0.1:8000
-DOCS_MISSING := the docs site needs the docs extra: $(PY) -m pip install -c constraints.txt -e ".[docs]"
-docs: readme
+DOCS_MISSING := the docs site needs the docs extra: $(PY) -m pip install -c constraints.txt -e '.[docs]'
+docs: $(STAMP)
 	@$(PY) -c "import mkdocs, material" 2>/dev/null || { echo "make docs: $(DOCS_MISSING)" >&2; exit 1; }
-	$(PY) -m mkdocs build --strict --site-dir site
+	$(MAKE) --no-print-directory readme
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 docs-serve: $(STAMP)
 	@$(PY) -c "import mkdocs, material" 2>/dev/null || { echo "make docs-serve: $(DOCS_MISSING)" >&2; exit 1; }
-	$(PY) -m mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 # the performance tables of docs/performance.md: each benchmark prints Markdown into benchmarks/results/ (about 40 min here)
 BENCH_ENV := DIFFMAS_DATA_DIR=$(DATA_DIR)
