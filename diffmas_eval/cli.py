@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_mem.set_defaults(func=memory)
 
     p_opt = sub.add_parser("options", help="the option reference: every chain option and model_arg, and the front "
-                                          "ends that offer each (README's list is this)")
+                                          "ends that offer each (docs/options.md is this list)")
     p_opt.add_argument("--readme", default=None, metavar="PAGE.md",
                        help="regenerate the option reference of docs/options.md (between its options markers) "
                             "instead of printing")

@@ -337,7 +337,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
 def add_ablate_parser(sub) -> None:
     d = AblationOptions()
     p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
-                                      "realignment) as leaderboard cells; CSV, charts, README section",
+                                      "realignment) as leaderboard cells; CSV, charts, docs/ablations.md section",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--task", default=d.task, help="one lm-eval task with an SFT family (default: %(default)s)")

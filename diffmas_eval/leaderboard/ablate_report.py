@@ -252,7 +252,8 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
 
 
 def update_readme(readme: Path, output: Path, charts_dir: str = "ablations/") -> bool:
-    """Replace README's section between the markers with the one made from the CSVs; True if it changed."""
+    """Replace the section of the page (docs/ablations.md) between the markers with the one made from the CSVs;
+    True if it changed."""
     out = output.parent
     section = document(_read(output), _read(out / "ablation_items.csv"), _read(out / "gradients.csv"),
                        json.loads((out / "ablations.json").read_text()), charts_dir)

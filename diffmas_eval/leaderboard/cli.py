@@ -1,5 +1,5 @@
 """``diffmas-eval leaderboard``: train, score and compare every method on every task; or collect results made
-elsewhere (``--from-results``); or regenerate README's results section (``--readme``).
+elsewhere (``--from-results``); or regenerate the results sections of docs/leaderboard.md and README.md (``--readme``).
 
 Only flags: they are parsed into a ``Settings`` and a ``RunOptions``, and ``run.run_leaderboard`` does the work."""
 
