@@ -34,6 +34,9 @@ def section(results: Path, name: str = "performance") -> str:
         path = results / f"{stem}.md"
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if not ln.startswith(("Loading", "wrote "))]
+            # a line right after a table would render as one more row of it: keep a blank line between them
+            lines = [x for i, ln in enumerate(lines) for x in ([ln, ""] if ln.startswith("|") and i + 1 < len(lines)
+                     and lines[i + 1].strip() and not lines[i + 1].startswith("|") else [ln])]
             parts.append((f"#### {title}\n\n" if title else "") + "\n".join(lines).strip() + "\n")
     return "\n".join(parts)
 

@@ -488,3 +488,12 @@ def test_the_site_builds_strictly(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for page in ("index.html", "quickstart/index.html", "options/index.html", "leaderboards/accuracy.png"):
         assert (tmp_path / "site" / page).exists(), page
+
+
+@pytest.mark.slow
+def test_the_python_api_snippet_runs_on_the_bundled_model(local_data):
+    """The first snippet of docs/usage.md, as written: stage 1 and stage 2 on the bundled model (about 20 s)."""
+    (lang, body, _), *_ = [b for b in fenced_blocks((ROOT / "docs" / "usage.md").read_text()) if b[0] == "python"]
+    scope: dict = {}
+    exec(compile(body, "docs/usage.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
+    assert scope["trace"] is not None and scope["answer"] is not None
