@@ -409,6 +409,7 @@ def _generated():
     """(page, section name, regenerate into a copy of the page: True if it changed, the command)."""
     from benchmarks.readme import section as bench_section
     from diffmas_eval.leaderboard import ablate_report, report
+    from diffmas_eval.leaderboard.ablate import AblationOptions
     from diffmas_eval.readme import OPTIONS_COMMAND, STATUS_COMMAND, replace_section, update_options
 
     rows = lambda: report.read_csv(ROOT / "leaderboards" / "leaderboard.csv")  # noqa: E731
@@ -418,7 +419,7 @@ def _generated():
         ("docs/leaderboard.md", "leaderboard", lambda p: report.update_readme(p, rows()), report.README_COMMAND),
         ("README.md", "headline", lambda p: report.update_readme(p, rows()), report.HEADLINE_COMMAND),
         ("docs/ablations.md", "ablations",
-         lambda p: ablate_report.update_readme(p, ROOT / "ablations" / "ablations.csv"), ablate_report.README_COMMAND),
+         lambda p: ablate_report.update_readme(p, ROOT / AblationOptions.output), ablate_report.README_COMMAND),
         ("docs/performance.md", "performance",
          lambda p: replace_section(p, "performance", bench_section(ROOT / "benchmarks" / "results")),
          "make performance (python benchmarks/readme.py docs/performance.md benchmarks/results)"),
