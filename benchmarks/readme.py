@@ -1,13 +1,13 @@
-"""Put generated tables (Markdown files a command printed) into README.md between two markers.
+"""Put generated tables (Markdown files a command printed) into a docs page between two markers.
 
 ``make performance`` runs each benchmark with its stdout saved as ``benchmarks/results/<script>.md`` and
 then this, which replaces the text between ``<!-- performance:start -->`` and ``<!-- performance:end -->``
 with those files in a fixed order; ``--section NAME`` fills ``<!-- NAME:start/end -->`` with every
 ``*.md`` of the folder instead (``make codegen-table``). Running it twice changes nothing; numbers in
-the README are never typed by hand.
+the docs are never typed by hand.
 
-    python benchmarks/readme.py README.md benchmarks/results
-    python benchmarks/readme.py README.md leaderboards/codegen --section codegen
+    python benchmarks/readme.py docs/performance.md benchmarks/results
+    python benchmarks/readme.py docs/evalplus.md leaderboards/codegen --section codegen
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ def section(results: Path, name: str = "performance") -> str:
         path = results / f"{stem}.md"
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if not ln.startswith(("Loading", "wrote "))]
+            # a line right after a table would render as one more row of it: keep a blank line between them
+            lines = [x for i, ln in enumerate(lines) for x in ([ln, ""] if ln.startswith("|") and i + 1 < len(lines)
+                     and lines[i + 1].strip() and not lines[i + 1].startswith("|") else [ln])]
             parts.append((f"#### {title}\n\n" if title else "") + "\n".join(lines).strip() + "\n")
     return "\n".join(parts)
 
 
-def main(readme: str = "README.md", results: str = "benchmarks/results", *opts: str) -> int:
+def main(readme: str = "docs/performance.md", results: str = "benchmarks/results", *opts: str) -> int:
     name = opts[1] if len(opts) == 2 and opts[0] == "--section" else "performance"
     try:
         changed = replace_section(Path(readme), name, section(Path(results), name))

@@ -82,11 +82,13 @@ def options(args: argparse.Namespace) -> int:
         print(options_reference(), end="")
         return 0
     changed = update_options(Path(args.readme))
-    print(f"{args.readme}: options section {'updated' if changed else 'already up to date'}")
+    print(f"{args.readme}: generated sections {'updated' if changed else 'already up to date'}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``diffmas-eval`` subcommand and flag (``main`` parses with it; ``tests/test_docs.py`` checks the
+    documented command lines against it)."""
     parser = argparse.ArgumentParser(prog="diffmas-eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_ask = sub.add_parser("ask", help="run the chain on one question; print the answer and the trace")
@@ -122,20 +124,26 @@ def main(argv: list[str] | None = None) -> int:
     p_mem.set_defaults(func=memory)
 
     p_opt = sub.add_parser("options", help="the option reference: every chain option and model_arg, and the front "
-                                          "ends that offer each (README's list is this)")
-    p_opt.add_argument("--readme", default=None, metavar="README.md",
-                       help="regenerate README's option reference (between its options markers) instead of printing")
+                                          "ends that offer each (docs/options.md is this list)")
+    p_opt.add_argument("--readme", default=None, metavar="PAGE.md",
+                       help="regenerate the option reference of docs/options.md (between its options markers) "
+                            "instead of printing")
     p_opt.set_defaults(func=options)
 
     from .codegen.cli import add_codegen_parser
-    from .extras import MissingExtra
     from .leaderboard import add_leaderboard_parser
     from .leaderboard.ablate import add_ablate_parser
 
     add_leaderboard_parser(sub)
     add_ablate_parser(sub)
     add_codegen_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .extras import MissingExtra
+
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, MissingExtra) as err:  # bad input, a missing extra: one clear line, no traceback

@@ -144,12 +144,12 @@ class PromptEmbedsBackend(OpenAIClient):
         text = str(err)
         if "enable-prompt-embeds" in text or "enable_prompt_embeds" in text:
             return BackendError(f"{self._where()} was started without --enable-prompt-embeds, which stage2=vllm "
-                                "needs: restart it as `vllm serve MODEL --enable-prompt-embeds` (see README 'DiffMAS "
-                                f"stage 2 on vLLM').\n{text}")
+                                "needs: restart it as `vllm serve MODEL --enable-prompt-embeds` (see docs/vllm.md, "
+                                f"'DiffMAS stage 2 on vLLM').\n{text}")
         if "hidden_size" in text:
             return BackendError(f"{self._where()} serves a model whose hidden size is not the chain's: serve the "
                                 f"chain's own model (pretrained=) or point base_url= at a server that does.\n{text}")
-        return BackendError(f"{text}\n(stage2=vllm needs `vllm serve MODEL --enable-prompt-embeds`; see README "
+        return BackendError(f"{text}\n(stage2=vllm needs `vllm serve MODEL --enable-prompt-embeds`; see docs/vllm.md, "
                             "'DiffMAS stage 2 on vLLM')")
 
     def complete_embeds(self, embeds: torch.Tensor, max_tokens: int, stop: list[str] | None = None,

@@ -147,13 +147,13 @@ def test_leaderboard_and_memory_flags_are_the_schemas(capsys):
     assert AGENTS_HELP in help_text and "latent thoughts per upstream agent (default: 10)" in help_text
 
 
-def test_the_readme_option_reference_is_the_schemas():
+def test_the_docs_option_reference_is_the_schemas():
     from pathlib import Path
 
-    from diffmas_eval.readme import options_reference, section_of
+    from diffmas_eval.readme import OPTIONS_COMMAND, OPTIONS_PAGE, options_reference, section_of
 
-    section = section_of((Path(__file__).resolve().parents[1] / "README.md").read_text(), "options")
-    assert section.strip() == options_reference().strip(), "stale: diffmas-eval options --readme README.md"
+    section = section_of((Path(__file__).resolve().parents[1] / OPTIONS_PAGE).read_text(), "options")
+    assert section.strip() == options_reference().strip(), f"stale: {OPTIONS_COMMAND}"
     row = next(line for line in options_reference(DummyConfig).splitlines() if line.startswith("| `dummy_opt`"))
     assert all(s in row for s in ("`dummy_opt=`", "`--dummy-opt`", "`--dummy_opt`", "an option only this test knows"))
 

@@ -183,12 +183,28 @@ def test_installed_wheel_trains_and_scores_the_leaderboard(installed, tiny_path,
                                       for c in launches)
 
 
-def test_installed_wheel_prints_readmes_option_reference(installed, local_data, tmp_path):
-    """``diffmas-eval options`` from the wheel, away from the checkout: the same reference as README's."""
+def test_installed_wheel_prints_the_docs_option_reference(installed, local_data, tmp_path):
+    """``diffmas-eval options`` from the wheel, away from the checkout: the same reference as docs/options.md's."""
     python, _ = installed
     out = subprocess.run([str(python.with_name("diffmas-eval")), "options"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env=_fresh_env(local_data))
     assert out.returncode == 0, out.stderr[-3000:]
-    from diffmas_eval.readme import section_of
+    from diffmas_eval.readme import OPTIONS_PAGE, section_of
 
-    assert out.stdout.strip() == section_of((ROOT / "README.md").read_text(), "options").strip()
+    assert out.stdout.strip() == section_of((ROOT / OPTIONS_PAGE).read_text(), "options").strip()
+
+
+@pytest.mark.slow
+def test_the_readmes_cpu_quickstart_runs_from_the_wheel(installed, local_data, tmp_path):
+    """A newcomer's first command: the README's CPU quickstart line (``diffmas-eval ask ...``) as written there,
+    run with the wheel's ``diffmas-eval`` in a fresh venv, away from the checkout, on the bundled model."""
+    import shlex
+
+    python, _ = installed
+    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.lstrip().startswith(".venv/bin/diffmas-eval ask "))
+    argv = shlex.split(line, comments=True)
+    out = subprocess.run([str(python.with_name("diffmas-eval")), *argv[1:]], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env=_fresh_env(local_data))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stage 1:" in out.stdout and "stage 2:" in out.stdout, out.stdout[-2000:]

@@ -337,7 +337,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
 def add_ablate_parser(sub) -> None:
     d = AblationOptions()
     p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
-                                      "realignment) as leaderboard cells; CSV, charts, README section",
+                                      "realignment) as leaderboard cells; CSV, charts, docs/ablations.md section",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--task", default=d.task, help="one lm-eval task with an SFT family (default: %(default)s)")
@@ -367,8 +367,8 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
     p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
     p.add_argument("--device", default=None)
-    p.add_argument("--readme", default=None, metavar="README.md",
-                   help="only regenerate README's ablations section from the CSVs beside --output")
+    p.add_argument("--readme", default=None, metavar="PAGE.md",
+                   help="only regenerate the ablations section (docs/ablations.md) from the CSVs beside --output")
     p.set_defaults(func=_cli)
 
 

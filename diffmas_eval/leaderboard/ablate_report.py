@@ -27,7 +27,8 @@ CELL_FIELDS = ["axis", "variant", "method", "trained", "reference", "seed", "age
                "stage1_grad", "realign", "task", "metric", "value", "n", "config_hash", "adapter", "source"]
 ITEM_FIELDS = ["config_hash", "doc_id", "score"]
 GRADIENT_FIELDS = ["axis", "variant", "seed", "when", "agents", "latent_steps", "trace", "agent", "role", "norm"]
-README_COMMAND = "diffmas-eval ablate --readme README.md"
+DOCS_PAGE = "docs/ablations.md"
+README_COMMAND = f"diffmas-eval ablate --readme {DOCS_PAGE}"
 README_START, README_END = start_marker("ablations", README_COMMAND), end_marker("ablations")
 CHARTS = ("ablation_latent_steps.png", "ablation_deltas.png", "ablation_gradients.png")
 BOOTSTRAP = 2000
@@ -251,7 +252,8 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
 
 
 def update_readme(readme: Path, output: Path, charts_dir: str = "leaderboards/ablations/") -> bool:
-    """Replace README's section between the markers with the one made from the CSVs; True if it changed."""
+    """Replace the section of the page (docs/ablations.md) between the markers with the one made from the CSVs;
+    True if it changed."""
     out = output.parent
     section = document(_read(output), _read(out / "ablation_items.csv"), _read(out / "gradients.csv"),
                        json.loads((out / "ablations.json").read_text()), charts_dir)

@@ -1,5 +1,5 @@
 """``diffmas-eval leaderboard``: train, score and compare every method on every task; or collect results made
-elsewhere (``--from-results``); or regenerate README's results section (``--readme``).
+elsewhere (``--from-results``); or regenerate the results sections of docs/leaderboard.md and README.md (``--readme``).
 
 Only flags: they are parsed into a ``Settings`` and a ``RunOptions``, and ``run.run_leaderboard`` does the work."""
 
@@ -87,8 +87,9 @@ def add_leaderboard_parser(sub) -> None:
                    help="skip running: collect lm-eval results JSONs / EvalPlus *_eval_results.json (files or "
                         "directories) made anywhere")
     p.add_argument("--skip-bad", action="store_true", help="leave malformed results files out (default: an error)")
-    p.add_argument("--readme", default=None, metavar="README.md",
-                   help="only regenerate README's results section from the CSV (--output)")
+    p.add_argument("--readme", default=None, metavar="PAGE.md",
+                   help="only regenerate the results sections from the CSV (--output): the full one of "
+                        "docs/leaderboard.md, the short one of README.md")
     p.set_defaults(func=run)
 
 

@@ -14,8 +14,11 @@ from ..readme import end_marker, replace_section, start_marker
 from .collect import FIELDS
 from .config import LAYOUT, METHODS, TEXT_METHODS, primary_metric
 
-README_COMMAND = "diffmas-eval leaderboard --readme README.md"
+DOCS_PAGE = "docs/leaderboard.md"  # the full section; README.md carries the short "headline" one
+README_COMMAND = f"diffmas-eval leaderboard --readme {DOCS_PAGE}"
+HEADLINE_COMMAND = "diffmas-eval leaderboard --readme README.md"
 README_START, README_END = start_marker("leaderboard", README_COMMAND), end_marker("leaderboard")
+HEADLINE_START, HEADLINE_END = start_marker("headline", HEADLINE_COMMAND), end_marker("headline")
 CHARTS = ("accuracy.png", "accuracy_vs_tokens.png")
 STABILITY_CHARTS = ("entropy_curve.png", "perplexity_vs_accuracy.png")  # drawn when the results carry stability
 CURVE_FIELDS = ["method", "task", "position", "entropy", "n"]
@@ -332,6 +335,24 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
     return paths
 
 
+def headline(rows: list[dict], charts_dir: str | None = None) -> str:
+    """README.md's short results section: the model and items, the table, what is beyond noise, one chart."""
+    found = beyond_noise(rows)
+    text = (budgets(rows).split("\n", 1)[0] + "\n\n" + markdown(rows) + "\n\nDifferences beyond noise: "
+            + ("; ".join(found) if found else "none at this n") + ".")
+    if charts_dir is not None:
+        text += f"\n\n![{CHARTS[0][:-4]}]({charts_dir}{CHARTS[0]})"
+    return text + "\n"
+
+
 def update_readme(readme: Path, rows: list[dict], charts_dir: str = "leaderboards/") -> bool:
-    """Replace README's section between the markers with the table made from ``rows``; True if it changed."""
-    return replace_section(readme, "leaderboard", document(rows, charts_dir), README_COMMAND)
+    """Regenerate every results section ``readme`` has markers for: ``leaderboard`` (the whole document, the
+    docs page) and ``headline`` (README.md's short one); True if the file changed. A file with neither is an
+    error that gives the markers to paste."""
+    text = Path(readme).read_text()
+    changed = False
+    if "<!-- headline:start" in text:
+        changed |= replace_section(readme, "headline", headline(rows, charts_dir), HEADLINE_COMMAND)
+    if "<!-- leaderboard:start" in text or "<!-- headline:start" not in text:
+        changed |= replace_section(readme, "leaderboard", document(rows, charts_dir), README_COMMAND)
+    return changed

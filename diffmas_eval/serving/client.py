@@ -80,8 +80,8 @@ class OpenAIClient:
                                f"(after {self.max_retries} retries): {err}") from err
         except openai.APIConnectionError as err:
             raise BackendError(f"cannot reach {self._where()} (timeout={self.timeout}s, {self.max_retries} "
-                               f"retries): {err}. Is the server running? (see README: vllm serve / "
-                               "transformers serve)") from err
+                               f"retries): {err}. Is the server running? (see docs/vllm.md and docs/textmas.md: vllm "
+                               "serve / transformers serve)") from err
         except openai.APIStatusError as err:
             raise BackendError(f"{self._where()} answered HTTP {err.status_code}: {str(err)[:500]}") from err
         except openai.APIError as err:  # e.g. a body that is not a completion
