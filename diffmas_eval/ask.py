@@ -31,19 +31,31 @@ class Answer:
 
 
 def build_chain(model: str = DEFAULT_MODEL, config: LatentConfig | None = None, *, peft: str | None = None,
-                dtype: str = "auto", device: str | None = None, seed: int = 0) -> AgentChain:
-    """The chain over ``model`` (hub id, local path or ``bundled:NAME``; ``peft``: an adapter on top).
+                dtype: str = "auto", device: str | None = None, seed: int = 0, **options) -> AgentChain:
+    """The chain over ``model`` (hub id, local path or ``bundled:NAME``; ``peft``: an adapter on top, a folder or a
+    Hub repo id).
 
-    ``seed`` seeds torch before the model loads, as the command always has, so a run is reproducible.
+    The chain is the trained one (``latent.persist.load_trained_chain``: the adapter's saved agents, latent steps,
+    trace and trained realignment), with ``options`` (chain options by name, None: not given) overriding it, as
+    ``lm_eval --model diffmas`` builds it. ``config``: a whole configuration instead, used as given (its
+    realignment still the trained one when the modes match). ``seed`` seeds torch before the model loads, as the
+    command always has, so a run is reproducible.
     """
     import torch
 
-    from .latent import AgentChain, LatentConfig
+    from .latent.persist import load_trained_chain
     from .models import load_model
 
+    if config is not None and options:
+        raise ValueError(f"give a config or chain options, not both (got {sorted(options)})")
+    if config is not None:
+        trained = load_trained_chain(peft, config_class=type(config), realign=config.realign)
+        trained.config = config
+    else:
+        trained = load_trained_chain(peft, **options)
     torch.manual_seed(seed)
-    model_, tokenizer = load_model(model, dtype=dtype, device=device, peft=peft)
-    return AgentChain(model_, tokenizer, config if config is not None else LatentConfig())
+    model_, tokenizer = load_model(model, dtype=dtype, device=device, peft=trained.adapter)
+    return trained.build(model_, tokenizer)
 
 
 def ask(chain: AgentChain, question: str, max_new_tokens: int = 256) -> Answer:

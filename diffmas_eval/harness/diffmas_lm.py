@@ -32,21 +32,12 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from .. import DEFAULT_MODEL
-from ..latent import AgentChain, LatentConfig
+from ..latent import LatentConfig
 from ..latent.chain import Generation
-from ..latent.config import DEFAULT_AGENTS, chain_options, saved_fields
-from ..latent.persist import load_chain_config
+from ..latent.config import chain_options
+from ..latent.persist import load_trained_chain
 from ..models import resolve_pretrained
-from ..prompts import (
-    ROLE_OPTIONS,
-    TEXT_ROLES,
-    default_roles,
-    family_roles,
-    final_preamble,
-    last_user_turn,
-    load_roles,
-    topology_roles,
-)
+from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, note_before, with_note
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
@@ -59,6 +50,7 @@ from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data
 # model_args that are not chain options: loading, roles, batching, stage 2 (the chain's own come from its schema)
 MODEL_OPTIONS = {
     "pretrained": f"hub id, local path or bundled:NAME (default {DEFAULT_MODEL})",
+    # also a Hub repo id (latent.persist.load_trained_chain); the help is README's generated option reference
     "peft": "path of a PEFT adapter (e.g. the output_dir of trainers/sft.py; its saved chain options apply)",
 }
 RUN_OPTIONS = {
@@ -124,19 +116,10 @@ class DiffMASLM(HFLM):
             raise ValueError("diffmas needs a decoder-only (causal) model; drop backend=seq2seq")
         local = isinstance(pretrained, str) and not pretrained.startswith("bundled:")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
-        saved, realign_file = load_chain_config(peft, pretrained if local else None)
-        role_map, order = family_roles(family, TEXT_ROLES), saved.get("roles", default_roles(DEFAULT_AGENTS))
-        agents = given.pop("agents", None)
-        if agents is not None or "topology" in given:
-            order = topology_roles(agents or len(order), given.get("topology", saved.get("topology", "sequential")))
-        if roles:
-            role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
-            if agents is not None and agents != len(order):
-                raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
-        values = {k: saved[k] for k in saved_fields(self.config_class) if k in saved}  # what was trained
-        config = self.config_class(roles=order, **{**values, **given})
+        trained = load_trained_chain(peft, also=pretrained if local else None, config_class=self.config_class,
+                                     family=family, roles_file=roles, **given)
+        peft, config = trained.adapter, trained.config  # peft: a Hub id's local snapshot
         enable_thinking = config.enable_thinking
-        config.check_roles(role_map)
         layout = "hierarchical" if config.topology == "hierarchical" else config.trace
         _check_stage2(stage2, layout, base_url, served_model)  # before loading the model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,9 +127,7 @@ class DiffMASLM(HFLM):
             pretrained = resolve_pretrained(pretrained)
         super().__init__(pretrained=pretrained, peft=peft, device=device, batch_size=batch_size,
                          enable_thinking=enable_thinking, **hf_args)
-        self.chain = AgentChain(self.model, self.tokenizer, config, role_map)
-        if realign_file is not None and config.realign == saved.get("realign"):  # a realignment trained with SFT
-            self.chain.realigner.weight.data.copy_(torch.load(realign_file, map_location=self.device))
+        self.chain = trained.build(self.model, self.tokenizer)  # with the realignment trained with SFT, if any
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
         self.accounting = Accounting("diffmas")
@@ -172,8 +153,7 @@ class DiffMASLM(HFLM):
         if last_user is None:
             return super().apply_chat_template(messages, add_generation_prompt)
         question = messages[last_user]["content"]
-        messages[last_user]["content"] = self._preamble + question
-        text = super().apply_chat_template(messages, add_generation_prompt)
+        text = super().apply_chat_template(with_note(messages, self._preamble), add_generation_prompt)
         self._chat_questions[text] = question
         return text
 
@@ -184,11 +164,8 @@ class DiffMASLM(HFLM):
         """The final agent's tokens: the note on the trace (unless already in the chat turn), then the context."""
         if not self._preamble or context in self._chat_questions:
             return list(context_ids)
-        note = self.tok_encode(self._preamble, add_special_tokens=False)
-        bos = self.tokenizer.bos_token_id
-        if context_ids and bos is not None and context_ids[0] == bos:
-            return [bos, *note, *context_ids[1:]]
-        return note + list(context_ids)
+        return note_before(self.tok_encode(self._preamble, add_special_tokens=False), context_ids,
+                           self.tokenizer.bos_token_id)
 
     # -- accounting -------------------------------------------------------------------------------
     def _agents_log(self, final_tokens: int) -> list[dict]:

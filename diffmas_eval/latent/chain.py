@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..models import context_length
-from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble
+from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble, final_prompt_ids, question_prompt
 from ..stability import AnswerStats, step_stats
 from ..stopping import cut_at_stop, eos_ids
 from .config import LatentConfig
@@ -211,10 +211,10 @@ class AgentChain(nn.Module):
         return upstream_prompt_ids(self.tokenizer, self.roles, self.config, questions)
 
     def final_prompt(self, question: str) -> list[int]:
-        """The final agent's chat prompt for a bare question (``diffmas-eval ask``)."""
-        user = final_preamble(self.config.upstream) + question
-        final_role = self.roles[self.config.roles[-1]]
-        return self.encode(chat_format(self.tokenizer, final_role.instruction, user, self.config.enable_thinking))
+        """The final agent's prompt for a bare question (``diffmas-eval ask``), as SFT trains it
+        (``prompts.final_prompt_ids``: the note, then the question in a chat turn; no role instruction)."""
+        return final_prompt_ids(self.tokenizer, self.config.upstream, question_prompt(self.tokenizer, question),
+                                self.config.enable_thinking)
 
     def task_prompt(self, context: str) -> str:
         """The final agent's text for a benchmark context: the note on the trace, then the task as is."""

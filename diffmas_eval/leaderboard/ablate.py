@@ -170,7 +170,7 @@ def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions
     from ..latent.chain import TraceTooLongError, check_budget, upstream_prompt_ids
     from ..latent.config import LatentConfig
     from ..models import prepare_tokenizer, resolve_pretrained
-    from ..prompts import TEXT_ROLES, chat_format, final_preamble
+    from ..prompts import TEXT_ROLES, final_prompt_ids, question_prompt
 
     path = resolve_pretrained(opts.model)
     tok = AutoTokenizer.from_pretrained(path)
@@ -182,9 +182,8 @@ def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions
                                          "max_trace_tokens": opts.max_trace_tokens,
                                          **{k: x for k, x in v.chain if k == "trace"}})
         lengths = [[len(p[0])] for p in upstream_prompt_ids(tok, TEXT_ROLES, config, [question])]
-        final_role = TEXT_ROLES[config.roles[-1]].instruction
-        final = len(tok(chat_format(tok, final_role, final_preamble(config.upstream) + question, None),
-                        add_special_tokens=False)["input_ids"])
+        prompt = question_prompt(tok, question) if s.chat_template else question
+        final = len(final_prompt_ids(tok, config.upstream, prompt))  # the final agent's prompt, as trained
         final += s.answer_cap(opts.task) if choice_tokens is None else choice_tokens
         try:
             check_budget(config, lengths, [final], ctx)
@@ -206,32 +205,27 @@ def probe_path(settings: Settings, family: str, rows: Path, n_rows: int, out_dir
 def probe(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, device: str,
           adapter: Path | None = None) -> Path:
     """Per-agent ``||d loss / d segment||`` of the chain of ``settings`` (with ``adapter``: the trained chain,
-    its trained realignment included), averaged over the first ``n_rows`` SFT rows."""
-    import torch
-
-    from ..latent import AgentChain, LatentConfig
-    from ..latent.persist import load_chain_config
+    ``latent.persist.load_trained_chain``), averaged over the first ``n_rows`` SFT rows, each laid out exactly as
+    the trainer trains it (``training.trainer.training_row``)."""
+    from ..latent.persist import load_trained_chain
     from ..models import load_model
-    from ..training.trainer import question_of
+    from ..training.trainer import question_of, training_row
 
     out = probe_path(settings, family, rows, n_rows, out_dir, adapter is not None)
     if out.exists():
         return out
-    model, tok = load_model(settings.model, dtype="float32", device=device, peft=str(adapter) if adapter else None)
-    config = LatentConfig.from_dict({"agents": settings.agents, "latent_steps": settings.latent_steps,
-                                     "trace": settings.chain.get("trace", "concat"), "stage1_grad": "full"})
-    chain = AgentChain(model, tok, config)
-    realign = load_chain_config(adapter)[1] if adapter else None
-    if realign is not None:
-        chain.realigner.weight.data.copy_(torch.load(realign, map_location=chain.device))
+    # the chain as trained (the adapter's saved options and realignment), stage 1 differentiable for the probe
+    trained = load_trained_chain(adapter, agents=settings.agents, latent_steps=settings.latent_steps,
+                                 trace=settings.chain.get("trace", "concat"), stage1_grad="full")
+    model, tok = load_model(settings.model, dtype="float32", device=device, peft=trained.adapter)
+    chain = trained.build(model, tok)
+    config = chain.config
     data = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()][:n_rows]
     norms = [0.0] * len(config.upstream)
     for row in data:
         question = question_of(row["prompt"])
-        answer = row["completion"] if isinstance(row["completion"], str) else row["completion"][-1]["content"]
-        prompt, target = chain.final_prompt(question), chain.encode(answer)
-        for k, (_, g) in enumerate(chain.gradient_probe([question], [prompt + target],
-                                                        [[-100] * len(prompt) + target])):
+        ids, labels = training_row(tok, config.upstream, row["prompt"], row["completion"])  # as the trainer trains
+        for k, (_, g) in enumerate(chain.gradient_probe([question], [ids], [labels])):
             norms[k] += g / len(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
