@@ -16,6 +16,21 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
     return text
 
 
+ENDINGS = ("eos", "stop", "length")  # how an answer ended (``stability.AnswerStats.stopped``)
+
+
+def stop_hit(text: str, stop: list[str] | None) -> bool:
+    """Whether ``text`` holds one of the stop strings (empty ones ignored): the answer ended there."""
+    return any(s in text for s in stop or [] if s)
+
+
+def ending(eos: bool, stop: bool) -> str:
+    """How an answer ended, decided once for every path (the chain's decoding, the text MAS's ``generate`` rows, a
+    server's ``finish_reason``): ``eos`` when the model ended it, else ``stop`` when a stop string did, else
+    ``length`` (it ran into its token cap)."""
+    return "eos" if eos else "stop" if stop else "length"
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     """The ids that end a generation: the tokenizer's EOS and every id of the model's generation config (chat
     models end a turn with a token other than the tokenizer's EOS, e.g. ``<|im_end|>``)."""

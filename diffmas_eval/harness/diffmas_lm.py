@@ -36,6 +36,7 @@ from ..latent import LatentConfig
 from ..latent.chain import Generation
 from ..latent.config import chain_options
 from ..latent.persist import load_trained_chain
+from ..memory import trace_positions
 from ..models import resolve_pretrained
 from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, note_before, with_note
 from ..protocol import check_gen_kwargs
@@ -214,7 +215,7 @@ class DiffMASLM(HFLM):
         final agent's ``final`` positions (prompt + answer). CUDA: probe the real chain for OOM from
         ``max_batch_size`` down, as ``hf`` does; otherwise: from the free memory, without probing."""
         prompts = [len(agent[0]) for agent in self.chain.upstream_prompts([question])]
-        trace = sum(prompts) + len(prompts) * self.chain.config.latent_steps
+        trace = trace_positions(prompts, self.chain.config.latent_steps)
         final = max(2, min(final, self.max_length - trace))  # a longer row is refused before compute anyway
         cost = RowCost.of(self.model)
         per_row = cost.row(trace, final, prefill=max([final, *prompts]), scored=scored)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from ..memory import trace_positions
 from ..models import context_length
 from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble, final_prompt_ids, question_prompt
 from ..stability import AnswerStats, step_stats
@@ -167,13 +168,13 @@ def check_budget(config: LatentConfig, lengths: list[list[int]], final_tokens: l
     m, limit = config.latent_steps, config.max_trace_tokens
     rows = len(lengths[0]) if lengths else len(final_tokens or [])
     for i in range(rows):
-        trace = sum(agent[i] + m for agent in lengths)
+        trace = trace_positions([agent[i] for agent in lengths], m)
         detail = " + ".join(f"{r} {a[i]}+{m}" for r, a in zip(config.upstream, lengths))
         if limit is not None and trace > limit:
             raise TraceTooLongError(
                 f"row {i}: the latent trace needs {trace} positions ({detail}) but max_trace_tokens={limit}; "
                 "lower latent_steps or agents, shorten the question, or raise max_trace_tokens")
-        used = max((a[i] + m for a in lengths), default=0) if config.independent else trace
+        used = trace_positions([a[i] for a in lengths], m, config.independent)
         total = used + (final_tokens[i] if final_tokens else 0)
         if ctx is not None and total > ctx:
             raise TraceTooLongError(
