@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import DTYPES, load_model
-from diffmas_eval.tiny import make_tiny_model
+from diffmas_eval.testing.tiny import make_tiny_model
 
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -41,7 +41,7 @@ PAIRS = [("float32", "float64", "model"), ("bfloat16", "float32", "model"), ("fl
 
 
 def load(name: str):
-    """A float32 model and its tokenizer: ``tiny:ARCH`` (random, ``diffmas_eval.tiny``) or anything
+    """A float32 model and its tokenizer: ``tiny:ARCH`` (random, ``diffmas_eval.testing.tiny``) or anything
     ``load_model`` takes."""
     if name.startswith("tiny:"):
         return make_tiny_model(name.split(":", 1)[1])

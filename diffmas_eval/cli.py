@@ -83,7 +83,7 @@ def memory(args: argparse.Namespace) -> int:
 def options(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .readme import options_reference, update_options
+    from .reference import options_reference, update_options
 
     if args.readme is None:
         print(options_reference(), end="")

@@ -1,7 +1,7 @@
 """Where an answer ends, defined once: lm-eval's stop strings and the model's end-of-sequence ids.
 
 The in-process chain (``latent/chain.py``), the text MAS's in-process backend and the servers' answers
-(``serving/client.py``, ``stage2_vllm.py``) all cut and stop by these, so the same answer reads the same
+(``serving/client.py``, ``serving/stage2_vllm.py``) all cut and stop by these, so the same answer reads the same
 whichever of them produced it.
 """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from diffmas_eval.cli import main
-from diffmas_eval.leaderboard.ablate import AXES, Variant, grid, is_reference, reference_of
+from diffmas_eval.leaderboard.ablate_grid import AXES, Variant, grid, is_reference, reference_of
 from diffmas_eval.leaderboard.ablate_report import README_END, README_START, paired_bootstrap, summary, update_readme
 from diffmas_eval.leaderboard.config import Settings, short_hash
 from diffmas_eval.leaderboard.train import launch_command
@@ -162,7 +162,7 @@ def test_readme_section_round_trips(mini, tmp_path):
 
 
 def test_bad_grids_are_refused_before_anything_runs(data_dir, tmp_path, capsys, monkeypatch):
-    from diffmas_eval.tiny import save_tiny_model
+    from diffmas_eval.testing.tiny import save_tiny_model
 
     monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
     small = save_tiny_model(tmp_path / "small", "llama", context=2048)

@@ -5,8 +5,8 @@ import torch
 
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.prompts import ROLES, chat_format, final_preamble, takes_system
+from diffmas_eval.testing.tiny import TEMPLATES, make_tiny_model, save_tiny_model
 from diffmas_eval.textmas.chain import TextChain
-from diffmas_eval.tiny import TEMPLATES, make_tiny_model, save_tiny_model
 from tests.conftest import QUESTIONS
 
 KINDS = list(TEMPLATES)  # system (taken), no_system (refused, Gemma), alternating (Mistral v0.1/v0.2)

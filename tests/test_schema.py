@@ -150,7 +150,8 @@ def test_leaderboard_and_memory_flags_are_the_schemas(capsys):
 def test_the_readme_option_reference_is_the_schemas():
     from pathlib import Path
 
-    from diffmas_eval.readme import options_reference, section_of
+    from diffmas_eval.readme import section_of
+    from diffmas_eval.reference import options_reference
 
     section = section_of((Path(__file__).resolve().parents[1] / "README.md").read_text(), "options")
     assert section.strip() == options_reference().strip(), "stale: diffmas-eval options --readme README.md"

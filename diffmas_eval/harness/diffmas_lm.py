@@ -6,10 +6,12 @@ this class only routes each request through the chain. Upstream agents read the 
 and then the context exactly as the task formatted it. With ``agents=1`` there is no trace and no
 note, so the final agent sees exactly what ``--model hf`` sees (the tests use ``hf`` as the oracle).
 
-Every ``hf`` model_arg works: whatever is not one of ``OPTIONS`` and is a parameter of
+Every ``hf`` model_arg the chain can honour works: whatever is not one of ``OPTIONS`` and is a parameter of
 ``HFLM.__init__`` (read from its signature, see ``common.check_model_args``) goes to ``HFLM``
-unchanged; HFLM's scoring-only knobs (``logits_cache``, ``truncation``, ``softmax_dtype``) have no
-effect, because the chain scores (in float32). ``batch_size=auto`` sizes a batch for what a DiffMAS
+unchanged. HFLM's scoring-only knobs (``truncation``, ``logits_cache``, ``softmax_dtype``, ``UNHONOURED``) are
+refused with the reason when given another value than HFLM's default: the chain scores its own way (in
+float32, one prefill per context over the trace, a row that does not fit refused rather than truncated), so
+they would be silently dropped. ``batch_size=auto`` sizes a batch for what a DiffMAS
 row holds (``batching.py``).
 """
 
@@ -42,8 +44,8 @@ from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, note_before,
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
+from ..serving.stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stability import served_record
-from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stopping import eos_ids
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -74,10 +76,26 @@ def model_options(config_class: type[LatentConfig] = LatentConfig) -> dict[str, 
 
 
 OPTIONS = model_options()
+# HFLM arguments the chain cannot honour: their HFLM default, and why another value is refused
+UNHONOURED = {
+    "truncation": (False, "the chain never truncates a context: a row whose trace and final agent do not fit the "
+                          "model's context (or max_trace_tokens) is refused before compute"),
+    "logits_cache": (True, "the chain prefills each context once over its question's trace and scores every "
+                           "continuation from it; HFLM's logits cache is not used"),
+    "softmax_dtype": (None, "the chain computes every log-softmax in float32"),
+}
+
+
+def refuse_unhonoured(hf_args: dict) -> None:
+    """Refuse, with the reason, an ``hf`` argument the chain would ignore (``UNHONOURED``) at a non-default value."""
+    for name, (default, why) in UNHONOURED.items():
+        if name in hf_args and hf_args[name] != default:
+            raise ValueError(f"diffmas cannot honour {name}={hf_args[name]!r}: {why}; drop it (lm-eval's hf "
+                             f"applies it; HFLM's default is {default!r})")
 eval_logger = logging.getLogger("lm_eval.models.diffmas")  # under lm-eval's logger and verbosity
 
 def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: str | None) -> None:
-    """``stage2=vllm`` (``stage2_vllm.py``) needs one causal sequence, a server and the name it serves."""
+    """``stage2=vllm`` (``serving/stage2_vllm.py``) needs one causal sequence, a server and the name it serves."""
     if stage2 not in ("hf", "vllm"):
         raise ValueError(f"stage2={stage2!r} is not valid; use hf (in process) or vllm")
     if stage2 == "hf":
@@ -111,6 +129,7 @@ class DiffMASLM(HFLM):
         given = {o.name: o.parse(kwargs.pop(o.name)) for o in schema if o.name in kwargs}
         given = {k: v for k, v in given.items() if v is not None}
         hf_args = check_model_args("diffmas", kwargs, model_options(self.config_class))
+        refuse_unhonoured(hf_args)
         served_model = served_model or (pretrained if isinstance(pretrained, str) and not peft else None)
         parse_batch_size("diffmas", batch_size)
         if hf_args.get("backend") == "seq2seq":

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
+from ..latent.distributed import CallThrough
 from ..latent.persist import CARD_FILE, CONFIG_FILE, REALIGN_FILE, save_chain_config, write_model_card
 from ..prompts import TEXT_ROLES, final_preamble, final_prompt_ids, last_user_turn, with_note
 
@@ -104,24 +104,6 @@ class _WithQuestions:
         return batch
 
 
-class _CallThrough(nn.Module):
-    """What the chain gets as its model under DDP/FSDP: calls go through the wrapper (so the wrapper
-    syncs gradients), attribute reads (``config``, ``get_input_embeddings``) go to the model inside,
-    which the wrappers do not expose. Neither is registered as a submodule (no second parameter copy)."""
-
-    def __init__(self, wrapped: nn.Module, inner: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_wrapped", wrapped)
-        object.__setattr__(self, "_inner", inner)
-        del self.__dict__["training"]  # read the inner model's train/eval mode
-
-    def forward(self, *args, **kwargs):
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(object.__getattribute__(self, "_inner"), name)
-
-
 def _name(choice) -> str:
     """An enum option of TrainingArguments (or a plain string) as its name."""
     return str(getattr(choice, "value", choice))
@@ -170,7 +152,7 @@ class DiffMASSFTTrainer(SFTTrainer):
                                "mode, which cuts the latent trace; use DiffMAS's checkpoint_agents instead")
         inner = self.accelerator.unwrap_model(model)
         # always call the model compute_loss receives: the accelerate-wrapped one syncs gradients (DDP, FSDP)
-        self.chain.model = model if inner is model else _CallThrough(model, inner)
+        self.chain.model = model if inner is model else CallThrough(model, inner)
         rows, labels = [], []
         for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]):
             real = mask.bool()
