@@ -1,6 +1,7 @@
 """One question through a DiffMAS chain (``diffmas-eval ask``), as functions that return what the command prints.
 
-``build_chain`` loads a model into an ``AgentChain``; ``ask`` runs stage 1 (the latent trace) and stage 2 (the
+``build_chain`` loads a model into an ``AgentChain`` (with ``peft``, the chain the adapter was trained with:
+``latent.persist.load_trained_chain``); ``ask`` runs stage 1 (the latent trace) and stage 2 (the
 final agent's answer) and returns the answer with its trace and timings. The command only parses flags and
 prints; a script or notebook gets the same numbers without scraping text, and can reuse one loaded chain for
 many questions.

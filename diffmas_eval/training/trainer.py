@@ -7,6 +7,10 @@ runs the final agent teacher-forced on TRL's prompt + completion tokens over the
 cross-entropy on completion tokens is normalised as TRL normalises it (by the number of target
 tokens in the accumulated batch).
 
+Every save (``save_model``, checkpoints, ``push_to_hub``) writes the trained chain beside the adapter: its options
+(``diffmas.json``), a trained realignment and a model card (``latent/persist.py``), so the folder TRL pushes to the
+Hub is a trained chain that ``lm_eval --model diffmas`` and ``diffmas-eval ask`` rebuild from a repo id.
+
 Two things are refused or redirected on purpose:
 - ``gradient_checkpointing=True`` (TRL's default) makes transformers drop the KV cache in training
   mode, which would silently cut the latent trace. It is turned into per-agent activation
