@@ -12,7 +12,9 @@ MODEL ?= bundled:smollm2-135m-instruct
 # score, and where a 135M model is above chance: n=150 separates differences of about 0.11)
 LIMIT ?= 5
 MC_LIMIT ?= 150
-TASKS ?= diffmas_gsm8k,math500,diffmas_aime24,gpqa_diamond,diffmas_arc_challenge,diffmas_commonsense_qa,humanevalplus,mbppplus
+# the default tasks and which are multiple choice come from the package's one task table (diffmas_eval/tasks/registry.py);
+# lazy (=), so they are read after make has installed .venv
+TASKS ?= $(shell $(PY) -m diffmas_eval.tasks.registry default)
 METHODS ?= single,single-sft,textmas,latentmas,diffmas
 # JOBS cells (or trainings) at once, each a process with THREADS torch threads: on this 2-core CPU two
 # one-thread jobs are the fastest (one process's 2 threads spin-wait against anything else running);
@@ -21,8 +23,8 @@ JOBS ?= 2
 THREADS ?= 1
 comma := ,
 space := $(subst ,, )
-MC_TASKS := $(filter diffmas_arc_challenge diffmas_commonsense_qa,$(subst $(comma), ,$(TASKS)))
-LIMITS := $(LIMIT)$(subst $(space),,$(foreach t,$(MC_TASKS),$(comma)$(t)=$(MC_LIMIT)))
+MC_TASKS = $(subst $(comma), ,$(shell $(PY) -m diffmas_eval.tasks.registry multiple_choice $(TASKS)))
+LIMITS = $(LIMIT)$(subst $(space),,$(foreach t,$(MC_TASKS),$(comma)$(t)=$(MC_LIMIT)))
 LEADERBOARD_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.latent import AgentChain, LatentConfig
-from diffmas_eval.models import load_model
-from diffmas_eval.tiny import make_tiny_model
+from diffmas_eval.models import DTYPES, load_model
+from diffmas_eval.testing.tiny import make_tiny_model
 
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -36,13 +36,12 @@ QUESTIONS = [
     "What is 12 + 30?",
     "Which is heavier, a kilogram of feathers or a kilogram of iron? Answer (A) feathers (B) iron (C) same.",
 ]
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (compared, reference, latent_dtype of the compared chain)
 PAIRS = [("float32", "float64", "model"), ("bfloat16", "float32", "model"), ("float16", "float32", "model")]
 
 
 def load(name: str):
-    """A float32 model and its tokenizer: ``tiny:ARCH`` (random, ``diffmas_eval.tiny``) or anything
+    """A float32 model and its tokenizer: ``tiny:ARCH`` (random, ``diffmas_eval.testing.tiny``) or anything
     ``load_model`` takes."""
     if name.startswith("tiny:"):
         return make_tiny_model(name.split(":", 1)[1])

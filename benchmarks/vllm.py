@@ -30,8 +30,8 @@ from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.harness.textmas_lm import TextMASLM
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.models import load_model, resolve_pretrained
+from diffmas_eval.serving.stage2_vllm import PromptEmbedsBackend, trace_embeddings
 from diffmas_eval.serving.vllm_cpu import VLLMServer
-from diffmas_eval.stage2_vllm import PromptEmbedsBackend, trace_embeddings
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from latency import gsm8k  # noqa: E402 - same questions as the other benchmarks

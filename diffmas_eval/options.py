@@ -79,14 +79,40 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+GIVEN = "given_options"  # the namespace attribute ``add_flags(trained=True)`` records the flags given in
+
+
+class _RecordGiven(argparse._StoreAction):
+    """Store the value, and record that the flag was given (its default alone does not say it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        given = set(getattr(namespace, GIVEN, None) or ())
+        setattr(namespace, GIVEN, given | {self.dest})
+
+
+def given_options(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The values of the flags ``names`` that were given on the command line (``add_flags(trained=True)``),
+    None for the others: a trained chain's saved value applies where the user did not choose one."""
+    given = getattr(args, GIVEN, None) or set()
+    return {n: getattr(args, n) if n in given else None for n in names}
+
+
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options: Iterable[ChainOption],
-              defaults: Mapping[str, Any] | None = None, notes: Mapping[str, str] | None = None) -> None:
+              defaults: Mapping[str, Any] | None = None, notes: Mapping[str, str] | None = None,
+              trained: bool = False) -> None:
     """One flag per option, its type, choices and help from the schema; ``defaults``: a command's own
     default for some of them (the leaderboard's CPU-sized chain), shown in the help as the one it uses;
-    ``notes``: what the option means in that command, put before the schema's help (the methods it applies to)."""
+    ``notes``: what the option means in that command, put before the schema's help (the methods it applies to).
+    ``trained``: the command loads a trained chain (``--peft``), whose saved value of an option that shapes the
+    trace (``agents`` and the schema's ``saved`` ones) applies when the flag is not given: the flags given are
+    recorded (``given_options``) and the help says so."""
     defaults, notes = defaults or {}, notes or {}
     for o in options:
         note = f"{notes[o.name]}: " if o.name in notes else ""
+        inherit = trained and (o.saved or o.name == "agents")
+        shown = " (default: %(default)s, or the --peft adapter's)" if inherit else " (default: %(default)s)"
         parser.add_argument(flag(o.name), dest=o.name, type=o.type if o.type is not bool else o.parse,
                             default=defaults.get(o.name, o.default), choices=o.choices,
-                            help=(note + o.help).replace("%", "%%") + " (default: %(default)s)")
+                            action=_RecordGiven if trained else "store",
+                            help=(note + o.help).replace("%", "%%") + shown)

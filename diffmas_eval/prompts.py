@@ -55,6 +55,7 @@ ROLE_OPTIONS = {
 }
 UPSTREAM_CYCLE = ("planner", "critic", "refiner")
 FINAL_ROLE = "solver"
+DEFAULT_AGENTS = 4  # planner, critic, refiner, solver
 FINAL_PREAMBLE = (
     "[Latent thoughts from the {names} agent(s) precede this text. Use them if they help; "
     "ignore them otherwise.]\n\n"
@@ -168,6 +169,77 @@ def last_user_turn(messages: list[dict]) -> int | None:
 
 def final_preamble(upstream: list[str]) -> str:
     return FINAL_PREAMBLE.format(names=", ".join(upstream)) if upstream else ""
+
+
+# -- the final agent's prompt: one builder, the one SFT trains ------------------------------------------
+def with_note(prompt: str | list[dict], note: str) -> str | list[dict]:
+    """The final agent's prompt: the trace note (``final_preamble``) before the task, in the last user turn of a
+    chat or before a plain-text prompt. What the trainer gives TRL, ``lm_eval --model diffmas`` puts in the chat
+    turn, and ``final_prompt_ids`` tokenizes."""
+    if not note:
+        return prompt
+    if isinstance(prompt, str):
+        return note + prompt
+    messages = [dict(m) for m in prompt]
+    last = last_user_turn(messages)
+    if last is None:
+        raise ValueError("a conversational prompt needs a user message")
+    messages[last]["content"] = note + messages[last]["content"]
+    return messages
+
+
+def question_prompt(tokenizer, question: str) -> str | list[dict]:
+    """A bare question as a prompt: one user turn where the tokenizer has a chat template (as ``lm_eval
+    --apply_chat_template`` and a conversational SFT row give it), else the question as text."""
+    return [{"role": "user", "content": question}] if getattr(tokenizer, "chat_template", None) else question
+
+
+def final_prompt_ids(tokenizer, upstream: list[str], prompt: str | list[dict],
+                     enable_thinking: bool | None = None) -> list[int]:
+    """The final agent's prompt tokens exactly as SFT trains them: the note before the task (``with_note``),
+    tokenized as TRL tokenizes a prompt (a chat through the template with the generation prompt, text with the
+    tokenizer's special tokens). No role instruction: the trainer never gave the final agent one, so neither
+    do ``ask``, the gradient probe nor ``lm_eval --model diffmas`` (``tests/test_final_prompt.py`` holds all
+    four to the same ids)."""
+    prompt = with_note(prompt, final_preamble(upstream))
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                        **kwargs)["input_ids"]
+    return list(ids)
+
+
+def note_before(note_ids: list[int], context_ids: list[int], bos: int | None) -> list[int]:
+    """A plain (not chat) lm-eval context with the note's tokens before it, after its BOS if it starts with one:
+    lm-eval tokenizes the context itself, so the note is spliced in as tokens."""
+    if context_ids and bos is not None and context_ids[0] == bos:
+        return [bos, *note_ids, *context_ids[1:]]
+    return list(note_ids) + list(context_ids)
+
+
+# -- which roles play, in which order: one resolution for diffmas and textmas -------------------------
+def resolve_roles(family: str | None = None, roles_file: str | None = None, agents: int | None = None,
+                  topology: str | None = None, order: list[str] | None = None, *,
+                  saved_topology: str | None = None, builtin: dict[str, Role] | None = None,
+                  ) -> tuple[dict[str, Role], list[str]]:
+    """The role instructions and the agents in order, for ``lm_eval --model diffmas`` and ``textmas`` alike.
+
+    A roles file decides both (``agents``, when given, must match it); else a given ``agents`` or ``topology``
+    picks the topology's roles (``saved_topology``, a trained chain's, when only ``agents`` is given; as many
+    agents as ``order`` when only the topology is); else ``order`` (a trained chain's saved roles); else the
+    default 4 sequential agents. ``family``: the task family's instructions (``family_roles``)."""
+    role_map = family_roles(family, TEXT_ROLES if builtin is None else builtin)
+    if roles_file:
+        role_map, order = load_roles(roles_file, role_map)
+        if agents is not None and int(agents) != len(order):
+            raise ValueError(f"agents={agents} but the roles file {roles_file} defines {len(order)} agents")
+        return role_map, order
+    order = list(order) if order else default_roles(DEFAULT_AGENTS)
+    if agents is not None or topology is not None:
+        order = topology_roles(int(agents) if agents is not None else len(order),
+                               topology or saved_topology or "sequential")
+    return role_map, order
 
 
 def topology_roles(agents: int, topology: str = "sequential") -> list[str]:

@@ -18,14 +18,9 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
-PAPER_CAPS = {"diffmas_aime24": 20000, "diffmas_aime25": 20000, "gpqa_diamond": 8000, "diffmas_gsm8k": 2048,
-              "diffmas_arc_challenge_gen": 2048, "diffmas_commonsense_qa_gen": 2048, "math500": 32768,
-              "humanevalplus": 4096, "mbppplus": 4096}
-# the package's generative tasks scored per sample (their process_results take k samples; tasks/utils.py)
-SAMPLED_TASKS = {"diffmas_gsm8k": "number", "diffmas_aime24": "math", "diffmas_aime25": "math", "math500": "math",
-                 "gpqa_diamond": "letter", "diffmas_arc_challenge_gen": "letter",
-                 "diffmas_commonsense_qa_gen": "letter"}
-CODE_TASKS = ("humanevalplus", "mbppplus")
+# the paper's per-task caps, the generative tasks scored per sample (their process_results take k samples;
+# tasks/utils.py) and the code tasks: from the one task registry
+from .tasks.registry import CODE_TASKS, PAPER_CAPS, SAMPLED_TASKS
 
 
 @dataclass(frozen=True)

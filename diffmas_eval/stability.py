@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from .stopping import ending
+
 STOPS = ("eos", "stop", "length")
 
 
@@ -90,7 +92,8 @@ def server_stats(logprobs: list[float] | None, keep: list[bool], finish_reason: 
     where the server gave no log-probabilities or did not say why it stopped."""
     if logprobs is None or finish_reason not in ("stop", "length"):
         return None
-    stopped = "length" if finish_reason == "length" else "stop" if isinstance(stop_reason, str) else "eos"
+    ended = finish_reason == "stop"  # else "length": the token cap
+    stopped = ending(eos=ended and not isinstance(stop_reason, str), stop=ended and isinstance(stop_reason, str))
     return AnswerStats([float(v) for v, k in zip(logprobs, keep) if k], [], stopped)
 
 

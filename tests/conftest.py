@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmas_eval.tiny import make_tiny_model, save_tiny_model
+from diffmas_eval.testing.tiny import make_tiny_model, save_tiny_model
 
 torch.set_num_threads(2)
 DATA_DIR = Path(os.environ.get("DIFFMAS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffmas_eval.latent import AgentChain, LatentConfig
-from diffmas_eval.tiny import SLIDING_ARCHS, SLIDING_WINDOW, make_tiny_model
+from diffmas_eval.testing.tiny import SLIDING_ARCHS, SLIDING_WINDOW, make_tiny_model
 from tests.conftest import QUESTIONS
 
 ATOL = 1e-4
@@ -107,7 +107,7 @@ def test_gradient_probe_reaches_every_agent(sliding):
 def test_lm_eval_scores_a_sliding_window_model_the_same_at_any_batch_size(tmp_path, local_data):
     from lm_eval import simple_evaluate
 
-    from diffmas_eval.tiny import save_tiny_model
+    from diffmas_eval.testing.tiny import save_tiny_model
 
     path = save_tiny_model(tmp_path / "gemma3", "gemma3")
     runs = [simple_evaluate(model="diffmas", model_args=f"pretrained={path},agents=3,latent_steps=2,dtype=float32",

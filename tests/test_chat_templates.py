@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from diffmas_eval.latent import AgentChain, LatentConfig
-from diffmas_eval.prompts import ROLES, chat_format, takes_system
+from diffmas_eval.prompts import ROLES, chat_format, final_preamble, takes_system
+from diffmas_eval.testing.tiny import TEMPLATES, make_tiny_model, save_tiny_model
 from diffmas_eval.textmas.chain import TextChain
-from diffmas_eval.tiny import TEMPLATES, make_tiny_model, save_tiny_model
 from tests.conftest import QUESTIONS
 
 KINDS = list(TEMPLATES)  # system (taken), no_system (refused, Gemma), alternating (Mistral v0.1/v0.2)
@@ -30,7 +30,11 @@ def test_diffmas_agents_get_their_instructions_exactly_once(templated):
             text = tok.decode(ids)
             assert text.count(ROLES[role].instruction) == 1 and text.count(question) == 1
     final = [chain.final_prompt(q) for q in QUESTIONS[:2]]
-    assert tok.decode(final[0]).count(ROLES["solver"].instruction) == 1
+    # the final agent's prompt is the one SFT trains (issue 30): the trace note and the question once each, in the
+    # template's user turn, and no role instruction (the trainer never gave the final agent one)
+    text = tok.decode(final[0])
+    assert text.count(final_preamble(chain.config.upstream)) == 1 and text.count(QUESTIONS[0]) == 1
+    assert ROLES["solver"].instruction not in text
     with torch.no_grad():
         trace = chain.stage1(QUESTIONS[:2])
         gens = chain.generate(trace, final, max_new_tokens=4)

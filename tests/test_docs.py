@@ -410,7 +410,8 @@ def _generated():
     from benchmarks.readme import section as bench_section
     from diffmas_eval.leaderboard import ablate_report, report
     from diffmas_eval.leaderboard.ablate import AblationOptions
-    from diffmas_eval.readme import OPTIONS_COMMAND, STATUS_COMMAND, replace_section, update_options
+    from diffmas_eval.readme import replace_section
+    from diffmas_eval.reference import OPTIONS_COMMAND, STATUS_COMMAND, update_options
 
     rows = lambda: report.read_csv(ROOT / "leaderboards" / "leaderboard.csv")  # noqa: E731
     return [

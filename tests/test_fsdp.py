@@ -6,7 +6,7 @@ accelerate cannot stand in here: it runs FSDP only on GPUs, and ``ACCELERATE_USE
 --config_file trainers/configs/fsdp.yaml`` silently trains with DDP. So ``fsdp_probe.py`` shards the
 package's own trainer's model through torch directly, as ``fsdp.yaml`` asks accelerate to on GPUs
 (details in its docstring). Without the chain's backward unshard hook on the cache tensors
-(``latent.chain._unshard_in_backward``) the sharded run fails in backward ("setStorage: ... storage of
+(``latent.distributed.unshard_in_backward``) the sharded run fails in backward ("setStorage: ... storage of
 size 0": a layer's backward through the trace ran on resharded, freed weights).
 """
 

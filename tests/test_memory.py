@@ -10,7 +10,7 @@ from diffmas_eval import memory
 from diffmas_eval.cli import main
 from diffmas_eval.harness.batching import RowCost
 from diffmas_eval.latent import AgentChain, LatentConfig
-from diffmas_eval.tiny import make_tokenizer
+from diffmas_eval.testing.tiny import make_tokenizer
 
 TOKENIZER = make_tokenizer()
 SMALL = dict(vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=96, num_attention_heads=4,

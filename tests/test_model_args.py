@@ -17,7 +17,7 @@ from diffmas_eval.harness.common import FROM_PRETRAINED
 from diffmas_eval.harness.diffmas_lm import OPTIONS, DiffMASLM
 from diffmas_eval.harness.textmas_lm import TextMASLM
 from diffmas_eval.latent import AgentChain
-from diffmas_eval.tiny import save_tiny_model
+from diffmas_eval.testing.tiny import save_tiny_model
 
 REQUESTS = [("Question: what is 12 + 30? Answer:", " 42"), ("Question: what is 12 + 30? Answer:", " 100"),
             ("The quick brown fox jumps over the", " lazy dog.")]
@@ -40,8 +40,10 @@ def hflm_parameters():
 
 def test_every_hflm_parameter_reaches_hflm_unchanged(tiny_path, monkeypatch):
     given = {k: v for k, v in hflm_parameters().items() if v is not inspect.Parameter.empty}
+    # every HFLM argument the chain honours (truncation, logits_cache, softmax_dtype at HFLM's defaults: another
+    # value is refused, test_arguments_the_chain_cannot_honour_are_refused_with_the_reason)
     given |= {"pretrained": str(tiny_path), "device": "cpu", "dtype": "float32", "max_length": 77,
-              "truncation": True, "prefix_token_id": 5, "think_end_token": "</x>", "softmax_dtype": "float32",
+              "prefix_token_id": 5, "think_end_token": "</x>",
               "max_batch_size": 7, "batch_size": "auto:2", "attn_implementation": "sdpa"}
     seen = {}
     init = HFLM.__init__
@@ -55,9 +57,16 @@ def test_every_hflm_parameter_reaches_hflm_unchanged(tiny_path, monkeypatch):
     lm = DiffMASLM(**given, agents=1)
     assert seen == given  # every HFLM argument (and from_pretrained's attn_implementation), as given
     assert (lm.max_length, lm.truncation, lm.prefix_token_id, lm.think_end_token, lm.max_batch_size) == (
-        77, True, 5, "</x>", 7)
-    assert lm.softmax_dtype == torch.float32 and lm.batch_size == "auto" and lm.batch_schedule == 2
+        77, False, 5, "</x>", 7)
+    assert lm.softmax_dtype is None and lm.batch_size == "auto" and lm.batch_schedule == 2
     assert lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arg", ["truncation=True", "logits_cache=False", "softmax_dtype=float32"])
+def test_arguments_the_chain_cannot_honour_are_refused_with_the_reason(tiny_path, arg):
+    # accepted and silently ignored before issue 30 (the chain truncates, caches and computes softmax its own way)
+    with pytest.raises(ValueError, match=rf"diffmas cannot honour {arg.split('=')[0]}=.*: the chain .*drop it"):
+        DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},device=cpu,{arg}")
 
 
 def test_misspelt_argument_fails_with_ours_first_then_hflms(tiny_path):

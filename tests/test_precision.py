@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmas_eval.latent import AgentChain, LatentConfig, NonFiniteTraceError
-from diffmas_eval.tiny import make_tiny_model
+from diffmas_eval.testing.tiny import make_tiny_model
 from tests.conftest import QUESTIONS
 
 ULP = 2 ** -8  # bf16's relative rounding step
@@ -227,7 +227,7 @@ def test_a_trace_on_another_device_than_its_layer_is_a_clear_error(tiny_llama):
     """A trace lives where the layers that wrote it run; reading it after the placement changed (here:
     layer 1's cache moved to the meta device, as a changed device_map would leave it) is refused before
     any forward, naming the layer, both devices and the fix."""
-    from diffmas_eval.latent.chain import layer_devices
+    from diffmas_eval.latent.distributed import layer_devices
 
     model, tok = tiny_llama
     assert layer_devices(model) == {0: torch.device("cpu"), 1: torch.device("cpu")}

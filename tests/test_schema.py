@@ -150,7 +150,8 @@ def test_leaderboard_and_memory_flags_are_the_schemas(capsys):
 def test_the_docs_option_reference_is_the_schemas():
     from pathlib import Path
 
-    from diffmas_eval.readme import OPTIONS_COMMAND, OPTIONS_PAGE, options_reference, section_of
+    from diffmas_eval.readme import section_of
+    from diffmas_eval.reference import OPTIONS_COMMAND, OPTIONS_PAGE, options_reference
 
     section = section_of((Path(__file__).resolve().parents[1] / OPTIONS_PAGE).read_text(), "options")
     assert section.strip() == options_reference().strip(), f"stale: {OPTIONS_COMMAND}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.stopping import cut_at_stop, eos_ids
+from diffmas_eval.testing.tiny import make_tiny_model
 from diffmas_eval.textmas.backends import HFBackend
-from diffmas_eval.tiny import make_tiny_model
 
 
 def test_cut_at_stop_is_lm_evals_convention():

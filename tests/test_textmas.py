@@ -20,8 +20,8 @@ from diffmas_eval.harness.common import ACCOUNTING_KEY, add_accounting
 from diffmas_eval.harness.textmas_lm import TextMASLM
 from diffmas_eval.leaderboard import method_model_args, rows_from_results
 from diffmas_eval.prompts import topology_roles
+from diffmas_eval.testing.tiny import make_tokenizer
 from diffmas_eval.textmas import BackendError, Completion, TextChain
-from diffmas_eval.tiny import make_tokenizer
 
 GEN = {"max_gen_toks": 10}
 

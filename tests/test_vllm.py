@@ -28,9 +28,9 @@ from sqlitedict import SqliteDict
 from diffmas_eval.harness.common import ACCOUNTING_KEY, add_accounting
 from diffmas_eval.harness.diffmas_lm import DiffMASLM
 from diffmas_eval.serving import BackendError, OpenAIClient
+from diffmas_eval.serving.stage2_vllm import PROBE_TEXT, _max_gap
 from diffmas_eval.serving.vllm_cpu import VLLMServer
-from diffmas_eval.stage2_vllm import PROBE_TEXT, _max_gap
-from diffmas_eval.tiny import VLLM_SERVABLE, save_tiny_model
+from diffmas_eval.testing.tiny import VLLM_SERVABLE, save_tiny_model
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]

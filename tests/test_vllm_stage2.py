@@ -14,9 +14,9 @@ import torch
 from diffmas_eval.harness.diffmas_lm import DiffMASLM
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.prompts import default_roles
-from diffmas_eval.stage2_vllm import encode_prompt_embeds, trace_embeddings
+from diffmas_eval.serving.stage2_vllm import encode_prompt_embeds, trace_embeddings
+from diffmas_eval.testing.tiny import make_tiny_model
 from diffmas_eval.textmas import BackendError
-from diffmas_eval.tiny import make_tiny_model
 
 from .conftest import QUESTIONS
 

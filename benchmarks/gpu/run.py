@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # the working tree's package, not an installed on
 from diffmas_eval.harness.batching import RowCost  # noqa: E402
 from diffmas_eval.latent import AgentChain, LatentConfig  # noqa: E402
 from diffmas_eval.memory import trace_memory  # noqa: E402
-from diffmas_eval.tiny import make_tokenizer  # noqa: E402
+from diffmas_eval.testing.tiny import make_tokenizer  # noqa: E402
 
 # published config values (config.json on the hub) of the shapes users run; vocab 151,936 everywhere
 SHAPES = {

@@ -6,10 +6,12 @@ this class only routes each request through the chain. Upstream agents read the 
 and then the context exactly as the task formatted it. With ``agents=1`` there is no trace and no
 note, so the final agent sees exactly what ``--model hf`` sees (the tests use ``hf`` as the oracle).
 
-Every ``hf`` model_arg works: whatever is not one of ``OPTIONS`` and is a parameter of
+Every ``hf`` model_arg the chain can honour works: whatever is not one of ``OPTIONS`` and is a parameter of
 ``HFLM.__init__`` (read from its signature, see ``common.check_model_args``) goes to ``HFLM``
-unchanged; HFLM's scoring-only knobs (``logits_cache``, ``truncation``, ``softmax_dtype``) have no
-effect, because the chain scores (in float32). ``batch_size=auto`` sizes a batch for what a DiffMAS
+unchanged. HFLM's scoring-only knobs (``truncation``, ``logits_cache``, ``softmax_dtype``, ``UNHONOURED``) are
+refused with the reason when given another value than HFLM's default: the chain scores its own way (in
+float32, one prefill per context over the trace, a row that does not fit refused rather than truncated), so
+they would be silently dropped. ``batch_size=auto`` sizes a batch for what a DiffMAS
 row holds (``batching.py``).
 """
 
@@ -32,26 +34,18 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from .. import DEFAULT_MODEL
-from ..latent import AgentChain, LatentConfig
+from ..latent import LatentConfig
 from ..latent.chain import Generation
-from ..latent.config import DEFAULT_AGENTS, chain_options, saved_fields
-from ..latent.persist import load_chain_config
+from ..latent.config import chain_options
+from ..latent.persist import load_trained_chain
+from ..memory import trace_positions
 from ..models import resolve_pretrained
-from ..prompts import (
-    ROLE_OPTIONS,
-    TEXT_ROLES,
-    default_roles,
-    family_roles,
-    final_preamble,
-    last_user_turn,
-    load_roles,
-    topology_roles,
-)
+from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, note_before, with_note
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
+from ..serving.stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stability import served_record
-from ..stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stopping import eos_ids
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -59,6 +53,7 @@ from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data
 # model_args that are not chain options: loading, roles, batching, stage 2 (the chain's own come from its schema)
 MODEL_OPTIONS = {
     "pretrained": f"hub id, local path or bundled:NAME (default {DEFAULT_MODEL})",
+    # also a Hub repo id (latent.persist.load_trained_chain); the help is README's generated option reference
     "peft": "path of a PEFT adapter (e.g. the output_dir of trainers/sft.py; its saved chain options apply)",
 }
 RUN_OPTIONS = {
@@ -81,10 +76,26 @@ def model_options(config_class: type[LatentConfig] = LatentConfig) -> dict[str, 
 
 
 OPTIONS = model_options()
+# HFLM arguments the chain cannot honour: their HFLM default, and why another value is refused
+UNHONOURED = {
+    "truncation": (False, "the chain never truncates a context: a row whose trace and final agent do not fit the "
+                          "model's context (or max_trace_tokens) is refused before compute"),
+    "logits_cache": (True, "the chain prefills each context once over its question's trace and scores every "
+                           "continuation from it; HFLM's logits cache is not used"),
+    "softmax_dtype": (None, "the chain computes every log-softmax in float32"),
+}
+
+
+def refuse_unhonoured(hf_args: dict) -> None:
+    """Refuse, with the reason, an ``hf`` argument the chain would ignore (``UNHONOURED``) at a non-default value."""
+    for name, (default, why) in UNHONOURED.items():
+        if name in hf_args and hf_args[name] != default:
+            raise ValueError(f"diffmas cannot honour {name}={hf_args[name]!r}: {why}; drop it (lm-eval's hf "
+                             f"applies it; HFLM's default is {default!r})")
 eval_logger = logging.getLogger("lm_eval.models.diffmas")  # under lm-eval's logger and verbosity
 
 def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: str | None) -> None:
-    """``stage2=vllm`` (``stage2_vllm.py``) needs one causal sequence, a server and the name it serves."""
+    """``stage2=vllm`` (``serving/stage2_vllm.py``) needs one causal sequence, a server and the name it serves."""
     if stage2 not in ("hf", "vllm"):
         raise ValueError(f"stage2={stage2!r} is not valid; use hf (in process) or vllm")
     if stage2 == "hf":
@@ -118,25 +129,17 @@ class DiffMASLM(HFLM):
         given = {o.name: o.parse(kwargs.pop(o.name)) for o in schema if o.name in kwargs}
         given = {k: v for k, v in given.items() if v is not None}
         hf_args = check_model_args("diffmas", kwargs, model_options(self.config_class))
+        refuse_unhonoured(hf_args)
         served_model = served_model or (pretrained if isinstance(pretrained, str) and not peft else None)
         parse_batch_size("diffmas", batch_size)
         if hf_args.get("backend") == "seq2seq":
             raise ValueError("diffmas needs a decoder-only (causal) model; drop backend=seq2seq")
         local = isinstance(pretrained, str) and not pretrained.startswith("bundled:")
         # explicit model_args > the chain saved beside a trained adapter/model (trainers/sft.py) > defaults
-        saved, realign_file = load_chain_config(peft, pretrained if local else None)
-        role_map, order = family_roles(family, TEXT_ROLES), saved.get("roles", default_roles(DEFAULT_AGENTS))
-        agents = given.pop("agents", None)
-        if agents is not None or "topology" in given:
-            order = topology_roles(agents or len(order), given.get("topology", saved.get("topology", "sequential")))
-        if roles:
-            role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
-            if agents is not None and agents != len(order):
-                raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
-        values = {k: saved[k] for k in saved_fields(self.config_class) if k in saved}  # what was trained
-        config = self.config_class(roles=order, **{**values, **given})
+        trained = load_trained_chain(peft, also=pretrained if local else None, config_class=self.config_class,
+                                     family=family, roles_file=roles, **given)
+        peft, config = trained.adapter, trained.config  # peft: a Hub id's local snapshot
         enable_thinking = config.enable_thinking
-        config.check_roles(role_map)
         layout = "hierarchical" if config.topology == "hierarchical" else config.trace
         _check_stage2(stage2, layout, base_url, served_model)  # before loading the model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,9 +147,7 @@ class DiffMASLM(HFLM):
             pretrained = resolve_pretrained(pretrained)
         super().__init__(pretrained=pretrained, peft=peft, device=device, batch_size=batch_size,
                          enable_thinking=enable_thinking, **hf_args)
-        self.chain = AgentChain(self.model, self.tokenizer, config, role_map)
-        if realign_file is not None and config.realign == saved.get("realign"):  # a realignment trained with SFT
-            self.chain.realigner.weight.data.copy_(torch.load(realign_file, map_location=self.device))
+        self.chain = trained.build(self.model, self.tokenizer)  # with the realignment trained with SFT, if any
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
         self.accounting = Accounting("diffmas")
@@ -172,8 +173,7 @@ class DiffMASLM(HFLM):
         if last_user is None:
             return super().apply_chat_template(messages, add_generation_prompt)
         question = messages[last_user]["content"]
-        messages[last_user]["content"] = self._preamble + question
-        text = super().apply_chat_template(messages, add_generation_prompt)
+        text = super().apply_chat_template(with_note(messages, self._preamble), add_generation_prompt)
         self._chat_questions[text] = question
         return text
 
@@ -184,11 +184,8 @@ class DiffMASLM(HFLM):
         """The final agent's tokens: the note on the trace (unless already in the chat turn), then the context."""
         if not self._preamble or context in self._chat_questions:
             return list(context_ids)
-        note = self.tok_encode(self._preamble, add_special_tokens=False)
-        bos = self.tokenizer.bos_token_id
-        if context_ids and bos is not None and context_ids[0] == bos:
-            return [bos, *note, *context_ids[1:]]
-        return note + list(context_ids)
+        return note_before(self.tok_encode(self._preamble, add_special_tokens=False), context_ids,
+                           self.tokenizer.bos_token_id)
 
     # -- accounting -------------------------------------------------------------------------------
     def _agents_log(self, final_tokens: int) -> list[dict]:
@@ -237,7 +234,7 @@ class DiffMASLM(HFLM):
         final agent's ``final`` positions (prompt + answer). CUDA: probe the real chain for OOM from
         ``max_batch_size`` down, as ``hf`` does; otherwise: from the free memory, without probing."""
         prompts = [len(agent[0]) for agent in self.chain.upstream_prompts([question])]
-        trace = sum(prompts) + len(prompts) * self.chain.config.latent_steps
+        trace = trace_positions(prompts, self.chain.config.latent_steps)
         final = max(2, min(final, self.max_length - trace))  # a longer row is refused before compute anyway
         cost = RowCost.of(self.model)
         per_row = cost.row(trace, final, prefill=max([final, *prompts]), scored=scored)

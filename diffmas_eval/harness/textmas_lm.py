@@ -31,13 +31,13 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from .. import DEFAULT_MODEL
-from ..latent.config import DEFAULT_AGENTS, chain_options
+from ..latent.config import chain_options
 from ..models import resolve_pretrained
-from ..prompts import ROLE_OPTIONS, TEXT_ROLES, family_roles, last_user_turn, load_roles, topology_roles
+from ..prompts import ROLE_OPTIONS, last_user_turn, resolve_roles
 from ..protocol import check_gen_kwargs
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
 from ..stability import AnswerStats, StepRecorder, served_record
-from ..stopping import eos_ids
+from ..stopping import ending, eos_ids, stop_hit
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
@@ -104,11 +104,10 @@ def _answer_stats(row: list[int], logps: list[float], ents: list[float], steps: 
     ends the answer and is not part of it; a row that stopped early with pad == EOS lost its EOS to
     the stripping, so "shorter than the batch and no stop string" also means EOS."""
     if row and row[-1] in eos:
-        row, how = row[:-1], "eos"
-    elif stop and any(s in decode(row) for s in stop if s):
-        how = "stop"
+        row, how = row[:-1], ending(eos=True, stop=False)
     else:
-        how = "eos" if len(row) < steps else "length"
+        hit = stop_hit(decode(row), stop) if stop else False
+        how = ending(eos=not hit and len(row) < steps, stop=hit)
     return AnswerStats(logps[:len(row)], ents[:len(row)], how)
 
 
@@ -146,12 +145,7 @@ class TextMASLM(TemplateLM):
         hf_args = check_model_args("textmas", hf_args, OPTIONS, hf=backend == "hf" or "backend=hf")
         if not str(batch_size).isdigit():
             raise ValueError(f"textmas needs an integer batch_size (got {batch_size!r}), e.g. --batch_size 8")
-        role_map = family_roles(family, TEXT_ROLES)
-        order = topology_roles(DEFAULT_AGENTS if agents is None else int(agents), topology)
-        if roles:
-            role_map, order = load_roles(roles, family_roles(family, TEXT_ROLES))
-            if agents is not None and int(agents) != len(order):
-                raise ValueError(f"agents={agents} but the roles file {roles} defines {len(order)} agents")
+        role_map, order = resolve_roles(family, roles, agents, topology)  # as lm_eval --model diffmas resolves them
         self.batch_size = int(batch_size)
         self.max_gen_toks = 256  # lm-eval's default when a task sets none (as HFLM)
         self.backend = "causal"  # TemplateLM's tokenization mode (decoder-only)

@@ -30,10 +30,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from ..memory import trace_positions
 from ..models import context_length
-from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble
+from ..prompts import TEXT_ROLES, Role, chat_format, final_preamble, final_prompt_ids, question_prompt
 from ..stability import AnswerStats, step_stats
 from ..stopping import cut_at_stop, eos_ids
+from . import distributed
 from .config import LatentConfig
 from .realign import Realigner
 from .trace import LatentTrace, Segment, left_aligned_mask
@@ -101,56 +103,6 @@ def _check_finite(role: str, keys: list[torch.Tensor], values: list[torch.Tensor
             "attn_implementation=sdpa or batch size 1")
 
 
-def fsdp_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Decoder layers sharded by FSDP2 (``fully_shard``), by the ``layer_idx`` of their attention: each
-    is the FSDP unit that owns the weights writing that layer's cache. Empty for an unsharded model."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return {}
-    found = {}
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            idx = next((c.layer_idx for c in module.modules()
-                        if c is not module and isinstance(getattr(c, "layer_idx", None), int)), None)
-            if idx is not None and idx not in found:
-                found[idx] = module
-    return found
-
-
-def _unshard_in_backward(layers: dict[int, nn.Module], keys: list, values: list) -> None:
-    """FSDP2 re-gathers a layer's weights for backward through hooks on the layer's *outputs*; the KV
-    cache bypasses them (a layer writes it in place and returns only its hidden state), so under
-    ``reshard_after_forward=True`` a gradient reaching an earlier agent's cache columns (the final
-    agent's attention into the trace) would run that layer's backward on freed weights. A hook on each
-    cache tensor gathers the layer first; ``unshard`` is a no-op when it is already gathered, and
-    FSDP2's end-of-backward callback reduce-scatters what this adds."""
-    for idx, layer in layers.items():
-        for t in (keys[idx], values[idx]):
-            if t is not None and t.requires_grad:
-                t.register_hook(lambda grad, layer=layer: (layer.unshard(), grad)[1])
-
-
-def layer_devices(model: nn.Module) -> dict[int, torch.device]:
-    """Where each decoder layer runs (by its attention's ``layer_idx``): the execution device of an
-    accelerate hook (``device_map``; offloaded weights sit elsewhere), else the device of its weights."""
-    found: dict[int, torch.device] = {}
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
-        if device is None:
-            continue
-        for sub in module.modules():
-            if isinstance(getattr(sub, "layer_idx", None), int) and sub.layer_idx not in found:
-                found[sub.layer_idx] = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx not in found:
-            weight = next(module.parameters(), None)
-            if weight is not None:
-                found[module.layer_idx] = weight.device
-    return found
-
-
 def upstream_prompt_ids(tokenizer, roles: dict[str, Role], config: LatentConfig,
                         questions: list[str]) -> list[list[list[int]]]:
     """Token ids ``[agent][row]``: each upstream role's chat-formatted prompt for each question (a function of the
@@ -167,13 +119,13 @@ def check_budget(config: LatentConfig, lengths: list[list[int]], final_tokens: l
     m, limit = config.latent_steps, config.max_trace_tokens
     rows = len(lengths[0]) if lengths else len(final_tokens or [])
     for i in range(rows):
-        trace = sum(agent[i] + m for agent in lengths)
+        trace = trace_positions([agent[i] for agent in lengths], m)
         detail = " + ".join(f"{r} {a[i]}+{m}" for r, a in zip(config.upstream, lengths))
         if limit is not None and trace > limit:
             raise TraceTooLongError(
                 f"row {i}: the latent trace needs {trace} positions ({detail}) but max_trace_tokens={limit}; "
                 "lower latent_steps or agents, shorten the question, or raise max_trace_tokens")
-        used = max((a[i] + m for a in lengths), default=0) if config.independent else trace
+        used = trace_positions([a[i] for a in lengths], m, config.independent)
         total = used + (final_tokens[i] if final_tokens else 0)
         if ctx is not None and total > ctx:
             raise TraceTooLongError(
@@ -211,10 +163,10 @@ class AgentChain(nn.Module):
         return upstream_prompt_ids(self.tokenizer, self.roles, self.config, questions)
 
     def final_prompt(self, question: str) -> list[int]:
-        """The final agent's chat prompt for a bare question (``diffmas-eval ask``)."""
-        user = final_preamble(self.config.upstream) + question
-        final_role = self.roles[self.config.roles[-1]]
-        return self.encode(chat_format(self.tokenizer, final_role.instruction, user, self.config.enable_thinking))
+        """The final agent's prompt for a bare question (``diffmas-eval ask``), as SFT trains it
+        (``prompts.final_prompt_ids``: the note, then the question in a chat turn; no role instruction)."""
+        return final_prompt_ids(self.tokenizer, self.config.upstream, question_prompt(self.tokenizer, question),
+                                self.config.enable_thinking)
 
     def task_prompt(self, context: str) -> str:
         """The final agent's text for a benchmark context: the note on the trace, then the task as is."""
@@ -321,15 +273,14 @@ class AgentChain(nn.Module):
         if torch.is_grad_enabled():
             layers = self._fsdp_layers()
             if layers:
-                _unshard_in_backward(layers, work.keys, work.values)
+                distributed.unshard_in_backward(layers, work.keys, work.values)
         return _at_last_token(out.hidden_states[-1], mask)
 
     def _fsdp_layers(self) -> dict[int, nn.Module]:
-        """``fsdp_layers`` of the model the chain calls now (the trainer swaps it per step), cached."""
+        """``distributed.sharded_layers`` of the model the chain calls now (the trainer swaps it per step), cached."""
         model = self.model
         if getattr(self, "_fsdp_for", None) is not model:
-            inner = object.__getattribute__(model, "_wrapped") if "_wrapped" in model.__dict__ else model
-            self._fsdp_cache = fsdp_layers(inner)
+            self._fsdp_cache = distributed.sharded_layers(model)
             object.__setattr__(self, "_fsdp_for", model)  # a reference, not a registered submodule
         return self._fsdp_cache
 
@@ -349,7 +300,7 @@ class AgentChain(nn.Module):
     def _layer_devices(self) -> dict[int, torch.device]:
         model = self.model
         if getattr(self, "_devices_for", None) is not model:
-            self._devices_cache = layer_devices(model)
+            self._devices_cache = distributed.layer_devices(model)
             object.__setattr__(self, "_devices_for", model)  # a reference, not a registered submodule
         return self._devices_cache
 

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..prompts import TEXT_ROLES, TOPOLOGIES, default_roles, topology_roles
+from ..prompts import DEFAULT_AGENTS, TEXT_ROLES, TOPOLOGIES, default_roles, topology_roles
 
 CHOICES = {
     "realign": ("ridge", "identity", "none"),
@@ -25,7 +25,6 @@ CHOICES = {
     "realign_target": ("embedding_output", "weight_rows"),
     "latent_dtype": ("model", "float32"),
 }
-DEFAULT_AGENTS = 4  # planner, critic, refiner, solver
 
 # The front ends an option can appear in: lm-eval model_args (``harness/diffmas_lm.py``), the flags of
 # ``diffmas-eval ask`` (``cli.py``), the TRL arguments of SFT (``training/sft.py``), and the flags of

@@ -5,7 +5,8 @@ on the same items of every task; a tidy CSV, a Markdown table, charts, and READM
 ``cells`` (one method x task through lm-eval or ``diffmas-eval codegen``) · ``collect`` (results files made
 anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``run`` (the leaderboard as a function,
 ``run_leaderboard``) · ``cli`` (its flags only) · ``pool`` (N jobs at once) ·
-``ablate`` / ``ablate_report`` (``diffmas-eval ablate``: the paper's ablation grid as cells of the same kind).
+``ablate_grid`` / ``ablate`` / ``ablate_report`` (``diffmas-eval ablate``: the paper's ablation grid as cells of the
+same kind: the grid, its runner, its report; the runner imports both, the report only the grid).
 """
 
 from .cli import add_leaderboard_parser

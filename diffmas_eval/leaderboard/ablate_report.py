@@ -60,8 +60,9 @@ def _relative(path: str) -> str:
 
 # -- rows from the run's files -----------------------------------------------------------------------
 def publish(plan, opts, output: Path) -> list[dict]:
-    """The CSVs, charts and Markdown of a finished grid (``ablate.Plan``); returns the cells' rows."""
-    from .ablate import is_reference, probe_path
+    """The CSVs, charts and Markdown of a finished grid (``ablate.Plan``, read by its fields); returns the cells'
+    rows."""
+    from .ablate_grid import is_reference, probe_path
     from .cells import META, result_path
     from .config import primary_metric, short_hash
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import DEFAULT_MODEL
+from ..tasks.registry import CODE_TASKS, DEFAULT_TASKS, FAMILY, PRIMARY
 
 # the default five, then the paper's baselines and ablations (issue 22), on request (--methods)
 DEFAULT_METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
@@ -23,20 +24,13 @@ TEXT_METHODS = ("textmas", "textmas-sft")
 # the latent chain's layout per latent method (diffmas model_args); {} is the sequential, concatenated chain
 LAYOUT = {"latentmas": {}, "diffmas": {}, "stitchmas": {"trace": "stitch"},
           "latentmas-hier": {"topology": "hierarchical"}, "diffmas-hier": {"topology": "hierarchical"}}
-LM_EVAL_TASKS = ("diffmas_gsm8k", "math500", "diffmas_aime24", "gpqa_diamond", "diffmas_arc_challenge",
-                 "diffmas_commonsense_qa")
-# leaderboard task -> EvalPlus dataset (scored by diffmas-eval codegen): the paper's code pair
-CODE_TASKS = {"humanevalplus": "humaneval", "mbppplus": "mbpp"}
+# the default leaderboard's tasks (lm-eval's, then EvalPlus's code pair: task -> EvalPlus dataset, scored by
+# diffmas-eval codegen), and the SFT family (``diffmas-eval sft-data --family``) whose adapter scores a task:
+# LatentMAS's and DiffMAS's grouping (math & science reasoning; commonsense multiple choice; code). All from the
+# one task registry (``tasks/registry.py``).
+LM_EVAL_TASKS = tuple(t for t in DEFAULT_TASKS if t not in CODE_TASKS)
 TASKS = (*LM_EVAL_TASKS, *CODE_TASKS)
-# the SFT family (``diffmas-eval sft-data --family``) whose adapter scores a task: LatentMAS's and DiffMAS's
-# grouping (math & science reasoning; commonsense multiple choice; code)
-FAMILY = {"diffmas_gsm8k": "math", "math500": "math", "diffmas_aime24": "math", "diffmas_aime25": "math",
-          "gpqa_diamond": "math", "diffmas_arc_challenge": "commonsense", "diffmas_commonsense_qa": "commonsense",
-          "diffmas_arc_challenge_gen": "commonsense", "diffmas_commonsense_qa_gen": "commonsense",
-          "humanevalplus": "code", "mbppplus": "code"}
-# the metric a task's column shows in leaderboard.md (the CSV has all of them)
-PRIMARY = {"diffmas_arc_challenge": "acc", "diffmas_commonsense_qa": "acc", "humanevalplus": "pass@1",
-           "mbppplus": "pass@1"}
+# the metric a task's column shows in leaderboard.md (the CSV has all of them): PRIMARY, else exact_match
 # --recipe: the trainer's settings. "offline": today's short CPU run. "paper": the DiffMAS paper's LoRA r 8 /
 # alpha 16, AdamW at 5e-5 with a cosine schedule, gradient accumulation to an effective batch of 64, and
 # epochs over the SFT set (10 for the 50 code problems, as the paper says; 1 elsewhere, inferred), on the paper's

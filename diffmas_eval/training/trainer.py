@@ -7,6 +7,10 @@ runs the final agent teacher-forced on TRL's prompt + completion tokens over the
 cross-entropy on completion tokens is normalised as TRL normalises it (by the number of target
 tokens in the accumulated batch).
 
+Every save (``save_model``, checkpoints, ``push_to_hub``) writes the trained chain beside the adapter: its options
+(``diffmas.json``), a trained realignment and a model card (``latent/persist.py``), so the folder TRL pushes to the
+Hub is a trained chain that ``lm_eval --model diffmas`` and ``diffmas-eval ask`` rebuild from a repo id.
+
 Two things are refused or redirected on purpose:
 - ``gradient_checkpointing=True`` (TRL's default) makes transformers drop the KV cache in training
   mode, which would silently cut the latent trace. It is turned into per-agent activation
@@ -17,17 +21,18 @@ Two things are refused or redirected on purpose:
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
-from ..latent.persist import save_chain_config
-from ..prompts import TEXT_ROLES, final_preamble, last_user_turn
+from ..latent.distributed import CallThrough
+from ..latent.persist import CARD_FILE, CONFIG_FILE, REALIGN_FILE, save_chain_config, write_model_card
+from ..prompts import TEXT_ROLES, final_preamble, final_prompt_ids, last_user_turn, with_note
 
 logger = logging.getLogger(__name__)
 QUESTION = "diffmas_question"
@@ -43,16 +48,23 @@ def question_of(prompt: Any) -> str:
     return prompt[last]["content"]
 
 
-def with_note(prompt: Any, note: str) -> Any:
-    """The final agent's prompt: the trace note before the task, as ``lm_eval --model diffmas`` builds it."""
-    if not note:
-        return prompt
-    if isinstance(prompt, str):
-        return note + prompt
-    messages = [dict(m) for m in prompt]
-    last = last_user_turn(messages)
-    messages[last]["content"] = note + messages[last]["content"]
-    return messages
+def training_row(tokenizer, upstream: list[str], prompt: Any, completion: Any,
+                 enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+    """One prompt/completion row as the trainer trains it: the final agent's ids (its prompt, ``prompts.
+    final_prompt_ids``, then the completion with EOS, tokenized together as TRL tokenizes them) and the labels
+    (-100 on the prompt). What the gradient probe differentiates, so it measures the loss training descends."""
+    note_prompt = with_note(prompt, final_preamble(upstream))
+    prompt_ids = final_prompt_ids(tokenizer, upstream, prompt, enable_thinking)
+    eos = tokenizer.eos_token or ""
+    if isinstance(completion, str):
+        full_text = note_prompt + (completion if completion.endswith(eos) else completion + eos)
+        ids = list(tokenizer(text=full_text)["input_ids"])
+    else:
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        ids = list(tokenizer.apply_chat_template(note_prompt + completion, tokenize=True, return_dict=True,
+                                                 **kwargs)["input_ids"])
+    n = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+    return ids, [-100] * n + ids[n:]
 
 
 def prepare_dataset(dataset, config: LatentConfig, tokenizer, max_length: int | None):
@@ -94,24 +106,6 @@ class _WithQuestions:
         batch = self.collator(examples)
         batch[QUESTION] = [ex[QUESTION] for ex in examples]
         return batch
-
-
-class _CallThrough(nn.Module):
-    """What the chain gets as its model under DDP/FSDP: calls go through the wrapper (so the wrapper
-    syncs gradients), attribute reads (``config``, ``get_input_embeddings``) go to the model inside,
-    which the wrappers do not expose. Neither is registered as a submodule (no second parameter copy)."""
-
-    def __init__(self, wrapped: nn.Module, inner: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_wrapped", wrapped)
-        object.__setattr__(self, "_inner", inner)
-        del self.__dict__["training"]  # read the inner model's train/eval mode
-
-    def forward(self, *args, **kwargs):
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(object.__getattribute__(self, "_inner"), name)
 
 
 def _name(choice) -> str:
@@ -162,7 +156,7 @@ class DiffMASSFTTrainer(SFTTrainer):
                                "mode, which cuts the latent trace; use DiffMAS's checkpoint_agents instead")
         inner = self.accelerator.unwrap_model(model)
         # always call the model compute_loss receives: the accelerate-wrapped one syncs gradients (DDP, FSDP)
-        self.chain.model = model if inner is model else _CallThrough(model, inner)
+        self.chain.model = model if inner is model else CallThrough(model, inner)
         rows, labels = [], []
         for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]):
             real = mask.bool()
@@ -181,15 +175,56 @@ class DiffMASSFTTrainer(SFTTrainer):
             return loss, {"loss": loss}
         return loss
 
+    # -- saving: diffmas.json, the trained realignment and a model card go wherever TRL saves the adapter -------
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """TRL's save (adapter or model), then the chain beside it. Every save goes through here (``save_model``,
+        checkpoints, ``push_to_hub``'s own save), so the files are in the folder before TRL uploads it."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self._save_chain(Path(output_dir or self.args.output_dir))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """TRL's save (adapter or model), plus the chain's configuration and a trained realignment."""
+        """TRL's ``save_model``; a save that does not reach ``_save`` (FSDP's sharded state dict) gets the chain too."""
         super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self._save_chain(Path(output_dir or self.args.output_dir))
+
+    def _recipe(self) -> dict:
         a, lora = self.args, getattr(self.model, "peft_config", {}).get("default")
-        training = {  # provenance (the recipe as it ran), beside the chain's options
+        return {  # provenance (the recipe as it ran), beside the chain's options
             "learning_rate": a.learning_rate, "lr_scheduler_type": _name(a.lr_scheduler_type), "optim": _name(a.optim),
             "per_device_train_batch_size": a.per_device_train_batch_size,
             "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": a.world_size,
             "max_steps": a.max_steps, "num_train_epochs": a.num_train_epochs, "seed": a.seed,
             "global_step": self.state.global_step,
             "lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None)}
-        save_chain_config(Path(output_dir or self.args.output_dir), self.diffmas_config, self.chain, training)
+
+    def _base_model(self) -> str | None:
+        lora = getattr(self.model, "peft_config", {}).get("default")
+        return getattr(lora, "base_model_name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
+
+    def _save_chain(self, directory: Path) -> None:
+        training = self._recipe()
+        save_chain_config(directory, self.diffmas_config, self.chain, training)
+        write_model_card(directory, self.diffmas_config, self._base_model(), training, self.args.hub_model_id)
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL's card (``push_to_hub`` writes it over the folder's README.md), after the chain's own."""
+        super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        card = Path(self.args.output_dir) / CARD_FILE
+        trl = card.read_text() if card.exists() else ""
+        if trl.startswith("---"):  # one front matter: the chain's
+            trl = trl.split("---", 2)[-1]
+        write_model_card(card.parent, self.diffmas_config, self._base_model(), self._recipe(), self.args.hub_model_id)
+        if trl.strip():
+            card.write_text(card.read_text() + "\n## Training framework (TRL's card)\n" + trl)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``hub_strategy`` pushes of checkpoints copy only the model's files to output_dir: the chain's too."""
+        if self.is_world_process_zero():
+            for name in (CONFIG_FILE, REALIGN_FILE, CARD_FILE):
+                if (Path(checkpoint_folder) / name).exists():
+                    shutil.copy(Path(checkpoint_folder) / name, Path(self.args.output_dir) / name)
+        super()._push_from_checkpoint(checkpoint_folder)

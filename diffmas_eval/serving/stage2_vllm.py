@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .latent.realign import embedding_scale
-from .latent.trace import LatentTrace
-from .serving.client import BackendError, Completion, OpenAIClient, cut_at_stop
+from ..latent.realign import embedding_scale
+from ..latent.trace import LatentTrace
+from .client import BackendError, Completion, OpenAIClient, cut_at_stop
 
 log = logging.getLogger(__name__)
 PROBE_TEXT = "The capital of France is"  # any short prompt: the preflight compares next-token distributions
