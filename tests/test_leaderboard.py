@@ -265,7 +265,10 @@ def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, 
     marker = json.loads(Path(text["adapter"], "leaderboard-adapter.json").read_text())
     trained_on = [json.loads(line) for line in Path(marker["data"]).read_text().splitlines()]
     assert "notes" in marker["data"] and len(trained_on) == 4 and marker["training"]["agents"] == 1
-    assert all(r["prompt"].startswith("[Notes from the planner, critic agent(s) follow.") for r in trained_on)
+    # chat rows (the cells are scored with the chat template): the notes open the user turn, as textmas puts them
+    assert marker["training"]["sft_format"] == "chat" and marker["loss"]["steps"] == 1
+    assert all(r["prompt"][-1]["content"].startswith("[Notes from the planner, critic agent(s) follow.")
+               for r in trained_on)
     assert "trace" not in Settings().cell("diffmas", "diffmas_gsm8k")  # the sequential methods keep their hashes
     assert Settings().cell("stitchmas", "diffmas_gsm8k")["training"]["trace"] == "stitch"
 
