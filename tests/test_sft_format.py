@@ -26,15 +26,15 @@ from diffmas_eval.training.trainer import QUESTION, DiffMASSFTTrainer
 TASK = "diffmas_commonsense_qa"
 
 
-def _trained(settings: Settings, method: str, row: dict, tmp_path, tiny_path) -> tuple[dict, str]:
+def _trained(settings: Settings, method: str, row: dict, tmp_path, model_path) -> tuple[dict, str]:
     """The row as the trainer tokenizes it (the leaderboard's own conversion), and an adapter for scoring."""
     spec = settings.training(method, "commonsense")
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps(row) + "\n")
     if spec.get("sft_format") == "chat":
         data = train.chat_set(data)
-    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_path)
     prepare_tokenizer(tok)
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, bf16=False,
                      max_length=spec["max_length"], seed=spec["seed"])
@@ -66,14 +66,21 @@ def _scored(settings: Settings, method: str, adapter: str, monkeypatch) -> list[
     return seen
 
 
+@pytest.mark.parametrize("model", ["tiny", "bundled"])
 @pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("method", ["single-sft", "diffmas"])
-def test_training_prompt_ids_equal_the_scored_context_ids(method, chat, tiny_path, local_data, tmp_path,
+def test_training_prompt_ids_equal_the_scored_context_ids(method, chat, model, request, local_data, tmp_path,
                                                           monkeypatch):
-    settings = Settings(model=str(tiny_path), chat_template=chat, agents=2, latent_steps=1)
+    """On a tiny model's template and on the bundled SmolLM2's (the leaderboard's default: a default system turn)."""
+    path = request.getfixturevalue("tiny_path" if model == "tiny" else "bundled_path")
+    if method == "diffmas" and not chat and model == "bundled":
+        # DiffMASLM._final_ids encodes the trace note apart from the context ("...]\n\n" ends in one "\n\n"
+        # token) while TRL encodes the string note + prompt ("\n", "\n" before "Question"): one token differs
+        request.applymarker(pytest.mark.xfail(strict=True, reason="plain rows: the note's last token differs"))
+    settings = Settings(model=str(path), chat_template=chat, agents=2, latent_steps=1)
     assert ("sft_format" in settings.training(method, "commonsense")) == chat
     doc = utils.load_commonsense_qa()["test"][0]
-    row, adapter = _trained(settings, method, choice_row(doc), tmp_path, tiny_path)
+    row, adapter = _trained(settings, method, choice_row(doc), tmp_path, path)
     first = next(i for i, x in enumerate(row["labels"]) if x != -100)  # TRL's completion mask, folded into labels
     prompt, completion = row["input_ids"][:first], row["input_ids"][first:]
 
@@ -90,7 +97,7 @@ def test_training_prompt_ids_equal_the_scored_context_ids(method, chat, tiny_pat
     # the gold choice's tokens start the completion; after them only the end of the answer (EOS plain, the end of
     # the turn chat), which scoring never reads
     assert prompt + completion[:len(gold) - moved] == scored[doc["label"]][1] + gold
-    tok = AutoTokenizer.from_pretrained(tiny_path)
+    tok = AutoTokenizer.from_pretrained(path)
     assert tok.decode(completion[len(gold) - moved:]).strip() in (tok.eos_token, "<|im_end|>")
     if method == "diffmas":  # the upstream agents read the same question in training and at scoring
         assert {q for q, _, _ in scored} == {row[QUESTION]}
