@@ -61,7 +61,7 @@ def ask(args: argparse.Namespace) -> int:
 def sft_data(args: argparse.Namespace) -> int:
     from .training.data import build_set
 
-    bounds, used = build_set(args.family, args.out, args.n, args.data_dir, args.source)
+    bounds, used = build_set(args.family, args.out, args.n, args.data_dir, args.source, args.format)
     held = ", ".join(f"{t} --limit <= {b}" for t, b in bounds.items()) or "nothing (a training split)"
     print(f"wrote {args.out} (source: {used}); held out for evaluation: {held}")
     return 0
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "CommonsenseQA train from the hub, the last 50 HumanEval problems (offline rows when "
                              "the hub is out of reach)")
     p_data.add_argument("--data-dir", default=None, help="local benchmark data; default $DIFFMAS_DATA_DIR")
+    p_data.add_argument("--format", default="plain", choices=["plain", "chat"],
+                        help="plain: prompt/completion strings, for scoring without a chat template | chat: the "
+                             "prompt as a user turn and the completion as the assistant's, for scoring with "
+                             "--apply_chat_template (TRL applies the model's template)")
     p_data.set_defaults(func=sft_data)
 
     p_mem = sub.add_parser("memory", help="trace bytes per position and per question, from the model config only")

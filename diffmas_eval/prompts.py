@@ -210,14 +210,6 @@ def final_prompt_ids(tokenizer, upstream: list[str], prompt: str | list[dict],
     return list(ids)
 
 
-def note_before(note_ids: list[int], context_ids: list[int], bos: int | None) -> list[int]:
-    """A plain (not chat) lm-eval context with the note's tokens before it, after its BOS if it starts with one:
-    lm-eval tokenizes the context itself, so the note is spliced in as tokens."""
-    if context_ids and bos is not None and context_ids[0] == bos:
-        return [bos, *note_ids, *context_ids[1:]]
-    return list(note_ids) + list(context_ids)
-
-
 # -- which roles play, in which order: one resolution for diffmas and textmas -------------------------
 def resolve_roles(family: str | None = None, roles_file: str | None = None, agents: int | None = None,
                   topology: str | None = None, order: list[str] | None = None, *,

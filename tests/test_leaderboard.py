@@ -67,6 +67,15 @@ def test_miniature_leaderboard_writes_csv_table_and_charts(mini):
     table = (mini / "leaderboard.md").read_text()
     assert "| single |" in table and "| diffmas |" in table and "humanevalplus (pass@1)" in table
     assert "latent_steps=2" in table  # the budgets are stated above the table
+    # one paired comparison per task: diffmas against single over the 2 items both scored, in the table too
+    paired = read_rows(mini / "comparisons.csv")
+    assert {(r["task"], r["method"], r["reference"], r["items"]) for r in paired} == {
+        (t, "diffmas", "single", "2") for t in ("diffmas_arc_challenge", "humanevalplus")}
+    assert "| humanevalplus | pass@1 | diffmas | single | 2 |" in table
+    # the adapters record their training: the loss curve and its ends (issue 34)
+    for r in diffmas:
+        marker = json.loads(Path(r["adapter"], "leaderboard-adapter.json").read_text())
+        assert marker["loss"]["steps"] == 2 and Path(r["adapter"], "loss.csv").exists()
     for chart in ("accuracy.png", "accuracy_vs_tokens.png"):
         assert (mini / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -158,12 +167,16 @@ def test_duplicates_and_malformed_files(mini, tmp_path, capsys):
 def test_readme_section_round_trips(mini, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    from diffmas_eval.leaderboard import compare
+
     rows = read_rows(mini / "leaderboard.csv")
-    assert update_readme(readme, rows) is True
+    paired = compare.comparisons(compare.read_items(mini))  # what --readme adds, from leaderboard_items.csv
+    assert update_readme(readme, rows, comparison_rows=paired) is True
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n\n") and text.endswith(f"{README_END}\n\nafter\n")
     assert "old table" not in text and "| diffmas |" in text and "leaderboards/accuracy.png" in text
-    assert update_readme(readme, rows) is False and readme.read_text() == text  # twice: nothing changes
+    assert "| diffmas_arc_challenge | acc | diffmas | single | 2 |" in text  # the paired comparison, per task
+    assert update_readme(readme, rows, comparison_rows=paired) is False and readme.read_text() == text
     assert main(["leaderboard", "--readme", str(readme), "--output", str(mini / "leaderboard.csv")]) == 0
     assert readme.read_text() == text
     (tmp_path / "plain.md").write_text("no markers")
@@ -265,7 +278,10 @@ def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, 
     marker = json.loads(Path(text["adapter"], "leaderboard-adapter.json").read_text())
     trained_on = [json.loads(line) for line in Path(marker["data"]).read_text().splitlines()]
     assert "notes" in marker["data"] and len(trained_on) == 4 and marker["training"]["agents"] == 1
-    assert all(r["prompt"].startswith("[Notes from the planner, critic agent(s) follow.") for r in trained_on)
+    # chat rows (the cells are scored with the chat template): the notes open the user turn, as textmas puts them
+    assert marker["training"]["sft_format"] == "chat" and marker["loss"]["steps"] == 1
+    assert all(r["prompt"][-1]["content"].startswith("[Notes from the planner, critic agent(s) follow.")
+               for r in trained_on)
     assert "trace" not in Settings().cell("diffmas", "diffmas_gsm8k")  # the sequential methods keep their hashes
     assert Settings().cell("stitchmas", "diffmas_gsm8k")["training"]["trace"] == "stitch"
 

@@ -47,8 +47,10 @@ def test_upstream_agents_get_the_bare_question_final_agent_the_chat_turn(tiny_pa
     assert lm._question(text) == "What is 2+2?"
     assert "Latent thoughts from the planner, critic agent(s)" in text and text.endswith("assistant\n")
     assert lm._final_ids(text, [7, 8]) == [7, 8]  # the note is already inside the chat turn
-    plain = lm._final_ids("Question: x", [7, 8])
-    assert plain[-2:] == [7, 8] and len(plain) > 2  # the note precedes a plain context
+    context = lm.tok_encode("Question: x")
+    plain = lm._final_ids("Question: x", context)
+    assert plain[-2:] == context[-2:] and len(plain) > len(context)  # the note precedes a plain context
+    assert plain == lm.tok_encode(lm._preamble + "Question: x", add_special_tokens=False)  # one string, as TRL's
 
 
 def test_multi_agent_run_scores_continuations_over_one_shared_trace_and_context(tiny_path, local_data, monkeypatch):

@@ -82,3 +82,16 @@ def test_paper_sources_or_their_offline_fallback(data_dir, tmp_path, capsys):
 def _offline(data_dir, tmp_path):
     build("math", tmp_path / "offline.jsonl", n=5, data_dir=data_dir)
     return (tmp_path / "offline.jsonl").read_text().splitlines()
+
+
+def test_chat_rows_are_the_plain_rows_as_a_user_turn_and_the_assistant_answer(data_dir, tmp_path):
+    from diffmas_eval.training.data import build_set
+
+    build_set("commonsense", tmp_path / "plain.jsonl", 4, data_dir)
+    build_set("commonsense", tmp_path / "chat.jsonl", 4, data_dir, fmt="chat")
+    for plain, chat in zip(_prompts(tmp_path / "plain.jsonl"), _prompts(tmp_path / "chat.jsonl"), strict=True):
+        assert chat["prompt"] == [{"role": "user", "content": plain["prompt"]}]
+        # lm-eval drops the target delimiter under the chat template: the choice follows the generation prompt
+        assert chat["completion"] == [{"role": "assistant", "content": plain["completion"][1:]}]
+    with pytest.raises(ValueError, match="plain, chat"):
+        build_set("commonsense", tmp_path / "x.jsonl", 4, data_dir, fmt="messages")

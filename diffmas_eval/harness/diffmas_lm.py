@@ -40,7 +40,7 @@ from ..latent.config import chain_options
 from ..latent.persist import load_trained_chain
 from ..memory import trace_positions
 from ..models import resolve_pretrained
-from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, note_before, with_note
+from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, with_note
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
@@ -180,12 +180,18 @@ class DiffMASLM(HFLM):
     def _question(self, context: str) -> str:
         return self._chat_questions.get(context, context)
 
-    def _final_ids(self, context: str, context_ids: list[int]) -> list[int]:
-        """The final agent's tokens: the note on the trace (unless already in the chat turn), then the context."""
+    def _final_ids(self, context: str, context_ids: list[int], encoded: str | None = None) -> list[int]:
+        """The final agent's tokens: the note on the trace (unless already in the chat turn), then the context.
+
+        ``encoded`` is the text ``context_ids`` encode (lm-eval's log-likelihood requests encode the context without
+        its trailing whitespace). The note and that text are tokenized as one string, as TRL tokenizes the
+        trainer's ``note + prompt``: apart, a BPE tokenizer may cut the boundary differently (SmolLM2: "\n\n" is
+        one token before "Question" alone, two when tokenized together)."""
         if not self._preamble or context in self._chat_questions:
             return list(context_ids)
-        return note_before(self.tok_encode(self._preamble, add_special_tokens=False), context_ids,
-                           self.tokenizer.bos_token_id)
+        joint = self.tok_encode(self._preamble + (context if encoded is None else encoded), add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        return [bos, *joint] if bos is not None and context_ids[:1] == [bos] else joint  # lm-eval's BOS stays first
 
     # -- accounting -------------------------------------------------------------------------------
     def _agents_log(self, final_tokens: int) -> list[dict]:
@@ -293,7 +299,7 @@ class DiffMASLM(HFLM):
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        items = [(self._question(ctx), self._final_ids(ctx, ctx_ids), cont_ids)
+        items = [(self._question(ctx), self._final_ids(ctx, ctx_ids, ctx.rstrip()), cont_ids)
                  for (ctx, _), ctx_ids, cont_ids in requests]
         results = self._score(items, disable_tqdm)
         for (key, _, _), res in zip(requests, results):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..extras import require
 from ..readme import end_marker, replace_section, start_marker
+from .stats import BOOTSTRAP, paired_bootstrap  # noqa: F401  (re-exported: its home before stats.py)
 
 CELL_FIELDS = ["axis", "variant", "method", "trained", "reference", "seed", "agents", "latent_steps", "trace",
                "stage1_grad", "realign", "task", "metric", "value", "n", "config_hash", "adapter", "source"]
@@ -31,7 +32,6 @@ DOCS_PAGE = "docs/ablations.md"
 README_COMMAND = f"diffmas-eval ablate --readme {DOCS_PAGE}"
 README_START, README_END = start_marker("ablations", README_COMMAND), end_marker("ablations")
 CHARTS = ("ablation_latent_steps.png", "ablation_deltas.png", "ablation_gradients.png")
-BOOTSTRAP = 2000
 
 
 def _write(path: Path, fields: list[str], rows: list[dict]) -> None:
@@ -115,20 +115,6 @@ def _per_item(rows: list[dict], items: dict[str, dict[str, float]]) -> dict[str,
         for doc, x in items.get(r["config_hash"], {}).items():
             scores.setdefault(doc, []).append(float(x))
     return {doc: statistics.fmean(xs) for doc, xs in scores.items()}
-
-
-def paired_bootstrap(a: dict[str, float], b: dict[str, float], resamples: int = BOOTSTRAP,
-                     seed: int = 0) -> tuple[float, float, float, int]:
-    """Mean of ``a - b`` over their common items and its 95% percentile interval (resampling items)."""
-    import numpy as np
-
-    common = sorted(set(a) & set(b), key=lambda k: (len(k), k))
-    if not common:
-        return float("nan"), float("nan"), float("nan"), 0
-    d = np.array([a[k] - b[k] for k in common])
-    means = np.random.default_rng(seed).choice(d, size=(resamples, len(d)), replace=True).mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi), len(common)
 
 
 def summary(rows: list[dict], item_rows: list[dict]) -> list[dict]:

@@ -105,6 +105,13 @@ class Settings:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
         return RECIPES[self.recipe]
 
+    def sft_format(self, family: str) -> str:
+        """The SFT rows' format: the one the family's cells are scored in (chat rows when lm-eval applies the chat
+        template; the code family is scored by EvalPlus's prompt and trains on plain rows, ``CHAT_FAMILIES``)."""
+        from ..training.data import CHAT_FAMILIES
+
+        return "chat" if self.chat_template and family in CHAT_FAMILIES else "plain"
+
     def notes(self) -> dict:
         """What makes textmas-sft's notes: the untrained text MAS of ``textmas`` (``training/notes.py``)."""
         return {"agents": self.agents, "agent_max_tokens": self.agent_max_tokens, "textmas_args": self.textmas_args}
@@ -119,6 +126,8 @@ class Settings:
                 "lora_r": self.lora_r, "max_length": self.train_max_length, "seed": self.seed}
         if method == "textmas-sft":
             spec["notes"] = self.notes()
+        if self.sft_format(family) == "chat":  # plain adapters keep their hashes
+            spec["sft_format"] = "chat"
         recipe = self.recipe_settings()
         if self.recipe != "offline":  # offline adapters keep their hashes
             epochs = recipe["epochs"][family]

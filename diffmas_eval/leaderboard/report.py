@@ -149,12 +149,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def beyond_noise(rows: list[dict]) -> list[str]:
-    """Pairs of methods whose headline scores on a task differ by more than twice their combined stderr."""
+def beyond_noise(rows: list[dict], skip: set[str] | frozenset = frozenset()) -> list[str]:
+    """Pairs of methods whose headline scores on a task differ by more than twice their combined stderr (the rule
+    for tasks without per-item scores; ``skip``: the tasks compared item by item instead)."""
     cells = primary(rows)
     methods, tasks = methods_and_tasks(rows)
     found = []
     for t in tasks:
+        if t in skip:
+            continue
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
                 ra, rb = cells.get((a, t)), cells.get((b, t))
@@ -187,8 +190,31 @@ def stability_table(rows: list[dict]) -> str:
             "| method | answer perplexity | answer entropy | share capped |\n|---|---|---|---|\n" + "\n".join(lines))
 
 
-def document(rows: list[dict], charts_dir: str | None = None) -> str:
-    """leaderboard.md (and README's section): the budgets, the table, the charts."""
+def noise(rows: list[dict], comparison_rows: list[dict] | None, short: bool = False) -> str:
+    """What differs beyond noise: paired (``compare``: the interval excludes 0) where the tasks have per-item
+    scores, else the stderr rule, each labelled."""
+    from . import compare
+
+    paired_tasks = {r["task"] for r in comparison_rows or []}
+    unpaired = beyond_noise(rows, paired_tasks)
+    text = ""
+    if paired_tasks:
+        found = compare.beyond_noise(comparison_rows or [])
+        text = ("Differences beyond noise, paired (the 95% interval excludes 0; "
+                f"{', '.join(sorted(paired_tasks))}): " + ("; ".join(found) if found else "none at this n") + ".")
+    if set(methods_and_tasks(rows)[1]) - paired_tasks:
+        rule = "" if short else " (more than 2 x sqrt(stderr_a^2 + stderr_b^2))"
+        label = "Differences beyond noise" + (", unpaired, on the tasks without per-item scores" if paired_tasks
+                                             else "")
+        text += (" " if text else "") + (f"{label}{rule}: " + ("; ".join(unpaired) if unpaired else "none at this n")
+                                         + ".")
+    return text
+
+
+def document(rows: list[dict], charts_dir: str | None = None, comparison_rows: list[dict] | None = None) -> str:
+    """leaderboard.md (and README's section): the budgets, the table, the paired comparisons, the charts."""
+    from . import compare
+
     text = budgets(rows) + "\n\n" + markdown(rows) + "\n\n" + (
         "Tokens per sample: generated tokens, every agent's (DiffMAS's upstream agents generate none; they take "
         "latent steps), averaged over the tasks; seconds per sample: wall time of a batch / its samples (for "
@@ -197,9 +223,10 @@ def document(rows: list[dict], charts_dir: str | None = None) -> str:
     stab = stability_table(rows)
     if stab:
         text += "\n\n" + stab
-    found = beyond_noise(rows)
-    text += ("\n\nDifferences beyond noise (more than 2 x sqrt(stderr_a^2 + stderr_b^2)): "
-             + ("; ".join(found) if found else "none at this n") + ".")
+    paired = compare.table(comparison_rows or [])
+    if paired:
+        text += "\n\n" + paired
+    text += "\n\n" + noise(rows, comparison_rows)
     if charts_dir is not None:
         shown = CHARTS + (STABILITY_CHARTS if stab else ())
         text += "\n\n" + "\n".join(f"![{c[:-4]}]({charts_dir}{c})" for c in shown)
@@ -335,24 +362,25 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
     return paths
 
 
-def headline(rows: list[dict], charts_dir: str | None = None) -> str:
+def headline(rows: list[dict], charts_dir: str | None = None, comparison_rows: list[dict] | None = None) -> str:
     """README.md's short results section: the model and items, the table, what is beyond noise, one chart."""
-    found = beyond_noise(rows)
-    text = (budgets(rows).split("\n", 1)[0] + "\n\n" + markdown(rows) + "\n\nDifferences beyond noise: "
-            + ("; ".join(found) if found else "none at this n") + ".")
+    text = (budgets(rows).split("\n", 1)[0] + "\n\n" + markdown(rows) + "\n\n"
+            + noise(rows, comparison_rows, short=True))
     if charts_dir is not None:
         text += f"\n\n![{CHARTS[0][:-4]}]({charts_dir}{CHARTS[0]})"
     return text + "\n"
 
 
-def update_readme(readme: Path, rows: list[dict], charts_dir: str = "leaderboards/") -> bool:
+def update_readme(readme: Path, rows: list[dict], charts_dir: str = "leaderboards/",
+                  comparison_rows: list[dict] | None = None) -> bool:
     """Regenerate every results section ``readme`` has markers for: ``leaderboard`` (the whole document, the
     docs page) and ``headline`` (README.md's short one); True if the file changed. A file with neither is an
-    error that gives the markers to paste."""
+    error that gives the markers to paste. ``comparison_rows``: ``compare.comparisons`` of the per-item scores."""
     text = Path(readme).read_text()
     changed = False
     if "<!-- headline:start" in text:
-        changed |= replace_section(readme, "headline", headline(rows, charts_dir), HEADLINE_COMMAND)
+        changed |= replace_section(readme, "headline", headline(rows, charts_dir, comparison_rows), HEADLINE_COMMAND)
     if "<!-- leaderboard:start" in text or "<!-- headline:start" not in text:
-        changed |= replace_section(readme, "leaderboard", document(rows, charts_dir), README_COMMAND)
+        changed |= replace_section(readme, "leaderboard", document(rows, charts_dir, comparison_rows),
+                                   README_COMMAND)
     return changed

@@ -65,17 +65,21 @@ def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None
     """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows;
     ``item_rows``: leaderboard_items.csv's, the per-item scores that outlive the cells' results files); then the
     table, printed."""
+    from . import compare
     from .report import charts, document, markdown, write_csv, write_curves, write_items
 
+    paired = compare.comparisons(item_rows) if item_rows is not None else None  # refuses unpaired cells, first
     write_csv(rows, output)
     if curve_rows is not None:
         write_curves(curve_rows, output.parent / "entropy_curve.csv")
     if item_rows is not None:
         write_items(item_rows, output.parent / "leaderboard_items.csv")
-    (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, ""))
+        compare.write(paired or [], output.parent / compare.FILE)
+    (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, "", paired))
     for path in charts(rows, output.parent):
         print(f"wrote {path}")
-    print(f"wrote {output} and {output.parent / 'leaderboard.md'}")
+    print(f"wrote {output}, {output.parent / 'leaderboard.md'}"
+          + (f" and {output.parent / compare.FILE}" if paired is not None else ""))
     print(markdown(rows))
 
 

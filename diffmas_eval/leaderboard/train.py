@@ -107,6 +107,13 @@ def _stream(cmd: list[str], log: Path) -> int:
         return proc.wait()
 
 
+def chat_set(data: Path) -> Path:
+    """``data`` (plain rows) as chat rows (``training.data.to_chat``), beside it."""
+    from ..training.data import write_chat
+
+    return write_chat(data, data.with_name(f"{data.stem}-chat.jsonl"))
+
+
 def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
     """``data`` with textmas's notes before each prompt (``training/notes.py``), named by what made them."""
     from ..training.notes import write_notes_set
@@ -136,6 +143,8 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
     if finished(out, digest):
         print(f"== {method} adapter ({family}): reusing {out}", flush=True)
         return out
+    if spec.get("sft_format") == "chat":  # the rows as the cells read them: a user turn, the assistant's answer
+        data = chat_set(data)
     if method == "textmas-sft":  # the SFT rows with the untrained text agents' notes (cached by their settings)
         data = notes_set(settings, data, work, cuda)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,5 +168,11 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
         raise RuntimeError(f"training {method} ({family}) finished without {', '.join(missing)} in {out}")
     for checkpoint in out.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
-    (out / MARKER).write_text(json.dumps({"hash": digest, "training": spec, "data": str(data)}, indent=1) + "\n")
+    record = json.loads((out / "diffmas.json").read_text()).get("training", {})
+    loss = {k: record[f"loss_{k}"] for k in ("first", "last", "steps") if f"loss_{k}" in record}
+    if loss:
+        print(f"== {method} adapter ({family}): loss {loss['first']:.4f} -> {loss['last']:.4f} over {loss['steps']} "
+              f"logged steps (curve: {out / 'loss.csv'})", flush=True)
+    (out / MARKER).write_text(json.dumps({"hash": digest, "training": spec, "data": str(data), "loss": loss},
+                                         indent=1) + "\n")
     return out

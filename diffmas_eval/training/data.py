@@ -6,6 +6,13 @@ touches a training item; ``build`` prints that bound. Prompts are formatted exac
 package's lm-eval tasks format them, so the trained final agent sees at evaluation what it saw in
 training. Family sizes follow the paper (about 210 math, 700 commonsense, 50 code examples).
 
+Two formats (``to_chat``): ``plain`` rows (prompt and completion strings, which TRL trains without a chat
+template) for cells scored on plain text, and ``chat`` rows (the prompt as one user turn, the completion as the
+assistant's turn, which TRL renders with the model's chat template) for cells scored with
+``--apply_chat_template``: lm-eval then sends the task's text as the one user turn and scores the completion after
+the generation prompt, so a chat-trained agent reads at scoring the tokens it was trained on. The code family
+stays plain (``CHAT_FAMILIES``).
+
 Two sources (``source=``): ``offline``, the last rows of the local benchmark files above; and ``paper``, the
 DiffMAS paper's: math from the MATH training split (hub ``EleutherAI/hendrycks_math``, disjoint from MATH-500,
 which is drawn from the test split), commonsense from CommonsenseQA's training split (hub
@@ -29,6 +36,10 @@ SOURCES = ("offline", "paper")
 MATH_HUB = ("EleutherAI/hendrycks_math", ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                                           "number_theory", "prealgebra", "precalculus"))
 COMMONSENSE_HUB = "tau/commonsense_qa"
+FORMATS = ("plain", "chat")
+# the families whose tasks lm-eval scores (with or without its chat template); the code family is scored by
+# EvalPlus's instruction prompt (codegen/generate.py), whose rows are not these yet
+CHAT_FAMILIES = ("math", "commonsense")
 MATH_PROMPT = "Question: {q}\nPlease reason step by step, and put your final answer within \\boxed{{}}.\nAnswer:"
 
 
@@ -43,6 +54,12 @@ def _math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
     return out, {"diffmas_gsm8k": _count(data_dir / "gsm8k" / "test.jsonl") - n}
 
 
+def choice_row(doc: dict) -> dict:
+    """A multiple-choice item (``tasks._choice_rows``) as its task prompts it (``doc_to_text``) and scores its gold
+    choice (lm-eval's target delimiter, a space, then the choice)."""
+    return {"prompt": f"Question: {doc['question']}\nAnswer:", "completion": " " + doc["choices"][doc["label"]]}
+
+
 def _commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
     half = n // 2
     out, bounds = [], {}
@@ -50,8 +67,7 @@ def _commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
                               ("diffmas_commonsense_qa", "commonsense_qa/validation.jsonl", n - half)):
         path = data_dir / relative
         rows = tasks._choice_rows(path, tasks.read_jsonl(path, ("question", "choices", "answerKey")))[-k:]
-        out += [{"prompt": f"Question: {r['question']}\nAnswer:", "completion": " " + r["choices"][r["label"]]}
-                for r in rows]
+        out += [choice_row(r) for r in rows]
         bounds[task] = _count(path) - k
     return out, bounds
 
@@ -85,8 +101,7 @@ def _paper_commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, in
     from datasets import load_dataset
 
     rows = tasks._choice_rows(None, _sample(list(load_dataset(COMMONSENSE_HUB, split="train")), n))
-    return [{"prompt": f"Question: {r['question']}\nAnswer:", "completion": " " + r["choices"][r["label"]]}
-            for r in rows], {}
+    return [choice_row(r) for r in rows], {}
 
 
 def _paper_code(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
@@ -117,6 +132,28 @@ def _count(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def to_chat(row: dict) -> dict:
+    """A plain row as TRL's conversational prompt/completion: the prompt text as the one user turn (where lm-eval's
+    ``--apply_chat_template`` puts a zero-shot task's text: no system turn, no few-shot turns), the completion as
+    the assistant's turn without its leading space: under the chat template lm-eval drops a multiple-choice task's
+    target delimiter (``Task.construct_requests``: the choice follows the generation prompt directly), and a
+    generated answer starts there too."""
+    if not isinstance(row["prompt"], str):
+        return row  # already conversational
+    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"].lstrip(" ")}]}
+
+
+def write_chat(source: Path, out: Path) -> Path:
+    """``source``'s rows as chat rows (``to_chat``), written to ``out``."""
+    rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(to_chat(r)) + "\n" for r in rows))
+    tmp.replace(out)
+    return out
+
+
 def build(family: str, out: str | Path, n: int | None = None, data_dir: str | Path | None = None,
           source: str = "offline") -> dict[str, int]:
     """Write the family's SFT JSONL; return, per evaluation task, the largest ``--limit`` that stays disjoint."""
@@ -124,8 +161,11 @@ def build(family: str, out: str | Path, n: int | None = None, data_dir: str | Pa
 
 
 def build_set(family: str, out: str | Path, n: int | None = None, data_dir: str | Path | None = None,
-              source: str = "offline") -> tuple[dict[str, int], str]:
-    """``build``, also returning the source the rows came from (``paper`` falls back to ``offline``)."""
+              source: str = "offline", fmt: str = "plain") -> tuple[dict[str, int], str]:
+    """``build``, also returning the source the rows came from (``paper`` falls back to ``offline``);
+    ``fmt``: ``plain`` or ``chat`` rows (``to_chat``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if source not in SOURCES:
@@ -150,5 +190,5 @@ def build_set(family: str, out: str | Path, n: int | None = None, data_dir: str 
         used = "offline"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out.write_text("".join(json.dumps(to_chat(r) if fmt == "chat" else r) + "\n" for r in rows))
     return bounds, used

@@ -22,20 +22,26 @@ def write_notes_set(source: Path, out: Path, model_args: dict, batch_size: int =
     if out.exists():
         return out
     from ..harness.textmas_lm import TextMASLM
+    from .trainer import question_of, with_note
 
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
+    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), (str, list)) or not r["prompt"]]
     if bad:
-        raise ValueError(f"{source}: rows {bad[:5]} have no text prompt; TextMAS+SFT needs prompt/completion text rows")
+        raise ValueError(f"{source}: rows {bad[:5]} have no prompt; TextMAS+SFT needs prompt/completion rows")
     lm = TextMASLM(**model_args, batch_size=batch_size)
+
+    def final(prompt, trace):  # chat rows: the note in the last user turn, as _final_context puts it there
+        return lm._final_context(prompt, trace) if isinstance(prompt, str) else with_note(prompt, trace.preamble())
+
     tmp = out.with_suffix(".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w") as f, tqdm(total=len(rows), desc="textmas-sft notes") as bar:
         for b0 in range(0, len(rows), batch_size):
             chunk = rows[b0:b0 + batch_size]
-            traces = lm.chain.run([lm._question(r["prompt"]) for r in chunk])
+            traces = lm.chain.run([lm._question(r["prompt"]) if isinstance(r["prompt"], str)
+                                   else question_of(r["prompt"]) for r in chunk])
             for r, trace in zip(chunk, traces):
-                f.write(json.dumps({**r, "prompt": lm._final_context(r["prompt"], trace)}) + "\n")
+                f.write(json.dumps({**r, "prompt": final(r["prompt"], trace)}) + "\n")
             bar.update(len(chunk))
     tmp.replace(out)  # whole or absent: an interrupted run writes it again
     return out

@@ -108,6 +108,27 @@ class _WithQuestions:
         return batch
 
 
+LOSS_FILE = "loss.csv"
+
+
+def write_loss_curve(directory: Path, log_history: list[dict]) -> list[dict]:
+    """The training loss per logged step (the trainer's log history) as ``loss.csv``; returns its rows.
+
+    Kept beside the adapter because the log history otherwise lives only in checkpoints, which the leaderboard
+    deletes once the adapter is finished."""
+    import csv
+
+    rows = [{"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["loss"],
+             "learning_rate": h.get("learning_rate")} for h in log_history if "loss" in h]
+    if rows:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / LOSS_FILE, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
 def _name(choice) -> str:
     """An enum option of TrainingArguments (or a plain string) as its name."""
     return str(getattr(choice, "value", choice))
@@ -205,6 +226,9 @@ class DiffMASSFTTrainer(SFTTrainer):
 
     def _save_chain(self, directory: Path) -> None:
         training = self._recipe()
+        losses = write_loss_curve(directory, self.state.log_history)
+        if losses:  # a reader of the adapter sees that training happened, and how the loss went
+            training.update(loss_first=losses[0]["loss"], loss_last=losses[-1]["loss"], loss_steps=len(losses))
         save_chain_config(directory, self.diffmas_config, self.chain, training)
         write_model_card(directory, self.diffmas_config, self._base_model(), training, self.args.hub_model_id)
 
