@@ -8,10 +8,19 @@ checks that every tensor an op receives lies on one device: a misplaced index fa
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from diffmas_eval.latent import chain as chain_module
+from diffmas_eval.latent.chain import AgentChain
+from diffmas_eval.latent.config import LatentConfig
 from diffmas_eval.latent.trace import LatentTrace, Segment
+from diffmas_eval.tiny import make_tiny_model
+
+QUESTIONS = ["What is 2 + 3?", "Name a prime number greater than ten, please.", "Why?"]
 
 
 class OneDevicePerOp(TorchFunctionMode):
@@ -85,3 +94,75 @@ def test_one_device_per_op_catches_a_misplaced_index():
     with OneDevicePerOp() as mode:
         t.index_select(0, torch.tensor([1, 0]))
     assert mode.mixed
+
+
+# -- stage 1 keeps only the last layer's hidden state ----------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@torch.no_grad()
+def test_stage1_last_hidden_state_is_bit_identical_to_hidden_states_last(arch, monkeypatch):
+    """The hook on the decoder reads exactly ``hidden_states[-1]`` (after the final norm), batch and padding
+    included; the fallback (no decoder found) is today's path."""
+    model, tok = make_tiny_model(arch)
+    config = LatentConfig(latent_steps=3)
+    new = AgentChain(model, tok, config).stage1(QUESTIONS, record_inputs=True)
+    monkeypatch.setattr(chain_module, "decoder_of", lambda model: None)
+    old = AgentChain(model, tok, config).stage1(QUESTIONS, record_inputs=True)
+    assert all(torch.equal(a, b) for a, b in zip(new.keys + new.values, old.keys + old.values))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(new.history, old.history))
+
+
+def test_stage1_asks_for_no_hidden_states_and_finds_the_decoder_under_wrappers():
+    model, tok = make_tiny_model("qwen3")
+    seen = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("output_hidden_states"))
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    with torch.no_grad():
+        AgentChain(model, tok, LatentConfig(latent_steps=2)).stage1(QUESTIONS[:2])
+    assert seen and not any(seen)
+    assert chain_module.decoder_of(model) is model.model
+    from diffmas_eval.training.trainer import _CallThrough
+    assert chain_module.decoder_of(_CallThrough(model, model)) is model.model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@torch.no_grad()
+def test_latent_dtype_float32_casts_module_by_module_as_the_whole_model_cast_did(arch, monkeypatch):
+    """Per-module casting gives the numbers of casting the whole model to float32 first, and holds at most one
+    module's float32 copy at a time."""
+    model, tok = make_tiny_model(arch)
+    model = model.to(torch.bfloat16)
+    config = LatentConfig(latent_steps=3, latent_dtype="float32")
+    up = AgentChain(model, tok, config).stage1(QUESTIONS, record_inputs=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+    @contextmanager
+    def whole_model(m):  # the cast this replaced: every half tensor in float32 for all of stage 1
+        tensors = [t for t in (*m.parameters(), *m.buffers()) if t.dtype == torch.bfloat16]
+        for t in tensors:
+            t.data = t.data.float()
+        yield
+        for t in tensors:
+            t.data = t.data.to(torch.bfloat16)
+
+    monkeypatch.setattr(chain_module, "_upcast", whole_model)
+    ref = AgentChain(model, tok, config).stage1(QUESTIONS, record_inputs=True)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(ref.keys + ref.values, up.keys + up.values))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(ref.history, up.history))
+
+    largest = max(sum(t.numel() for t in m.parameters(recurse=False)) for m in model.modules()) * 4
+    live = []
+    with chain_module._upcast(model):
+        def watch(module, args, output):
+            live.append(sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.float32))
+        handles = [m.register_forward_hook(watch) for m in model.modules()]
+        AgentChain(model, tok, LatentConfig(latent_steps=1)).stage1(QUESTIONS[:1])
+        for h in handles:
+            h.remove()
+    assert live and max(live) <= largest

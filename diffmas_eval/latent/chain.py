@@ -52,19 +52,54 @@ HALF = (torch.float16, torch.bfloat16)
 
 @contextmanager
 def _upcast(model: nn.Module):
-    """``model``'s half-precision parameters and buffers in float32 inside, restored exactly after
-    (float32 holds every bf16/float16 value); tensors in other dtypes (RoPE's float32 ``inv_freq``)
-    are left alone. Swapping ``.data`` keeps each ``Parameter`` object, so optimizers and hooks still
-    hold the same ones."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in HALF]
-    dtypes = [t.dtype for t in tensors]
-    for t in tensors:
-        t.data = t.data.float()
+    """``model``'s half-precision parameters and buffers in float32 inside, one module at a time: each module's
+    own half tensors are cast as its forward starts and its original tensors put back as it returns, so the
+    float32 copy held at any moment is one module's (Qwen3-8B: its 2.3 GiB ``lm_head``), not the whole model's
+    (+16 GB), and the weights come back bit for bit, in their own tensors. The cost is one cast per weight per
+    forward (a latent step re-reads the weights anyway; the cast about doubles that traffic). Tensors in other
+    dtypes (RoPE's float32 ``inv_freq``) are left alone. Swapping ``.data`` keeps each ``Parameter`` object, so
+    optimizers and hooks still hold the same ones; a tied weight is cast by whichever module runs it."""
+    owners = [m for m in model.modules()
+              if any(t.dtype in HALF for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]
+    saved: dict[int, list] = {}
+
+    def cast(module: nn.Module, args) -> None:
+        swapped = [(t, t.data) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+                   if t.dtype in HALF]
+        for t, data in swapped:
+            t.data = data.float()
+        saved.setdefault(id(module), []).append(swapped)
+
+    def restore(module: nn.Module, args, output) -> None:
+        for t, data in saved[id(module)].pop():
+            t.data = data
+
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(cast), m.register_forward_hook(restore))]
     try:
         yield
     finally:
-        for t, dtype in zip(tensors, dtypes):
-            t.data = t.data.to(dtype)
+        for h in handles:
+            h.remove()
+        for stack in saved.values():  # a forward that raised leaves its module cast: put it back
+            for swapped in stack:
+                for t, data in swapped:
+                    t.data = data
+        saved.clear()
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The base model under the LM head (``get_decoder()`` of the first ``PreTrainedModel`` inside any wrapper:
+    PEFT, DDP, FSDP2), whose ``last_hidden_state`` is the last layer's hidden state after the final norm; None
+    if there is none."""
+    from transformers import PreTrainedModel
+
+    model = model.__dict__.get("_inner", model)  # the trainer's call-through wrapper registers no submodule
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            get = getattr(module, "get_decoder", None)
+            decoder = get() if callable(get) else None
+            return decoder if isinstance(decoder, nn.Module) and decoder is not module else None
+    return None
 
 
 @dataclass
@@ -315,14 +350,44 @@ class AgentChain(nn.Module):
         layer's hidden state at each row's last real token. ``own``: the block sees only each row's last
         ``own[i]`` trace columns (an independent agent's own, contiguous there by the layout invariant)."""
         seen = work.mask if own is None else left_aligned_mask(own, work.length).to(work.mask.dtype)
-        out = self.model(**inputs, attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask),
-                         cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        kwargs = dict(attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask), cache=cache,
+                      use_cache=True, logits_to_keep=1)
+        decoder = self._decoder()
+        if decoder is None:  # no base model to listen to: ask for every layer's hidden state, read the last
+            hidden = self.model(**inputs, **kwargs, output_hidden_states=True).hidden_states[-1]
+        else:
+            hidden = self._last_hidden_state(decoder, inputs, kwargs)
         work.adopt(cache, mask)
         if torch.is_grad_enabled():
             layers = self._fsdp_layers()
             if layers:
                 _unshard_in_backward(layers, work.keys, work.values)
-        return _at_last_token(out.hidden_states[-1], mask)
+        return _at_last_token(hidden, mask)
+
+    def _last_hidden_state(self, decoder: nn.Module, inputs: dict, kwargs: dict) -> torch.Tensor:
+        """The decoder's ``last_hidden_state`` (after the final norm: what ``hidden_states[-1]`` holds), read by
+        a hook while the chain calls the whole model as it is (so wrappers' forwards still run: DDP's reducer,
+        FSDP2's root, PEFT). ``output_hidden_states=True`` would keep every layer's ``[B, T, hidden]`` alive to
+        read one; the LM head runs on one column (``logits_to_keep=1``), a ``[B, V]`` that is dropped."""
+        got: list[torch.Tensor] = []
+
+        def grab(module, args, output) -> None:
+            got.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = decoder.register_forward_hook(grab)
+        try:
+            self.model(**inputs, **kwargs)
+        finally:
+            handle.remove()
+        return got[-1]
+
+    def _decoder(self) -> nn.Module | None:
+        """``decoder_of`` the model the chain calls now (the trainer swaps it per step), cached."""
+        model = self.model
+        if getattr(self, "_decoder_for", None) is not model:
+            object.__setattr__(self, "_decoder_cache", decoder_of(model))  # not a registered submodule either
+            object.__setattr__(self, "_decoder_for", model)  # a reference, not a registered submodule
+        return self._decoder_cache
 
     def _fsdp_layers(self) -> dict[int, nn.Module]:
         """``fsdp_layers`` of the model the chain calls now (the trainer swaps it per step), cached."""
