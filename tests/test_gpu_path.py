@@ -8,6 +8,7 @@ checks that every tensor an op receives lies on one device: a misplaced index fa
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import pytest
@@ -166,3 +167,79 @@ def test_latent_dtype_float32_casts_module_by_module_as_the_whole_model_cast_did
         for h in handles:
             h.remove()
     assert live and max(live) <= largest
+
+
+# -- quantized training and evaluation (bitsandbytes runs 4-bit on this CPU) ---------------------------------
+
+ROWS = [
+    {"prompt": "Question: What is 12 + 30?\nAnswer:", "completion": " 42"},
+    {"prompt": "Question: Which animal barks? (A) fox (B) dog\nAnswer:", "completion": " (B) dog"},
+    {"prompt": "Question: What is 2 + 3?\nAnswer:", "completion": " 5"},
+]
+
+
+def _sft_args(tiny_path, tmp_path, *extra: str) -> list[str]:
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS * 4) + "\n")
+    return ["--model_name_or_path", str(tiny_path), "--dataset_name", str(data), "--agents", "3",
+            "--latent_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--logging_steps", "1",
+            "--save_strategy", "no", "--output_dir", str(tmp_path / "out"), "--seed", "0", *extra]
+
+
+def test_qlora_trains_through_the_chain_and_loads_in_lm_eval(tiny_path, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lm_eval.api.instance import Instance
+
+    from diffmas_eval.harness.diffmas_lm import DiffMASLM
+    from diffmas_eval.training.sft import main, parser
+
+    trainer = main(*parser().parse_args_and_config(_sft_args(
+        tiny_path, tmp_path, "--use_peft", "--load_in_4bit", "--bnb_4bit_quant_type", "nf4", "--dtype", "float32",
+        "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "10", "--learning_rate", "3e-2"))[:4])
+    base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
+    assert base.is_loaded_in_4bit and type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    out = tmp_path / "out"
+    quant = json.loads((out / "diffmas.json").read_text())["training"]["quantization"]
+    assert quant["load_in_4bit"] is True and quant["bnb_4bit_quant_type"] == "nf4"
+
+    prompt, answer = "Question: What is 12 + 30?\nAnswer:", " 42"
+    request = [Instance("loglikelihood", {}, (prompt, answer), 0)]
+    lm = DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},peft={out},device=cpu,dtype=float32,"
+                                          "load_in_4bit=True,bnb_4bit_quant_type=nf4,bnb_4bit_compute_dtype=float32")
+    assert lm.model.get_base_model().is_loaded_in_4bit and lm.chain.config.latent_steps == 2
+    trained = lm.loglikelihood(request, disable_tqdm=True)[0][0]
+    plain = DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},device=cpu,dtype=float32,latent_steps=2,"
+                                             "agents=3,load_in_4bit=True,bnb_4bit_compute_dtype=float32")
+    untrained = plain.loglikelihood(request, disable_tqdm=True)[0][0]
+    assert trained > untrained + 0.1  # the adapter was loaded over the 4-bit model, and it learned the answer
+    assert lm.generate_until([Instance("generate_until", {}, (prompt, {"max_gen_toks": 4, "until": ["\n"]}), 0)],
+                             disable_tqdm=True)[0] is not None
+
+
+def test_quantized_loading_without_bitsandbytes_names_the_install(tiny_path, tmp_path, monkeypatch):
+    import importlib.util
+
+    from diffmas_eval.harness.diffmas_lm import DiffMASLM
+    from diffmas_eval.training.sft import main, parser
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ImportError, match=r"bitsandbytes, which is not installed: pip install 'diffmas-eval\[quant\]'"):
+        main(*parser().parse_args_and_config(_sft_args(tiny_path, tmp_path, "--use_peft", "--load_in_4bit",
+                                                       "--max_steps", "1"))[:4])
+    with pytest.raises(ImportError, match=r"diffmas-eval\[quant\]"):
+        DiffMASLM.create_from_arg_string(f"pretrained={tiny_path},device=cpu,load_in_8bit=True")
+
+
+def test_quantized_training_refuses_full_weights_and_a_device_bnb_cannot_use(tiny_path, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from diffmas_eval.models import require_bitsandbytes
+    from diffmas_eval.training.sft import main, parser
+
+    with pytest.raises(ValueError, match="add --use_peft"):
+        main(*parser().parse_args_and_config(_sft_args(tiny_path, tmp_path, "--load_in_4bit", "--max_steps", "1"))[:4])
+    with pytest.raises(RuntimeError, match="bitsandbytes cannot quantize on meta"):
+        require_bitsandbytes("meta")

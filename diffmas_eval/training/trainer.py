@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
 from ..latent.persist import save_chain_config
+from ..models import quantization_record
 from ..prompts import TEXT_ROLES, final_preamble, last_user_turn
 
 logger = logging.getLogger(__name__)
@@ -191,5 +192,6 @@ class DiffMASSFTTrainer(SFTTrainer):
             "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": a.world_size,
             "max_steps": a.max_steps, "num_train_epochs": a.num_train_epochs, "seed": a.seed,
             "global_step": self.state.global_step,
-            "lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None)}
+            "lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None),
+            "quantization": quantization_record(self.accelerator.unwrap_model(self.model))}  # QLoRA: what it ran over
         save_chain_config(Path(output_dir or self.args.output_dir), self.diffmas_config, self.chain, training)
