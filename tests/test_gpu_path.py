@@ -243,3 +243,76 @@ def test_quantized_training_refuses_full_weights_and_a_device_bnb_cannot_use(tin
         main(*parser().parse_args_and_config(_sft_args(tiny_path, tmp_path, "--load_in_4bit", "--max_steps", "1"))[:4])
     with pytest.raises(RuntimeError, match="bitsandbytes cannot quantize on meta"):
         require_bitsandbytes("meta")
+
+
+# -- the decode loop: tokens on the device, read in chunks; the same answers as one token at a time -----------
+
+@torch.no_grad()
+def reference_generate(chain, trace, prompts, max_new_tokens, stop=(), do_sample=False, generator=None):
+    """The decode loop before it kept tokens on the device (host work every token), as the reference."""
+    import torch.nn.functional as F
+
+    from diffmas_eval.stability import step_stats
+    from diffmas_eval.stopping import cut_at_stop, eos_ids
+
+    stop = [s for s in stop if s]
+    eos = eos_ids(chain.model, chain.tokenizer)
+    work, logits = chain.prefill(trace, prompts)
+    cache = work.cache(reserve=max_new_tokens)
+    step = torch.ones(len(prompts), 1, dtype=work.mask.dtype)
+    out_ids, done, ended = [[] for _ in prompts], [False] * len(prompts), ["length"] * len(prompts)
+    logps, ents = [[] for _ in prompts], [[] for _ in prompts]
+    for n in range(max_new_tokens):
+        logits = logits.float()
+        nxt = (torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0] if do_sample
+               else logits.argmax(-1))
+        logp, ent = (x.tolist() for x in step_stats(logits, nxt))
+        for i, tok in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if tok in eos:
+                done[i], ended[i] = True, "eos"
+                continue
+            out_ids[i].append(tok)
+            logps[i].append(logp[i])
+            ents[i].append(ent[i])
+            if stop and any(s in chain.tokenizer.decode(out_ids[i][-64:]) for s in stop):
+                done[i], ended[i] = True, "stop"
+        if all(done) or n == max_new_tokens - 1:
+            break
+        out = chain.model(input_ids=nxt[:, None], attention_mask=work.full_mask(step),
+                          position_ids=work.positions(step), cache=cache, use_cache=True, logits_to_keep=1)
+        work.advance(step)
+        logits = out.logits[:, -1]
+    return [(cut_at_stop(chain.tokenizer.decode(ids, skip_special_tokens=True), stop), ids, lp, en, how)
+            for ids, lp, en, how in zip(out_ids, logps, ents, ended)]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@torch.no_grad()
+def test_chunked_decode_loop_gives_the_answers_of_the_per_token_loop(do_sample):
+    model, tok = make_tiny_model("llama")
+    chain = AgentChain(model, tok, LatentConfig(latent_steps=2))
+    prompts = [chain.final_prompt(q) for q in QUESTIONS]
+    trace = chain.stage1(QUESTIONS)
+    free = chain.generate(trace, prompts, max_new_tokens=40, ignore_eos=True)
+    # an EOS that row 0 meets at its 5th token, and a stop string from row 1's text: rows end at different steps
+    model.generation_config.eos_token_id = free[0].token_ids[4]
+    stop = [tok.decode(free[1].token_ids[6:8]).strip() or "zz", "never-there"]
+    for budget in (1, 3, 40, 150):
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        new = chain.generate(trace, prompts, max_new_tokens=budget, stop=stop, do_sample=do_sample, generator=g1)
+        ref = reference_generate(chain, trace, prompts, budget, stop, do_sample, g2)
+        for gen, (text, ids, lp, en, how) in zip(new, ref):
+            assert (gen.text, gen.token_ids, gen.stats.stopped) == (text, ids, how)
+            assert gen.stats.logprobs == lp and gen.stats.entropies == en
+        assert torch.equal(g1.get_state(), g2.get_state())  # the sampler is left where the per-token loop left it
+    assert {g.stats.stopped for g in new} >= {"eos"}
+
+
+def test_a_decode_budget_past_the_context_fails_before_any_compute():
+    model, tok = make_tiny_model("llama", context=64)
+    chain = AgentChain(model, tok, LatentConfig(latent_steps=1))
+    trace = LatentTrace(1, chain.num_layers, "cpu")
+    with pytest.raises(chain_module.TraceTooLongError, match="max_new_tokens 100 .* exceed the model's context of 64"):
+        chain.generate(trace, [[1, 2, 3]], max_new_tokens=100)

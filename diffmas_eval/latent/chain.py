@@ -102,6 +102,60 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+# the decode loop reads tokens on the host at most this many steps apart (and after 1, 2, .. steps early on,
+# at most a quarter of the steps made so far): a row that ended is found at most that late, its extra steps
+# discarded, so host syncs are O(1/SYNC_EVERY) per token and the extra work a bounded share
+SYNC_EVERY = 64
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.multinomial`` draws from when given none (the device's default one)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class _Answers:
+    """The host side of decoding: each row's kept tokens, statistics and how it ended, fed chunks of steps.
+
+    Same rules as one token at a time: a row ends at its first EOS (not kept) or at the first token after which
+    a stop string appears in its text (kept). The stop check decodes a window of the row's last tokens that
+    holds any stop string with room to spare (``4 * len + 3`` tokens, at most 64: a character is at most 4
+    byte tokens, and the window's first token, which some tokenizers decode without its leading space, is never
+    part of it), once per row and token, not once per stop string over 64 tokens."""
+
+    def __init__(self, rows: int, eos: set[int], stop: list[str], tokenizer) -> None:
+        self.eos, self.stop, self.tokenizer = eos, stop, tokenizer
+        self.window = min(64, 4 * max(map(len, stop)) + 3) if stop else 0
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.logps: list[list[float]] = [[] for _ in range(rows)]
+        self.ents: list[list[float]] = [[] for _ in range(rows)]
+        self.ended = ["length"] * rows
+        self.done_at = [None] * rows  # the step at which each row ended
+
+    def read(self, tokens: list[list[int]], logps: list[list[float]], ents: list[list[float]],
+             first: int) -> int | None:
+        """Take steps ``first, first + 1, ..`` of every row; return the step at which the last row ended once all
+        have, else None."""
+        for i, (toks, lps, ens) in enumerate(zip(tokens, logps, ents)):
+            if self.done_at[i] is not None:
+                continue
+            ids = self.ids[i]
+            for j, tok in enumerate(toks):
+                if tok in self.eos:
+                    self.ended[i], self.done_at[i] = "eos", first + j
+                    break
+                ids.append(tok)
+                self.logps[i].append(lps[j])
+                self.ents[i].append(ens[j])
+                if self.stop:
+                    text = self.tokenizer.decode(ids[-self.window:])
+                    if any(s in text for s in self.stop):
+                        self.ended[i], self.done_at[i] = "stop", first + j
+                        break
+        return None if any(d is None for d in self.done_at) else max(self.done_at)
+
+
 @dataclass
 class Generation:
     text: str
@@ -504,6 +558,15 @@ class AgentChain(nn.Module):
         budgets for benchmarks) or at a stop string. Each answer's ``stats`` come from the logits this loop
         computes anyway (the model's distribution before the sampling warpers), so they change no token."""
         stop = [s for s in (stop or []) if s]
+        ctx = context_length(self.model)
+        if ctx is not None and prompts:  # before any compute: a budget past the context would fail mid-answer
+            need = [int(p) + len(r) + max_new_tokens for p, r in zip(trace.next_pos.tolist(), prompts)]
+            i = max(range(len(need)), key=need.__getitem__)
+            if need[i] > ctx:
+                raise TraceTooLongError(
+                    f"row {i}: trace {need[i] - len(prompts[i]) - max_new_tokens} + final prompt {len(prompts[i])} + "
+                    f"max_new_tokens {max_new_tokens} = {need[i]} positions exceed the model's context of {ctx} "
+                    "(max_position_embeddings); lower max_new_tokens (max_gen_toks), latent_steps or agents")
         eos = set() if ignore_eos else eos_ids(self.model, self.tokenizer)
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
@@ -511,43 +574,45 @@ class AgentChain(nn.Module):
         # prefill the final agent's prompt (right-padded, then left-aligned), then decode one column per row
         work, logits = self.prefill(trace, prompts)
         cache = work.cache(reserve=max_new_tokens)  # decoding writes in place: O(1) bytes moved per token
-        mask = work.mask
-        step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)
-        out_ids: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        ended = ["length"] * len(prompts)
-        logps: list[list[float]] = [[] for _ in prompts]
-        ents: list[list[float]] = [[] for _ in prompts]
+        step = torch.ones(len(prompts), 1, dtype=work.mask.dtype, device=work.mask.device)
+        # every token and its statistics stay on the device; the host reads them in chunks (``_Answers``)
+        device, rows = logits.device, len(prompts)
+        tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+        logps = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
+        ents = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
+        answers = _Answers(rows, eos, stop, self.tokenizer)
+        rng = (generator or _default_generator(device)) if do_sample else None
+        states: list[torch.Tensor] = []  # the sampler's state after each unread step, to undo steps past the end
+        read = 0
         for n in range(max_new_tokens):
             logits = logits.float()
             if do_sample:
                 probs = F.softmax(warpers(None, logits), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                states.append(rng.get_state())
             else:
                 nxt = logits.argmax(-1)
-            logp, ent = (x.tolist() for x in step_stats(logits, nxt))  # the model's distribution, pre-warper
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                if tok in eos:
-                    done[i], ended[i] = True, "eos"
-                    continue
-                out_ids[i].append(tok)
-                logps[i].append(logp[i])
-                ents[i].append(ent[i])
-                if stop and any(s in self.tokenizer.decode(out_ids[i][-64:]) for s in stop):
-                    done[i], ended[i] = True, "stop"
-            if all(done) or n == max_new_tokens - 1:
+            tokens[:, n] = nxt
+            logps[:, n], ents[:, n] = step_stats(logits, nxt)  # the model's distribution, pre-warper
+            made = n + 1
+            if made == max_new_tokens or made - read >= min(SYNC_EVERY, max(1, made // 4)):
+                last = answers.read(tokens[:, read:made].tolist(), logps[:, read:made].tolist(),
+                                    ents[:, read:made].tolist(), read)
+                if last is not None and states:  # sampling: leave the generator as the step that ended it left it
+                    rng.set_state(states[last - read])
+                states.clear()
+                read = made
+                if last is not None:
+                    break
+            if made == max_new_tokens:
                 break
             out = self.model(input_ids=nxt[:, None], attention_mask=work.full_mask(step),
                              position_ids=work.positions(step), cache=cache, use_cache=True, logits_to_keep=1)
             work.advance(step)
             logits = out.logits[:, -1]
-        results = []
-        for ids, lp, en, how in zip(out_ids, logps, ents, ended):
-            text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
-            results.append(Generation(text, ids, AnswerStats(lp, en, how)))
-        return results
+        return [Generation(cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop), ids,
+                           AnswerStats(lp, en, how))
+                for ids, lp, en, how in zip(answers.ids, answers.logps, answers.ents, answers.ended)]
 
     # -- diagnostics ------------------------------------------------------------------------------
     def gradient_probe(self, questions: list[str], input_ids: list[list[int]],
