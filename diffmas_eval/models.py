@@ -9,6 +9,7 @@ and ``save_pretrained`` refuses a GGUF-loaded model.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -118,3 +119,63 @@ def context_length(model: PreTrainedModel) -> int | None:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text, "max_position_embeddings", None)
+
+
+# -- bitsandbytes quantization (QLoRA training, quantized evaluation) -------------------------------------------
+QUANT_INSTALL = "pip install 'diffmas-eval[quant]' (or pip install bitsandbytes)"
+
+
+def bnb_config(load_in_4bit: bool = False, load_in_8bit: bool = False, bnb_4bit_quant_type: str = "nf4",
+               bnb_4bit_compute_dtype: str | torch.dtype | None = None, bnb_4bit_use_double_quant: bool = False,
+               bnb_4bit_quant_storage: str | None = None):
+    """A ``BitsAndBytesConfig`` from the flat options users pass (lm-eval ``hf``'s ``load_in_4bit``,
+    ``bnb_4bit_*`` and TRL's ``ModelConfig``), or None without ``load_in_4bit``/``load_in_8bit``: transformers 5
+    takes only the config object (its ``from_pretrained`` no longer accepts ``load_in_4bit=``)."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit exclude each other; choose one")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bnb_4bit_quant_type={bnb_4bit_quant_type!r}; choose nf4 or fp4")
+    compute = DTYPES.get(bnb_4bit_compute_dtype, bnb_4bit_compute_dtype) if bnb_4bit_compute_dtype else None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=bnb_4bit_quant_type,
+                              bnb_4bit_compute_dtype=None if compute == "auto" else compute,
+                              bnb_4bit_use_double_quant=bool(bnb_4bit_use_double_quant),
+                              bnb_4bit_quant_storage=bnb_4bit_quant_storage or "uint8")
+
+
+def require_bitsandbytes(device: str | torch.device) -> None:
+    """Refuse, before any weight is read, quantized loading where bitsandbytes is missing or cannot run on
+    ``device``: a tiny 4-bit round trip there names the device instead of failing deep in ``from_pretrained``.
+    (bitsandbytes 0.50 runs 4- and 8-bit on CPUs too, slowly without the ``kernels`` package.)"""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"load_in_4bit/load_in_8bit need bitsandbytes, which is not installed: {QUANT_INSTALL}")
+    try:
+        import bitsandbytes.functional as bnbf
+
+        x = torch.ones(64, 64, device=device)
+        packed, state = bnbf.quantize_4bit(x, quant_type="nf4")
+        ok = bool(torch.allclose(bnbf.dequantize_4bit(packed, state).float(), x))
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot run on this device"
+        raise RuntimeError(f"bitsandbytes cannot quantize on {device} ({type(e).__name__}: {e}); load the model "
+                           "without load_in_4bit/load_in_8bit, or run on a device bitsandbytes supports "
+                           "(CUDA, XPU, CPU with bitsandbytes>=0.48)") from e
+    if not ok:
+        raise RuntimeError(f"bitsandbytes' 4-bit round trip on {device} returned wrong values; load the model "
+                           "without load_in_4bit/load_in_8bit")
+
+
+def quantization_record(model) -> dict | None:
+    """What ``diffmas.json`` keeps of a model's bitsandbytes quantization (None for an unquantized model), so an
+    adapter says what it was trained over."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    keys = ("quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+            "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+    return {k: str(data[k]) if k.endswith("dtype") or k.endswith("storage") else data[k] for k in keys if k in data}

@@ -20,6 +20,15 @@ and the results go to ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``:
 5. ``batched_vs_alone``: 3 rows of different lengths batched vs each alone, in bf16 on this device.
 6. ``training``: one LoRA step through the chain with and without per-agent checkpointing: time, peak.
 7. ``attention``: sdpa against eager on the trace's mask: the same numbers, and the time.
+8. ``stage1_peak``: stage 1's CUDA peak above the weights against ``RowCost``'s estimate, ``latent_dtype``
+   model and float32 (cast module by module).
+9. ``long_decode``: the chain's decode loop against HF ``generate`` at 1k and 8k new tokens (batch 1).
+10. ``split``: half the layers on ``cuda:0``, half on ``cpu`` (accelerate hooks, as a ``device_map``), scored
+    and generated, against the unsplit model (qwen3-0.6b shapes, float32).
+11. ``qlora``: one QLoRA step (NF4 via bitsandbytes, k-bit preparation, LoRA r 8) through the chain at the
+    main shape; needs ``bitsandbytes`` (``pip install 'diffmas-eval[quant]'``), else the section records why.
+
+The QLoRA section runs last: it builds a second model (a quantized copy) after the others freed theirs.
 """
 
 from __future__ import annotations
@@ -296,6 +305,154 @@ def attention(env: Env, model) -> dict:
             "same_greedy_token": int((out["sdpa"]["first"].argmax(-1) == out["eager"]["first"].argmax(-1)).sum())}
 
 
+def quantize_4bit(model, compute_dtype: torch.dtype):
+    """The decoder's linear layers as bitsandbytes NF4 ``Linear4bit`` in place (what ``from_pretrained`` with
+    ``BitsAndBytesConfig(load_in_4bit=True)`` builds; here without writing 16 GB of random weights to disk).
+    ``lm_head`` stays as it is, as transformers leaves it."""
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    for layer in model.model.layers:
+        for child in list(layer.modules()):
+            for attr, linear in list(child.named_children()):
+                if isinstance(linear, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
+                    q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu", torch.float32).contiguous(),
+                                                 requires_grad=False, quant_type="nf4")
+                    setattr(child, attr, q.to(device))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def qlora(env: Env, shape: str, dtype: torch.dtype, batch: int) -> dict:
+    """One QLoRA step through the chain (4 agents, 10 latent steps, stage1_grad=full, per-agent checkpointing):
+    NF4 weights, k-bit preparation as ``diffmas_eval.training.sft`` does it, LoRA r 8 on q/v: time, CUDA peak,
+    and that the loss falls over a few steps on one batch."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from diffmas_eval.models import require_bitsandbytes
+
+    require_bitsandbytes(env.device)
+    model, _ = env.model(shape, dtype)
+    env.peak_reset()
+    model = quantize_4bit(model, dtype)
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated() if env.device.type == "cuda" else None
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft_model.train()
+    chain = chain_of(env, peft_model, checkpoint_agents=True)
+    qs = [question(120, i) for i in range(batch)]
+    ids, labels = [], []
+    for q in qs:
+        prompt, answer = chain.final_prompt(q), chain.encode(" The answer is 72, because 48 + 24 = 72.") * 4
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = chain.loss(chain.stage1(qs), ids, labels)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    first = step()
+    env.peak_reset()
+    seconds, _ = env.timed(step, 1)
+    losses = [step() for _ in range(3)]
+    out = {"shape": shape, "batch": batch, "quant": "nf4", "step_s": seconds, "loss_first": first,
+           "loss_last": losses[-1], "loss_fell": losses[-1] < first, "peak_bytes": env.peak(),
+           "weights_bytes_4bit": weights}
+    return out  # the quantized model and its optimizer go with this frame
+
+
+def split_layers(model, first: torch.device, second: torch.device) -> None:
+    """Half the decoder layers (and the final norm and LM head) run on ``second``, the rest on ``first``, through
+    accelerate's hooks as a ``device_map`` places them: each layer's cache lives on its own device."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    layers = model.model.layers
+    half = len(layers) // 2
+    moved = [*layers[half:], model.model.norm, model.lm_head]
+    for module in moved:
+        module.to(second)
+        add_hook_to_module(module, AlignDevicesHook(execution_device=second, io_same_device=False))
+    for module in [model.model.embed_tokens, *layers[:half]]:
+        add_hook_to_module(module, AlignDevicesHook(execution_device=first, io_same_device=False))
+
+
+@torch.no_grad()
+def split(env: Env, shape: str, new_tokens: int) -> dict:
+    """A real split: half the layers on ``cuda:0``, half on ``cpu`` (on a CPU rehearsal both are the CPU, the
+    hooks still run), scored and generated, against the same model on one device. float32, so the two devices'
+    kernels are the only difference."""
+    from diffmas_eval.latent.chain import layer_devices
+
+    model, _ = env.model(shape, torch.float32)
+    qs = [question(60), question(100, 3)]
+    chain = chain_of(env, model, m=4)
+    finals = [chain.final_prompt(q) for q in qs]
+    cont = [chain.encode(" The answer is 72.")] * len(qs)
+    trace = chain.stage1(qs)
+    ref_scores = chain.loglikelihood(trace, finals, cont)
+    ref_gen = chain.generate(trace, finals, max_new_tokens=new_tokens, ignore_eos=True)
+    split_layers(model, env.device, torch.device("cpu"))
+    chain = chain_of(env, model, m=4)
+    trace = chain.stage1(qs)
+    devices = sorted({str(k.device) for k in trace.keys})
+    scores = chain.loglikelihood(trace, finals, cont)
+    picked = trace.select([1, 0, 1])  # the scoring path's row selection, over both devices
+    gen = chain.generate(trace, finals, max_new_tokens=new_tokens, ignore_eos=True)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(gen, ref_gen))
+    diff = max(abs(a[0] - b[0]) for a, b in zip(scores, ref_scores))
+    return {"shape": shape, "trace_devices": devices,
+            "layer_devices": sorted({str(d) for d in layer_devices(model).values()}), "select_rows": picked.batch,
+            "score_max_abs_diff": diff, "same_generations": f"{same}/{len(gen)}", "new_tokens": new_tokens}
+
+
+@torch.no_grad()
+def long_decode(env: Env, model, new_tokens: int) -> dict:
+    """The chain's decode loop (agents=1, empty trace) against HF ``generate`` at ``new_tokens`` new tokens,
+    batch 1, EOS ignored: equal ratios at every length mean no per-token host cost growing with the answer."""
+    chain = chain_of(env, model, agents=1, m=0)
+    prompt = chain.final_prompt(question(120))
+    ids = torch.tensor([prompt], device=env.device)
+    rows = {}
+    for n in sorted({max(16, new_tokens // 8), new_tokens}):
+        trace = chain.stage1([question(120)])
+        c, _ = env.timed(lambda: chain.generate(trace, [prompt], max_new_tokens=n, ignore_eos=True))
+        g, _ = env.timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                min_new_tokens=n, do_sample=False, pad_token_id=env.tok.pad_token_id))
+        rows[n] = (c, g)
+    return {f"chain_over_generate_{n}": c / g for n, (c, g) in rows.items()} | {
+        f"generate_s_{n}": g for n, (c, g) in rows.items()}
+
+
+@torch.no_grad()
+def stage1_peak(env: Env, model, batch: int) -> list[dict]:
+    """Stage 1's CUDA peak above the weights (4 agents, 10 latent steps) against ``RowCost``'s estimate of its
+    rows, in the model's dtype and with ``latent_dtype=float32`` (cast module by module)."""
+    rows = []
+    qs = [question(500, i) for i in range(batch)]
+    for latent_dtype in ("model", "float32"):
+        chain = chain_of(env, model, latent_dtype=latent_dtype)
+        prompts = [len(a[0]) for a in chain.upstream_prompts(qs[:1])]
+        trace_positions = sum(prompts) + 10 * len(prompts)
+        estimate = RowCost.of(model).row(trace_positions, 0, prefill=max(prompts), scored=1) * batch
+        env.peak_reset()
+        base = torch.cuda.memory_allocated() if env.device.type == "cuda" else None
+        trace = chain.stage1(qs)
+        rows.append({"latent_dtype": latent_dtype, "batch": batch, "trace_positions": trace.length,
+                     "trace_bytes": trace.nbytes, "row_estimate_x_batch": estimate,
+                     "peak_above_weights": (env.peak() - base) if base is not None else None})
+        del trace
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = [f"# DiffMAS device check ({results['device_name']}, {results['shape']}, {results['dtype']})", "",
              f"torch {results['torch']}, transformers {results['transformers']}, peft {results['peft']}; "
@@ -323,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 32 (1 2 with --tiny)")
     p.add_argument("--sections", nargs="+", default=["speed", "steps", "memory", "auto_batch", "batched_vs_alone",
-                                                      "training", "attention"])
+                                                      "training", "attention", "stage1_peak", "long_decode", "split",
+                                                      "qlora"])
+    p.add_argument("--long-tokens", type=int, default=None, help="long_decode's budget (default 8192; 256 with --tiny)")
+    p.add_argument("--split-shape", default=None, choices=sorted(SHAPES),
+                   help="the split section's shape (default qwen3-0.6b: half its layers run on the CPU)")
     p.add_argument("--out", default="gpu_results")
     args = p.parse_args(argv)
     import peft
@@ -351,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         "batched_vs_alone": lambda: batched_vs_alone(env, model),
         "training": lambda: training(env, model, 1 if args.tiny else 4),
         "attention": lambda: attention(env, model),
+        "stage1_peak": lambda: stage1_peak(env, model, 2 if args.tiny else 8),
+        "long_decode": lambda: long_decode(env, model, args.long_tokens or (256 if args.tiny else 8192)),
+        "split": lambda: split(env, args.split_shape or ("qwen3-tiny" if args.tiny else "qwen3-0.6b"), new_tokens),
+        "qlora": lambda: qlora(env, shape, dtype, 1 if args.tiny else 4),
     }
     for section in args.sections:
         t0 = time.perf_counter()

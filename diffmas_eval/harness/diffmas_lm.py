@@ -39,7 +39,7 @@ from ..latent.chain import Generation
 from ..latent.config import chain_options
 from ..latent.persist import load_trained_chain
 from ..memory import trace_positions
-from ..models import resolve_pretrained
+from ..models import bnb_config, require_bitsandbytes, resolve_pretrained
 from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, with_note
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
@@ -114,6 +114,11 @@ def _check_stage2(stage2: str, trace: str, base_url: str | None, served_model: s
                          "--lora-modules NAME=ADAPTER_DIR`")
 
 
+# lm-eval ``hf``'s flat bitsandbytes model_args (``common.FROM_PRETRAINED``), each a ``bnb_config`` parameter
+QUANT_ARGS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype",
+              "bnb_4bit_use_double_quant")
+
+
 class DiffMASLM(HFLM):
     # The chain's options schema: its user-facing fields (``latent.config.chain_options``) are model_args
     # here, taken from ``**kwargs`` by name; a subclass with more options sets its own.
@@ -159,6 +164,23 @@ class DiffMASLM(HFLM):
             # before any answer: a clear error, or the embedding scale the server applies
             self.stage2_server.preflight(self.model, self.tokenizer, eos=eos_ids(self.model, self.tokenizer))
         join_data_parallel(self)
+
+    def _create_model(self, pretrained: str, *, quantization_config=None, **kwargs) -> None:
+        """HFLM's loading, with the ``hf`` quantization model_args it lists (``load_in_4bit``, ``load_in_8bit``,
+        ``bnb_4bit_*``) turned into the ``BitsAndBytesConfig`` transformers 5 takes (its ``from_pretrained``
+        rejects the flat keywords), checked before any weight is read: bitsandbytes missing or unable to run on
+        the device is a clear error. The quantized model is placed whole on the device unless a ``device_map``
+        or ``parallelize`` places it (it cannot be moved after loading)."""
+        flat = {k: kwargs.pop(k) for k in QUANT_ARGS if k in kwargs}
+        bnb = bnb_config(**{k: v for k, v in flat.items() if v is not None})
+        if bnb is not None:
+            if quantization_config is not None:
+                raise ValueError("the checkpoint is already quantized; drop load_in_4bit/load_in_8bit/bnb_4bit_*")
+            require_bitsandbytes(self._device)
+            quantization_config = bnb
+            if not kwargs.get("parallelize") and kwargs.get("device_map") is None:
+                kwargs["device_map"] = {"": str(self._device)}
+        super()._create_model(pretrained, quantization_config=quantization_config, **kwargs)
 
     def barrier(self) -> None:
         """lm-eval's barrier after each request type: also bring every rank's accounting to rank 0."""

@@ -54,19 +54,109 @@ HALF = (torch.float16, torch.bfloat16)
 
 @contextmanager
 def _upcast(model: nn.Module):
-    """``model``'s half-precision parameters and buffers in float32 inside, restored exactly after
-    (float32 holds every bf16/float16 value); tensors in other dtypes (RoPE's float32 ``inv_freq``)
-    are left alone. Swapping ``.data`` keeps each ``Parameter`` object, so optimizers and hooks still
-    hold the same ones."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in HALF]
-    dtypes = [t.dtype for t in tensors]
-    for t in tensors:
-        t.data = t.data.float()
+    """``model``'s half-precision parameters and buffers in float32 inside, one module at a time: each module's
+    own half tensors are cast as its forward starts and its original tensors put back as it returns, so the
+    float32 copy held at any moment is one module's (Qwen3-8B: its 2.3 GiB ``lm_head``), not the whole model's
+    (+16 GB), and the weights come back bit for bit, in their own tensors. The cost is one cast per weight per
+    forward (a latent step re-reads the weights anyway; the cast about doubles that traffic). Tensors in other
+    dtypes (RoPE's float32 ``inv_freq``) are left alone. Swapping ``.data`` keeps each ``Parameter`` object, so
+    optimizers and hooks still hold the same ones; a tied weight is cast by whichever module runs it."""
+    owners = [m for m in model.modules()
+              if any(t.dtype in HALF for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]
+    saved: dict[int, list] = {}
+
+    def cast(module: nn.Module, args) -> None:
+        swapped = [(t, t.data) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+                   if t.dtype in HALF]
+        for t, data in swapped:
+            t.data = data.float()
+        saved.setdefault(id(module), []).append(swapped)
+
+    def restore(module: nn.Module, args, output) -> None:
+        for t, data in saved[id(module)].pop():
+            t.data = data
+
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(cast), m.register_forward_hook(restore))]
     try:
         yield
     finally:
-        for t, dtype in zip(tensors, dtypes):
-            t.data = t.data.to(dtype)
+        for h in handles:
+            h.remove()
+        for stack in saved.values():  # a forward that raised leaves its module cast: put it back
+            for swapped in stack:
+                for t, data in swapped:
+                    t.data = data
+        saved.clear()
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The base model under the LM head (``get_decoder()`` of the first ``PreTrainedModel`` inside any wrapper:
+    PEFT, DDP, FSDP2), whose ``last_hidden_state`` is the last layer's hidden state after the final norm; None
+    if there is none."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
+        model = model.inner
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            get = getattr(module, "get_decoder", None)
+            decoder = get() if callable(get) else None
+            return decoder if isinstance(decoder, nn.Module) and decoder is not module else None
+    return None
+
+
+# the decode loop reads tokens on the host at most this many steps apart (and after 1, 2, .. steps early on,
+# at most a quarter of the steps made so far): a row that ended is found at most that late, its extra steps
+# discarded, so host syncs are O(1/SYNC_EVERY) per token and the extra work a bounded share
+SYNC_EVERY = 64
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.multinomial`` draws from when given none (the device's default one)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class _Answers:
+    """The host side of decoding: each row's kept tokens, statistics and how it ended, fed chunks of steps.
+
+    Same rules as one token at a time: a row ends at its first EOS (not kept) or at the first token after which
+    a stop string appears in its text (kept). The stop check decodes a window of the row's last tokens that
+    holds any stop string with room to spare (``4 * len + 3`` tokens, at most 64: a character is at most 4
+    byte tokens, and the window's first token, which some tokenizers decode without its leading space, is never
+    part of it), once per row and token, not once per stop string over 64 tokens."""
+
+    def __init__(self, rows: int, eos: set[int], stop: list[str], tokenizer) -> None:
+        self.eos, self.stop, self.tokenizer = eos, stop, tokenizer
+        self.window = min(64, 4 * max(map(len, stop)) + 3) if stop else 0
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.logps: list[list[float]] = [[] for _ in range(rows)]
+        self.ents: list[list[float]] = [[] for _ in range(rows)]
+        self.ended = ["length"] * rows
+        self.done_at = [None] * rows  # the step at which each row ended
+
+    def read(self, tokens: list[list[int]], logps: list[list[float]], ents: list[list[float]],
+             first: int) -> int | None:
+        """Take steps ``first, first + 1, ..`` of every row; return the step at which the last row ended once all
+        have, else None."""
+        for i, (toks, lps, ens) in enumerate(zip(tokens, logps, ents)):
+            if self.done_at[i] is not None:
+                continue
+            ids = self.ids[i]
+            for j, tok in enumerate(toks):
+                if tok in self.eos:
+                    self.ended[i], self.done_at[i] = "eos", first + j
+                    break
+                ids.append(tok)
+                self.logps[i].append(lps[j])
+                self.ents[i].append(ens[j])
+                if self.stop:
+                    text = self.tokenizer.decode(ids[-self.window:])
+                    if any(s in text for s in self.stop):
+                        self.ended[i], self.done_at[i] = "stop", first + j
+                        break
+        return None if any(d is None for d in self.done_at) else max(self.done_at)
 
 
 @dataclass
@@ -267,14 +357,44 @@ class AgentChain(nn.Module):
         layer's hidden state at each row's last real token. ``own``: the block sees only each row's last
         ``own[i]`` trace columns (an independent agent's own, contiguous there by the layout invariant)."""
         seen = work.mask if own is None else left_aligned_mask(own, work.length).to(work.mask.dtype)
-        out = self.model(**inputs, attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask),
-                         cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        kwargs = dict(attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask), cache=cache,
+                      use_cache=True, logits_to_keep=1)
+        decoder = self._decoder()
+        if decoder is None:  # no base model to listen to: ask for every layer's hidden state, read the last
+            hidden = self.model(**inputs, **kwargs, output_hidden_states=True).hidden_states[-1]
+        else:
+            hidden = self._last_hidden_state(decoder, inputs, kwargs)
         work.adopt(cache, mask)
         if torch.is_grad_enabled():
             layers = self._fsdp_layers()
             if layers:
                 distributed.unshard_in_backward(layers, work.keys, work.values)
-        return _at_last_token(out.hidden_states[-1], mask)
+        return _at_last_token(hidden, mask)
+
+    def _last_hidden_state(self, decoder: nn.Module, inputs: dict, kwargs: dict) -> torch.Tensor:
+        """The decoder's ``last_hidden_state`` (after the final norm: what ``hidden_states[-1]`` holds), read by
+        a hook while the chain calls the whole model as it is (so wrappers' forwards still run: DDP's reducer,
+        FSDP2's root, PEFT). ``output_hidden_states=True`` would keep every layer's ``[B, T, hidden]`` alive to
+        read one; the LM head runs on one column (``logits_to_keep=1``), a ``[B, V]`` that is dropped."""
+        got: list[torch.Tensor] = []
+
+        def grab(module, args, output) -> None:
+            got.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = decoder.register_forward_hook(grab)
+        try:
+            self.model(**inputs, **kwargs)
+        finally:
+            handle.remove()
+        return got[-1]
+
+    def _decoder(self) -> nn.Module | None:
+        """``decoder_of`` the model the chain calls now (the trainer swaps it per step), cached."""
+        model = self.model
+        if getattr(self, "_decoder_for", None) is not model:
+            object.__setattr__(self, "_decoder_cache", decoder_of(model))  # not a registered submodule either
+            object.__setattr__(self, "_decoder_for", model)  # a reference, not a registered submodule
+        return self._decoder_cache
 
     def _fsdp_layers(self) -> dict[int, nn.Module]:
         """``distributed.sharded_layers`` of the model the chain calls now (the trainer swaps it per step), cached."""
@@ -390,6 +510,15 @@ class AgentChain(nn.Module):
         budgets for benchmarks) or at a stop string. Each answer's ``stats`` come from the logits this loop
         computes anyway (the model's distribution before the sampling warpers), so they change no token."""
         stop = [s for s in (stop or []) if s]
+        ctx = context_length(self.model)
+        if ctx is not None and prompts:  # before any compute: a budget past the context would fail mid-answer
+            need = [int(p) + len(r) + max_new_tokens for p, r in zip(trace.next_pos.tolist(), prompts)]
+            i = max(range(len(need)), key=need.__getitem__)
+            if need[i] > ctx:
+                raise TraceTooLongError(
+                    f"row {i}: trace {need[i] - len(prompts[i]) - max_new_tokens} + final prompt {len(prompts[i])} + "
+                    f"max_new_tokens {max_new_tokens} = {need[i]} positions exceed the model's context of {ctx} "
+                    "(max_position_embeddings); lower max_new_tokens (max_gen_toks), latent_steps or agents")
         eos = set() if ignore_eos else eos_ids(self.model, self.tokenizer)
         warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
@@ -397,43 +526,45 @@ class AgentChain(nn.Module):
         # prefill the final agent's prompt (right-padded, then left-aligned), then decode one column per row
         work, logits = self.prefill(trace, prompts)
         cache = work.cache(reserve=max_new_tokens)  # decoding writes in place: O(1) bytes moved per token
-        mask = work.mask
-        step = torch.ones(len(prompts), 1, dtype=mask.dtype, device=mask.device)
-        out_ids: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        ended = ["length"] * len(prompts)
-        logps: list[list[float]] = [[] for _ in prompts]
-        ents: list[list[float]] = [[] for _ in prompts]
+        step = torch.ones(len(prompts), 1, dtype=work.mask.dtype, device=work.mask.device)
+        # every token and its statistics stay on the device; the host reads them in chunks (``_Answers``)
+        device, rows = logits.device, len(prompts)
+        tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+        logps = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
+        ents = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
+        answers = _Answers(rows, eos, stop, self.tokenizer)
+        rng = (generator or _default_generator(device)) if do_sample else None
+        states: list[torch.Tensor] = []  # the sampler's state after each unread step, to undo steps past the end
+        read = 0
         for n in range(max_new_tokens):
             logits = logits.float()
             if do_sample:
                 probs = F.softmax(warpers(None, logits), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                states.append(rng.get_state())
             else:
                 nxt = logits.argmax(-1)
-            logp, ent = (x.tolist() for x in step_stats(logits, nxt))  # the model's distribution, pre-warper
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                if tok in eos:
-                    done[i], ended[i] = True, "eos"
-                    continue
-                out_ids[i].append(tok)
-                logps[i].append(logp[i])
-                ents[i].append(ent[i])
-                if stop and any(s in self.tokenizer.decode(out_ids[i][-64:]) for s in stop):
-                    done[i], ended[i] = True, "stop"
-            if all(done) or n == max_new_tokens - 1:
+            tokens[:, n] = nxt
+            logps[:, n], ents[:, n] = step_stats(logits, nxt)  # the model's distribution, pre-warper
+            made = n + 1
+            if made == max_new_tokens or made - read >= min(SYNC_EVERY, max(1, made // 4)):
+                last = answers.read(tokens[:, read:made].tolist(), logps[:, read:made].tolist(),
+                                    ents[:, read:made].tolist(), read)
+                if last is not None and states:  # sampling: leave the generator as the step that ended it left it
+                    rng.set_state(states[last - read])
+                states.clear()
+                read = made
+                if last is not None:
+                    break
+            if made == max_new_tokens:
                 break
             out = self.model(input_ids=nxt[:, None], attention_mask=work.full_mask(step),
                              position_ids=work.positions(step), cache=cache, use_cache=True, logits_to_keep=1)
             work.advance(step)
             logits = out.logits[:, -1]
-        results = []
-        for ids, lp, en, how in zip(out_ids, logps, ents, ended):
-            text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
-            results.append(Generation(text, ids, AnswerStats(lp, en, how)))
-        return results
+        return [Generation(cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop), ids,
+                           AnswerStats(lp, en, how))
+                for ids, lp, en, how in zip(answers.ids, answers.logps, answers.ents, answers.ended)]
 
     # -- diagnostics ------------------------------------------------------------------------------
     def gradient_probe(self, questions: list[str], input_ids: list[list[int]],

@@ -239,7 +239,8 @@ class LatentTrace:
         Used to share one context's trace among all of its continuations.
         """
         def pick(t):
-            return t if t is None or rows is None else t.index_select(0, rows)
+            # a sharded model (device_map) keeps each layer's trace on that layer's device: index it there
+            return t if t is None or rows is None else t.index_select(0, rows.to(t.device))
 
         if rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)

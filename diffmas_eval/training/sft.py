@@ -25,12 +25,13 @@ from __future__ import annotations
 from dataclasses import field, make_dataclass
 
 import torch
+from accelerate import PartialState
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config
 
 from ..latent.config import LatentConfig, chain_options
-from ..models import prepare_tokenizer, resolve_pretrained
+from ..models import bnb_config, prepare_tokenizer, require_bitsandbytes, resolve_pretrained
 from .trainer import DiffMASSFTTrainer
 
 TRAIN_REALIGN_HELP = "train the realignment W_a too"
@@ -65,15 +66,56 @@ def load_data(name: str, config: str | None):
     return load_dataset(name, config)
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
-         dm_args: DiffMASArguments) -> None:
+def kbit_device_map() -> dict[str, int | str]:
+    """Where a quantized model goes: all of it on this process's device (what TRL's scripts did with
+    ``get_kbit_device_map``). Never ``auto``: under DDP every rank would split the model over all GPUs."""
+    if torch.cuda.is_available():
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
+    """The model TRL's own ``sft.py`` would build from ``ModelConfig``: dtype, revision, attention, remote code,
+    and 4-/8-bit loading (``get_quantization_config``) on this process's device, prepared for k-bit training as
+    PEFT requires. ``use_gradient_checkpointing=False``: the chain checkpoints per agent
+    (``gradient_checkpointing`` becomes ``checkpoint_agents``) and refuses model-level checkpointing, which
+    turns the cache, and with it the trace, off. Bad combinations fail here, before any weight is read."""
     path = resolve_pretrained(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    trust = bool(getattr(training_args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False))
+    # TRL's get_quantization_config, except that dtype auto/None gives a compute dtype, not an error
+    default = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    compute = dtype if isinstance(dtype, torch.dtype) else default
+    quantization = bnb_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.bnb_4bit_quant_type,
+                              compute, model_args.use_bnb_nested_quant, model_args.bnb_4bit_quant_storage)
+    kwargs = {}
+    if quantization is not None:
+        if not model_args.use_peft:
+            raise ValueError("--load_in_4bit/--load_in_8bit train adapters over frozen quantized weights: add "
+                             "--use_peft (QLoRA); quantized weights themselves cannot be trained")
+        if getattr(training_args, "fsdp", None) or getattr(training_args, "deepspeed", None):
+            raise ValueError("--load_in_4bit/--load_in_8bit with FSDP or DeepSpeed is not supported by this trainer; "
+                             "use DDP (accelerate launch) or one process")
+        device_map = kbit_device_map()
+        device = device_map[""]
+        require_bitsandbytes(f"cuda:{device}" if isinstance(device, int) else device)
+        kwargs = {"quantization_config": quantization, "device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", revision=model_args.model_revision,
-                                                 attn_implementation=model_args.attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    prepare_tokenizer(tokenizer)
+                                                 attn_implementation=model_args.attn_implementation,
+                                                 trust_remote_code=trust, **kwargs)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust)
+    return model, tokenizer
+
+
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
+         dm_args: DiffMASArguments) -> DiffMASSFTTrainer:
     chain = dm_args.to_config()
+    model, tokenizer = load_training_model(model_args, training_args)
+    prepare_tokenizer(tokenizer)
     dataset = load_data(script_args.dataset_name, script_args.dataset_config)
     test_split = script_args.dataset_test_split
     trainer = DiffMASSFTTrainer(
@@ -83,6 +125,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         processing_class=tokenizer, peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    return trainer
 
 
 def parser(arguments: type | None = None) -> TrlParser:

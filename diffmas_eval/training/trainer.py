@@ -32,6 +32,7 @@ from trl import SFTConfig, SFTTrainer
 from ..latent import AgentChain, LatentConfig
 from ..latent.distributed import CallThrough
 from ..latent.persist import CARD_FILE, CONFIG_FILE, REALIGN_FILE, save_chain_config, write_model_card
+from ..models import quantization_record
 from ..prompts import TEXT_ROLES, final_preamble, final_prompt_ids, last_user_turn, with_note
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,8 @@ class DiffMASSFTTrainer(SFTTrainer):
             "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": a.world_size,
             "max_steps": a.max_steps, "num_train_epochs": a.num_train_epochs, "seed": a.seed,
             "global_step": self.state.global_step,
-            "lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None)}
+            "lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None),
+            "quantization": quantization_record(self.accelerator.unwrap_model(self.model))}  # QLoRA: what it ran over
 
     def _base_model(self) -> str | None:
         lora = getattr(self.model, "peft_config", {}).get("default")
