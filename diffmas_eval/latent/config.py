@@ -142,9 +142,9 @@ class LatentConfig:
     realign_target: str = field(default="embedding_output", metadata={"saved": True})
     enable_thinking: bool | None = option(None, "passed to every agent's chat template (Qwen3; as with hf, needs "
                                           "think_end_token)", fronts=("lm_eval",))
-    latent_dtype: str = option("model", "model | float32: a bf16/float16 model's stage 1 in float32 (2x weight "
-                               "memory during stage 1; docs/gpus.md, 'What dtype and batching can and "
-                               "cannot change')",
+    latent_dtype: str = option("model", "model | float32: a bf16/float16 model's stage 1 in float32 (each module's "
+                               "weights cast for its own call: one module's float32 copy at a time; "
+                               "docs/gpus.md, 'What dtype and batching can and cannot change')",
                                choices=CHOICES["latent_dtype"], fronts=("lm_eval",))
 
     def __post_init__(self) -> None:
