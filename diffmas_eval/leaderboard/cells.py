@@ -22,9 +22,14 @@ META = "leaderboard"
 
 
 def metadata(settings: Settings, method: str, task: str, adapter: Path | None, seconds: float) -> dict:
-    spec = settings.cell(method, task)
+    """The cell's settings (hashed) and where and when it ran (``placement``, ``started``/``ended``: not
+    hashed, so the same cell run anywhere is the same cell)."""
+    from .scheduler import placement
+
+    spec, ended = settings.cell(method, task), time.time()
     return {"method": method, "task": task, "config_hash": short_hash(spec), "config": spec,
-            "adapter": str(adapter) if adapter else "", "seconds": round(seconds, 1),
+            "adapter": str(adapter) if adapter else "", "seconds": round(seconds, 1), "placement": placement(),
+            "started": round(ended - seconds, 2), "ended": round(ended, 2),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "version": __version__}
 
 
