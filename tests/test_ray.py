@@ -36,7 +36,10 @@ def cluster(data_dir):
     mp.setenv("DIFFMAS_DATA_DIR", str(data_dir))
     mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
     mp.delenv("RAY_ADDRESS", raising=False)
-    ray.init(num_gpus=2, num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    from diffmas_eval.leaderboard.scheduler import start_local
+
+    start_local(num_gpus=2, num_cpus=3)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield
     ray.shutdown()
     mp.undo()
@@ -83,6 +86,8 @@ def test_cells_run_side_by_side_on_distinct_gpus(on_ray):
     assert a["started"] < b["ended"] and b["started"] < a["ended"]  # they overlapped
     assert a["placement"]["gpu_ids"] != b["placement"]["gpu_ids"]
     assert "placement" not in json.dumps(a["config"])  # never part of the hash
+    with open(on_ray / "leaderboard.csv", newline="") as f:
+        assert {r["device"] for r in csv.DictReader(f)} == {"cpu"}
 
 
 def test_a_cell_starts_after_its_adapter(on_ray):
@@ -149,3 +154,17 @@ def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_p
     assert time.perf_counter() - t0 < 30
     with pytest.raises(PlacementError, match=r"/no/such/store: not visible from node\(s\) "):
         check_store(Path("/no/such/store"), nodes())
+
+
+def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tiny_path, capsys):
+    from diffmas_eval.leaderboard.plan import JobPlan, check_fit
+
+    before = sorted(p.name for p in (on_ray / "runs").rglob("*.json"))
+    assert leaderboard(tiny_path, on_ray, "--plan", "--limit", "3", "--jobs", "3", "--gpus-per-training", "0") == 0
+    printed = capsys.readouterr().out
+    assert "plan: 1 training(s), 3 cell(s) to run on " in printed and "2 GPU / 3 CPU" in printed
+    assert "  single x diffmas_arc_challenge  1 GPU 1 CPU  peak ~" in printed
+    assert "GPU-h" in printed and "for the 3 cell(s) with a measured rate" in printed  # the earlier run's rates
+    assert sorted(p.name for p in (on_ray / "runs").rglob("*.json")) == before
+    with pytest.raises(ValueError, match=r"single x gsm8k: needs about 2.0 KiB .* \(H100, 1,000 B\)"):
+        check_fit([JobPlan("single x gsm8k", "cell", 1, 1, 1024, 1024)], ("H100", 1000))

@@ -88,6 +88,10 @@ def add_leaderboard_parser(sub) -> None:
     g.add_argument("--gpus-per-training", type=int, default=r.gpus_per_training, metavar="K",
                    help="GPUs each adapter training asks for (default 1 where the cluster has GPUs, else 0; K > 1: "
                         "DDP, accelerate launch --num_processes K)")
+    g.add_argument("--plan", action="store_true",
+                   help="print every training and cell to run with the GPUs and CPUs it asks, its estimated peak "
+                        "accelerator memory and (from an earlier run's cells) its GPU-hours, then stop; a job no "
+                        "GPU of the cluster can hold is refused")
     p.add_argument("--data-dir", default=r.data_dir,
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
     p.add_argument("--output", default="leaderboards/leaderboard.csv",
@@ -134,7 +138,7 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
     return RunOptions(methods=args.methods, tasks=args.tasks, stability=args.stability, jobs=args.jobs,
                       threads=args.threads, device=args.device, batch_size=args.batch_size, data_dir=args.data_dir,
                       work_dir=args.work_dir, ray_address=args.ray_address, gpus_per_cell=args.gpus_per_cell,
-                      gpus_per_training=args.gpus_per_training)
+                      gpus_per_training=args.gpus_per_training, plan=args.plan)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ class RunOptions:
     ray_address: str | None = None
     gpus_per_cell: float | None = None
     gpus_per_training: int | None = None
+    plan: bool = False
 
 
 def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[dict]:
@@ -61,6 +62,8 @@ def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[d
     from .collect import collect, curves, items
 
     paths = run_cells(settings, run, output)
+    if run.plan:
+        return []
     specs = [str(p) for p in paths]
     rows = collect(specs)
     if run.stability:
@@ -143,6 +146,11 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
         raise ValueError(f"no SFT family for task(s) {', '.join(unknown)}, so {', '.join(trained)} cannot be scored "
                          "on them; name the adapter that scores each: --task-family TASK=FAMILY (families: "
                          f"{sorted(set(FAMILY.values()))}), or drop them from --tasks or --methods")
+    if run.plan:  # before the SFT sets: nothing is written
+        todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
+        need = sorted({(m, settings.family_of(t)) for m, t in todo if m in TRAINED})
+        print(show_plan(settings, run, need, todo, runs, batch_size, output, work))
+        return []
     sets: dict[str, Path] = {}
     for family in families if trained else []:  # before anything runs: no trained method sees a scored item
         sets[family], bounds, settings.sft_sources[family] = train.sft_set(
@@ -183,6 +191,43 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
         cells.score(settings, method, task, runs, work, batch_size, device, adapter)
     print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
     return paths
+
+
+def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs: Path, batch_size: int | str,
+              output: Path, work: Path) -> str:
+    """``--plan``: the jobs with their resources, memory and time, on the cluster this run would use."""
+    import ray
+
+    from .plan import check_fit, describe, plan_jobs
+    from .scheduler import cluster, connect, gpu_requests, largest_gpu, wants_ray
+
+    res = resources(run, output, work)
+    nodes, largest, started = [], None, False
+    per_cell, per_training = 0.0, 0
+    if wants_ray(res):
+        started = connect(res)
+        try:
+            nodes = cluster()
+            per_cell, per_training = gpu_requests(res, nodes)
+            largest = largest_gpu(nodes)
+        finally:
+            if started:
+                ray.shutdown()
+    plans = plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training, run.threads or 1)
+    text = describe(plans, nodes, largest)
+    check_fit(plans, largest)
+    return text
+
+
+def _fits(settings: Settings, need: list, todo: list, runs: Path, batch_size: int | str, threads: int | None):
+    """The memory check ``run_jobs`` makes once it knows the cluster's largest GPU."""
+    def fits(largest, per_cell, per_training) -> None:
+        if largest is not None:
+            from .plan import check_fit, plan_jobs
+
+            check_fit(plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training, threads or 1),
+                      largest)
+    return fits
 
 
 def resources(run: RunOptions, output: Path, work: Path) -> Resources:
@@ -244,4 +289,6 @@ def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: 
         after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
         jobs.append(Job(f"{method} x {task}", cell_job, (settings, method, task, runs, work, batch_size, run.device),
                         logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log", after))
-    run_jobs(jobs, resources(run, output, work))
+    res = resources(run, output, work)
+    res.fits = _fits(settings, need, todo, runs, batch_size, run.threads)
+    run_jobs(jobs, res)

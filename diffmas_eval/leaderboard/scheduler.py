@@ -66,6 +66,7 @@ class Resources:
     max_retries: int = 2
     store: Path | None = None
     env: dict = field(default_factory=dict)
+    fits: Callable | None = None  # fits((gpu name, bytes) | None, per_cell, per_training): raises if a job cannot
 
 
 def placement() -> dict:
@@ -195,10 +196,23 @@ def connect(res: Resources) -> bool:
     cpus = os.cpu_count() or 1
     if res.jobs:  # --jobs N on this machine: N jobs of --threads CPUs fit, and no more
         cpus = res.jobs * (res.threads or 1)
-    # loopback: a local instance serves this run only; a cluster is started with `ray start` (docs/leaderboard.md)
-    ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": forwarded_env(res.env)})
+    start_local(num_cpus=cpus, runtime_env={"env_vars": forwarded_env(res.env)})
     return True
+
+
+def start_local(**kwargs) -> None:
+    """A Ray for this machine alone, on loopback: nothing outside it can reach it (a cluster is started with
+    ``ray start``, docs/leaderboard.md). ``ray.init`` turns 127.0.0.1 into the machine's address unless Ray's
+    single-machine mode is on, so it is switched on for this call."""
+    import ray
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def cluster() -> list[dict]:
@@ -226,6 +240,27 @@ def gpu_requests(res: Resources, nodes: list[dict]) -> tuple[float, int]:
             raise ValueError(f"{flag} {asked:g}: no node has that many GPUs (the most on one node: {most:g}; "
                              f"GPUs per node: {where})")
     return per_cell, per_training
+
+
+def _gpu_here() -> tuple[str, int] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None  # declared GPUs (``ray start --num-gpus``) without a device behind them
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory
+
+
+def largest_gpu(nodes: list[dict]) -> tuple[str, int] | None:
+    """The name and memory of the largest GPU of the cluster (a task on one GPU of each node that has some)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(_gpu_here)
+    refs = [probe.options(num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["id"], soft=False)).remote() for n in nodes if n["gpus"] >= 1]
+    found = [g for g in ray.get(refs, timeout=300) if g]
+    return max(found, key=lambda g: g[1]) if found else None
 
 
 def _can_see(path: str) -> tuple[str, bool]:
@@ -283,6 +318,8 @@ def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
     try:
         nodes = cluster()
         per_cell, per_training = gpu_requests(res, nodes)
+        if res.fits is not None:
+            res.fits(largest_gpu(nodes), per_cell, per_training)
         if res.store is not None:
             res.store.mkdir(parents=True, exist_ok=True)  # made here, so only another node can miss it
             check_store(res.store, nodes)
