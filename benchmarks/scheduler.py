@@ -88,7 +88,7 @@ def simulate(csv_path: Path, scale: float, train_seconds: float, gpus: int) -> d
         start_local(num_gpus=gpus, num_cpus=gpus + 2)
         try:
             t0 = time.perf_counter()
-            run_jobs(jobs, Resources(threads=1))
+            run_jobs(jobs, Resources())
             makespan = time.perf_counter() - t0
         finally:
             ray.shutdown()

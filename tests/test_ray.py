@@ -168,3 +168,32 @@ def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tin
     assert sorted(p.name for p in (on_ray / "runs").rglob("*.json")) == before
     with pytest.raises(ValueError, match=r"single x gsm8k: needs about 2.0 KiB .* \(H100, 1,000 B\)"):
         check_fit([JobPlan("single x gsm8k", "cell", 1, 1, 1024, 1024)], ("H100", 1000))
+
+
+def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path):
+    """SIGINT to a leaderboard (a second driver on the module's Ray) while a training runs ``accelerate launch``:
+    the task is cancelled and no process it started is left."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), *ARGS[:1], "diffmas",
+           *ARGS[2:], "--train-steps", "200", "--jobs", "2", "--output", str(out / "leaderboard.csv")]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, started = out / "cache" / "logs" / "train-diffmas-commonsense.log", []
+    deadline = time.time() + 240
+    while time.time() < deadline and not started:
+        if log.exists() and log.read_text().startswith("[worker pid"):
+            worker = psutil.Process(int(log.read_text().split()[2]))
+            started = [p for p in worker.children(recursive=True) if "accelerate" in " ".join(p.cmdline())]
+        time.sleep(0.5)
+    assert started, driver.communicate(timeout=60)[0][-3000:]
+    family = [worker, *worker.children(recursive=True)]
+    driver.send_signal(signal.SIGINT)
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode != 0 and "interrupted: cancelling" in printed
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

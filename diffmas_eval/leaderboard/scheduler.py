@@ -72,8 +72,9 @@ class Resources:
 def placement() -> dict:
     """Where this process runs its job: the node, the GPU ids Ray assigned and the device's name."""
     given = os.environ.get(PLACEMENT_ENV)
-    if given:
-        return json.loads(given)
+    if given:  # a Ray worker: the node and GPU ids Ray gave this job; the device's name asked once torch is in use
+        where = json.loads(given)
+        return {**where, "device": where.get("device") or _device_name()}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     gpu_ids = [x for x in visible.split(",") if x.strip()]
     return {"node": socket.gethostname(), "gpu_ids": gpu_ids, "device": _device_name()}
@@ -124,13 +125,12 @@ def _run(fn: Callable, args: tuple, log: str, threads: int | None, stop: str, ad
         torch.set_num_threads(threads)
     ctx = ray.get_runtime_context()
     where = {"node": socket.gethostname(), "node_id": ctx.get_node_id(),
-             "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": _device_name()}
+             "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
     os.environ[PLACEMENT_ENV] = json.dumps(where)
     kwargs = {} if adapter is None else {"adapter": adapter}
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:  # the worker's pid: what a test (or a person) kills to see the retry
-        f.write(f"[worker pid {os.getpid()} on {where['node']}, GPU ids {where['gpu_ids'] or 'none'}, "
-                f"{where['device']}]\n")
+        f.write(f"[worker pid {os.getpid()} on {where['node']}, GPU ids {where['gpu_ids'] or 'none'}]\n")
     try:
         return _logged(fn, args, kwargs, log)
     except BaseException:  # interrupted (ray.cancel) or failed: nothing it started outlives it
@@ -196,7 +196,7 @@ def connect(res: Resources) -> bool:
     cpus = os.cpu_count() or 1
     if res.jobs:  # --jobs N on this machine: N jobs of --threads CPUs fit, and no more
         cpus = res.jobs * (res.threads or 1)
-    start_local(num_cpus=cpus, runtime_env={"env_vars": forwarded_env(res.env)})
+    start_local(num_cpus=cpus)  # its workers inherit this process's environment: no runtime_env to set up
     return True
 
 
@@ -207,6 +207,9 @@ def start_local(**kwargs) -> None:
     import ray
     from ray._private import ray_constants
 
+    # Ray runs its workers at niceness 15, as if they were background work; here they are the work, and at 15 they
+    # lose the CPU to anything else on the machine (a reduced grid took 1.48x the process pool's time here)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -339,7 +342,9 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
         d.mkdir(parents=True, exist_ok=True)
     stop = next(iter(logs)) / f".stop-{uuid.uuid4().hex[:12]}" if jobs else Path("/nonexistent")
     remote = ray.remote(_run)
-    env = {"env_vars": forwarded_env(res.env)}
+    # a Ray this run did not start: each task carries the driver's environment (workers of a Ray it started
+    # inherit it)
+    env = {} if started_ray else {"runtime_env": {"env_vars": forwarded_env(res.env)}}
     refs: dict[str, object] = {}  # job name -> ObjectRef
     by_ref: dict = {}
     results: dict[str, object] = {}
@@ -352,7 +357,7 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
     def submit(job: Job) -> None:
         gpus = per_training if job.kind == "train" else per_cell
         opts = {"num_cpus": res.threads or 1, "num_gpus": gpus, "max_retries": res.max_retries,
-                "name": job.name, "runtime_env": env}
+                "name": job.name, **env}
         adapter = refs[job.after] if job.after else None  # a task dependency: starts once the adapter exists
         ref = remote.options(**opts).remote(job.fn, job.args, str(job.log), res.threads, str(stop), adapter)
         refs[job.name], by_ref[ref] = ref, job
