@@ -196,8 +196,6 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
 def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs: Path, batch_size: int | str,
               output: Path, work: Path) -> str:
     """``--plan``: the jobs with their resources, memory and time, on the cluster this run would use."""
-    import ray
-
     from .plan import check_fit, describe, plan_jobs
     from .scheduler import cluster, connect, gpu_requests, largest_gpu, wants_ray
 
@@ -212,6 +210,8 @@ def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs:
             largest = largest_gpu(nodes)
         finally:
             if started:
+                import ray
+
                 ray.shutdown()
     plans = plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training, run.threads or 1)
     text = describe(plans, nodes, largest)

@@ -183,8 +183,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def connect(res: Resources) -> bool:
     """Connect to the cluster (or start a local Ray); return whether this call started Ray (then it is ours to shut
     down)."""
-    import ray
+    from ..extras import require
 
+    ray = require("ray")
     address = res.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_reachable(address)
@@ -309,10 +310,11 @@ def run_in_order(jobs: list[Job]) -> dict[str, object]:
 
 def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
     """Run ``jobs`` as Ray tasks; return each job's result by name (a job that never started is absent)."""
-    import ray
-
     if not wants_ray(res):
         return run_in_order(jobs)
+    from ..extras import require
+
+    ray = require("ray")
     names = {j.name for j in jobs}
     missing = [j.after for j in jobs if j.after and j.after not in names]
     if missing:
