@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -163,7 +164,7 @@ def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tin
     assert leaderboard(tiny_path, on_ray, "--plan", "--limit", "3", "--jobs", "3", "--gpus-per-training", "0") == 0
     printed = capsys.readouterr().out
     assert "plan: 1 training(s), 3 cell(s) to run on " in printed and "2 GPU / 3 CPU" in printed
-    assert "  single x diffmas_arc_challenge  1 GPU 1 CPU  peak ~" in printed
+    assert re.search(r"\n  single x diffmas_arc_challenge +1 GPU 1 CPU  peak ~", printed)
     assert "GPU-h" in printed and "for the 3 cell(s) with a measured rate" in printed  # the earlier run's rates
     assert sorted(p.name for p in (on_ray / "runs").rglob("*.json")) == before
     with pytest.raises(ValueError, match=r"single x gsm8k: needs about 2.0 KiB .* \(H100, 1,000 B\)"):
@@ -179,21 +180,28 @@ def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path
     import psutil
 
     out = tmp_path / "interrupted"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # the module's Ray is on loopback: the second driver looks for its node there too (Ray's single-machine mode)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), *ARGS[:1], "diffmas",
            *ARGS[2:], "--train-steps", "200", "--jobs", "2", "--output", str(out / "leaderboard.csv")]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log, started = out / "cache" / "logs" / "train-diffmas-commonsense.log", []
-    deadline = time.time() + 240
-    while time.time() < deadline and not started:
-        if log.exists() and log.read_text().startswith("[worker pid"):
-            worker = psutil.Process(int(log.read_text().split()[2]))
-            started = [p for p in worker.children(recursive=True) if "accelerate" in " ".join(p.cmdline())]
-        time.sleep(0.5)
-    assert started, driver.communicate(timeout=60)[0][-3000:]
-    family = [worker, *worker.children(recursive=True)]
-    driver.send_signal(signal.SIGINT)
-    printed = driver.communicate(timeout=120)[0]
+    try:
+        log, started = out / "cache" / "logs" / "train-diffmas-commonsense.log", []
+        deadline = time.time() + 240
+        while time.time() < deadline and not started and driver.poll() is None:
+            if log.exists() and log.read_text().startswith("[worker pid"):
+                worker = psutil.Process(int(log.read_text().split()[2]))
+                started = [p for p in worker.children(recursive=True) if "accelerate" in " ".join(p.cmdline())]
+            time.sleep(0.5)
+        if not started:
+            driver.kill()
+        assert started, driver.communicate(timeout=60)[0][-3000:]
+        family = [worker, *worker.children(recursive=True)]
+        driver.send_signal(signal.SIGINT)
+        printed = driver.communicate(timeout=120)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
     assert driver.returncode != 0 and "interrupted: cancelling" in printed
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
