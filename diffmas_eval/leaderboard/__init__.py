@@ -4,7 +4,7 @@ on the same items of every task; a tidy CSV, a Markdown table, charts, and READM
 ``config`` (methods, tasks, hashes) · ``train`` (SFT sets, adapters via ``accelerate launch trainers/sft.py``) ·
 ``cells`` (one method x task through lm-eval or ``diffmas-eval codegen``) · ``collect`` (results files made
 anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``run`` (the leaderboard as a function,
-``run_leaderboard``) · ``cli`` (its flags only) · ``pool`` (N jobs at once) ·
+``run_leaderboard``) · ``cli`` (its flags only) · ``scheduler`` (the jobs as Ray tasks) ·
 ``ablate_grid`` / ``ablate`` / ``ablate_report`` (``diffmas-eval ablate``: the paper's ablation grid as cells of the
 same kind: the grid, its runner, its report; the runner imports both, the report only the grid).
 """

@@ -140,7 +140,7 @@ class Plan:
 def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: Path, work: Path, device: str,
          batch: int | str) -> Plan:
     from . import cells, train
-    from .pool import Job
+    from .scheduler import Job
 
     grid_cells, probes, logs = cells_of(opts, base), runs / "probes", work / "logs"
     first, trained, names = [], [], {}  # names: a job's key (what it computes, by hash) -> its job's name
@@ -150,7 +150,8 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
         if key not in names:
             kind, digest = key.split(" ", 1)
             names[key] = f"{kind} {label} [{digest.removeprefix('probe-')}]"
-            into.append(Job(names[key], fn, args, logs / f"{key.replace(' ', '-')}.log", after and names[after]))
+            into.append(Job(names[key], fn, args, logs / f"{key.replace(' ', '-')}.log", after and names[after],
+                            kind="train" if fn is train.adapter else "cell"))
         return key
 
     for v, seed, s in grid_cells:
@@ -181,8 +182,8 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
     from . import train
     from .ablate_report import publish
-    from .pool import run_jobs
     from .run import run_environment
+    from .scheduler import Resources, run_jobs
 
     if opts.task in CODE_TASKS:
         raise ValueError(f"{opts.task}: ablations score lm-eval tasks (their per-item scores pair the cells); "
@@ -210,7 +211,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to run, "
           f"{opts.jobs} at a time", flush=True)
     if p.jobs:
-        run_jobs(p.jobs, opts.jobs, opts.threads)
+        run_jobs(p.jobs, Resources(jobs=opts.jobs, threads=opts.threads, store=output.parent.resolve()))
     print(f"== ablate: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return publish(p, opts, output)
 

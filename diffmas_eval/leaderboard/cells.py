@@ -22,10 +22,25 @@ META = "leaderboard"
 
 
 def metadata(settings: Settings, method: str, task: str, adapter: Path | None, seconds: float) -> dict:
-    spec = settings.cell(method, task)
+    """The cell's settings (hashed) and where and when it ran (``placement``, ``started``/``ended``: not
+    hashed, so the same cell run anywhere is the same cell)."""
+    from .scheduler import placement
+
+    spec, ended = settings.cell(method, task), time.time()
     return {"method": method, "task": task, "config_hash": short_hash(spec), "config": spec,
-            "adapter": str(adapter) if adapter else "", "seconds": round(seconds, 1),
+            "adapter": str(adapter) if adapter else "", "seconds": round(seconds, 1), "placement": placement(),
+            "started": round(ended - seconds, 2), "ended": round(ended, 2),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "version": __version__}
+
+
+def spread(model_args: str, device: str) -> str:
+    """A cell given two or more GPUs (``--gpus-per-cell 2``) shards its model over them (``parallelize=True``: a
+    ``device_map`` over the visible GPUs, which are the ones Ray assigned); not part of the cell's hash."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 1 and "parallelize=" not in model_args:
+        return model_args + ",parallelize=True"
+    return model_args
 
 
 def lm_eval_path(runs: Path, settings: Settings, method: str, task: str) -> Path:
@@ -78,6 +93,7 @@ def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | No
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
                                           str(adapter) if adapter else None, settings.chain)
+    model_args = spread(model_args, device)
     from ..protocol import SAMPLED_TASKS, task_config
 
     path = lm_eval_path(runs, settings, method, task)
@@ -123,6 +139,7 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
                                           str(adapter) if adapter else None)
+    model_args = spread(model_args, device)
     out = code_dir(runs, settings, method, task)
     limit, cap, protocol = settings.limit_of(task), settings.answer_cap(task), settings.decoding()
     temperature = protocol.temperature if protocol.do_sample else 0.0

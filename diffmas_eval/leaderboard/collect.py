@@ -19,7 +19,8 @@ from pathlib import Path
 from .cells import META
 
 FIELDS = ["model", "adapter", "method", "agents", "latent_steps", "agent_max_tokens", "max_gen_toks", "task", "metric",
-          "value", "stderr", "n", "tokens_per_sample", "seconds_per_sample", "date", "version", "config_hash", "source"]
+          "value", "stderr", "n", "tokens_per_sample", "seconds_per_sample", "device", "date", "version", "config_hash",
+          "source"]
 EVALPLUS_TASKS = {"humaneval": "humanevalplus", "mbpp": "mbppplus"}
 
 
@@ -61,7 +62,8 @@ def _common(meta: dict, model: str, args: dict, method: str | None, source: Path
             "agents": config.get("agents", args.get("agents", 1 if model == "hf" else "")),
             "latent_steps": config.get("latent_steps", args.get("latent_steps", 0 if model != "diffmas" else "")),
             "agent_max_tokens": config.get("agent_max_tokens", args.get("agent_max_tokens", "")),
-            "version": meta.get("version", ""), "config_hash": meta.get("config_hash", ""), "source": str(source)}
+            "version": meta.get("version", ""), "config_hash": meta.get("config_hash", ""), "source": str(source),
+            "device": (meta.get("placement") or {}).get("device", "")}  # where it ran (Ray's placement)
 
 
 def _r(x, digits: int = 4):

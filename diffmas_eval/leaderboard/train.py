@@ -63,12 +63,12 @@ def finished(out: Path, digest: str) -> bool:
 
 
 def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda: bool,
-                   threads: int | None = None) -> list[str]:
+                   threads: int | None = None, processes: int = 1) -> list[str]:
     """``accelerate launch -m diffmas_eval.training.sft ...`` for one adapter: the package's trainer, so an
     installed wheel trains as a checkout does (no accelerate config file needed; accelerate is run by this
-    interpreter, not looked up on PATH)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                "--num_machines", "1", "--dynamo_backend", "no"]
+    interpreter, not looked up on PATH). ``processes`` > 1: DDP, one process per GPU the job was given."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                "--num_machines", "1", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else [])]
     launcher += [] if cuda else ["--cpu", "--mixed_precision", "no"]
     if threads:
         launcher += ["--num_cpu_threads_per_process", str(threads)]
@@ -129,14 +129,25 @@ def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
     return write_notes_set(data, out, model_args)
 
 
+def record_placement(config: Path) -> None:
+    """Where the adapter was trained, under the chain file's ``training`` provenance (which loading ignores)."""
+    from .scheduler import placement
+
+    data = json.loads(config.read_text())
+    data.setdefault("training", {})["placement"] = placement()
+    config.write_text(json.dumps(data, indent=1))
+
+
 def _last_checkpoint(out: Path) -> Path | None:
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return checkpoints[-1] if checkpoints else None
 
 
 def adapter(settings: Settings, method: str, family: str, data: Path, work: Path, cuda: bool,
-            threads: int | None = None) -> Path:
-    """The finished adapter of ``method`` on ``family`` (trained now unless a finished one is there)."""
+            threads: int | None = None, processes: int = 1) -> Path:
+    """The finished adapter of ``method`` on ``family`` (trained now unless a finished one is there);
+    ``processes`` > 1: DDP over that many GPUs (the same settings, so the same directory: placement is not
+    part of an adapter's hash)."""
     spec = settings.training(method, family)
     digest = short_hash(spec)
     out = work / "adapters" / f"{method}-{family}-{digest}"
@@ -154,13 +165,14 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
           f"batch {spec['batch_size']} x accumulation {spec.get('accumulation', 1)} at "
           f"{spec['agents']} agent(s){' (resuming from ' + resume.name + ')' if resume else ''}; log {log}", flush=True)
     # the trainer runs in the adapter's directory (_stream), so every path it is given is absolute
-    code = _stream(launch_command(spec, data.resolve(), out.resolve(), resume and resume.resolve(), cuda, threads),
+    code = _stream(launch_command(spec, data.resolve(), out.resolve(), resume and resume.resolve(), cuda, threads,
+                                  processes),
                    log)
     if code != 0 and resume is not None:  # an unreadable checkpoint (killed mid-save): start over, cleanly
         print(f"resuming from {resume} failed (exit {code}); restarting {method} ({family}) from scratch", flush=True)
         shutil.rmtree(out)
         out.mkdir(parents=True)
-        code = _stream(launch_command(spec, data.resolve(), out.resolve(), None, cuda, threads), log)
+        code = _stream(launch_command(spec, data.resolve(), out.resolve(), None, cuda, threads, processes), log)
     if code != 0:
         raise RuntimeError(f"training {method} ({family}) failed (exit {code}); see {log}")
     missing = [f for f in ADAPTER_FILES if not (out / f).exists()]
@@ -168,6 +180,7 @@ def adapter(settings: Settings, method: str, family: str, data: Path, work: Path
         raise RuntimeError(f"training {method} ({family}) finished without {', '.join(missing)} in {out}")
     for checkpoint in out.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
+    record_placement(out / "diffmas.json")
     record = json.loads((out / "diffmas.json").read_text()).get("training", {})
     loss = {k: record[f"loss_{k}"] for k in ("first", "last", "steps") if f"loss_{k}" in record}
     if loss:

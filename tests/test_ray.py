@@ -1,0 +1,207 @@
+"""The leaderboard's jobs on Ray (``leaderboard/scheduler.py``), on this CPU with two declared GPUs.
+
+One Ray for the module, bound to loopback: ``ray.init(num_gpus=2)`` declares GPUs on a machine without any, so
+placement (Ray's GPU ids, its ``CUDA_VISIBLE_DEVICES``) is real while the jobs compute on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from diffmas_eval.cli import main
+
+ray = pytest.importorskip("ray")
+
+# a miniature leaderboard: two untrained cells that can run side by side, and one trained cell after its adapter
+ARGS = ["--methods", "single,latentmas,diffmas", "--tasks", "diffmas_arc_challenge", "--limit", "2", "--agents", "2",
+        "--latent-steps", "2", "--max-gen-toks", "8", "--train-steps", "2", "--train-batch-size", "1",
+        "--train-max-length", "2048", "--sft-examples", "commonsense=4", "--batch-size", "2", "--threads", "1"]
+
+
+def leaderboard(model: Path, out: Path, *extra: str) -> int:
+    return main(["leaderboard", "--model", str(model), *ARGS, "--output", str(out / "leaderboard.csv"), *extra])
+
+
+@pytest.fixture(scope="module")
+def cluster(data_dir):
+    """Ray with 2 declared GPUs and 3 CPUs: the training (no GPU asked) and both untrained cells at once."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIFFMAS_DATA_DIR", str(data_dir))
+    mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
+    mp.delenv("RAY_ADDRESS", raising=False)
+    from diffmas_eval.leaderboard.scheduler import start_local
+
+    start_local(num_gpus=2, num_cpus=3)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    yield
+    ray.shutdown()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def on_ray(cluster, tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ray")
+    assert leaderboard(tiny_path, out, "--jobs", "3", "--gpus-per-training", "0") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_order(on_ray, tiny_path, tmp_path_factory):
+    """The same leaderboard one job at a time in this process, as it ran before Ray (Ray is left running: the
+    sequential path is chosen by --jobs 1 with no GPU asked, so it is forced here by leaving Ray out)."""
+    import diffmas_eval.leaderboard.scheduler as scheduler
+
+    out = tmp_path_factory.mktemp("sequential")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(scheduler, "wants_ray", lambda res: False)
+    try:
+        assert leaderboard(tiny_path, out, "--jobs", "1") == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def rows(out: Path) -> dict:
+    with open(out / "leaderboard.csv", newline="") as f:
+        return {(r["method"], r["task"], r["metric"]): (r["value"], r["stderr"], r["n"]) for r in csv.DictReader(f)}
+
+
+def cell_meta(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text())["leaderboard"] for p in (out / "runs").glob("*/results_*.json")}
+
+
+def test_cells_run_side_by_side_on_distinct_gpus(on_ray):
+    meta = cell_meta(on_ray)
+    assert set(meta) == {"single", "latentmas", "diffmas"}
+    for m in meta.values():
+        assert m["placement"]["node"] and m["placement"]["device"] == "cpu" and len(m["placement"]["gpu_ids"]) == 1
+    a, b = meta["single"], meta["latentmas"]
+    assert a["started"] < b["ended"] and b["started"] < a["ended"]  # they overlapped
+    assert a["placement"]["gpu_ids"] != b["placement"]["gpu_ids"]
+    assert "placement" not in json.dumps(a["config"])  # never part of the hash
+    with open(on_ray / "leaderboard.csv", newline="") as f:
+        assert {r["device"] for r in csv.DictReader(f)} == {"cpu"}
+
+
+def test_a_cell_starts_after_its_adapter(on_ray):
+    adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
+    trained = json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]
+    assert trained["gpu_ids"] == [] and trained["device"] == "cpu"  # --gpus-per-training 0
+    marker = (adapter / "leaderboard-adapter.json").stat().st_mtime
+    assert cell_meta(on_ray)["diffmas"]["started"] >= marker - 0.5
+
+
+def test_same_numbers_and_adapters_as_one_at_a_time(on_ray, in_order):
+    assert rows(on_ray) == rows(in_order)
+    ours = sorted((on_ray / "cache" / "adapters").glob("*/adapter_model.safetensors"))
+    assert ours
+    for adapter in ours:
+        twin = in_order / "cache" / "adapters" / adapter.parent.name / adapter.name
+        assert twin.read_bytes() == adapter.read_bytes()
+
+
+def test_a_killed_worker_is_retried_with_the_same_numbers(on_ray, tiny_path, tmp_path):
+    """SIGKILL the worker of a running cell (its pid is the log's first line): Ray retries the task."""
+    out = tmp_path / "killed"
+    logs = out / "cache" / "logs"
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            for log in logs.glob("single-*.log") if logs.exists() else []:
+                text = log.read_text(errors="replace")
+                if text.startswith("[worker pid"):
+                    time.sleep(1.0)  # mid-job: past the start, before the scores
+                    pid = int(text.split()[2])
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    assert main(["leaderboard", "--model", str(tiny_path), *ARGS[:1], "single", *ARGS[2:], "--jobs", "2",
+                 "--output", str(out / "leaderboard.csv")]) == 0
+    killer.join()
+    assert killed
+    log = next(logs.glob("single-*.log")).read_text()
+    assert log.count("[worker pid") == 2  # the killed attempt and the retry, in the job's one log
+    single = {k: v for k, v in rows(on_ray).items() if k[0] == "single"}
+    assert rows(out) == single
+
+
+def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_path, capsys):
+    from diffmas_eval.leaderboard.scheduler import PlacementError, check_store
+    from diffmas_eval.leaderboard.scheduler import cluster as nodes
+
+    assert leaderboard(tiny_path, tmp_path, "--gpus-per-cell", "3") == 2
+    assert "--gpus-per-cell 3: no node has that many GPUs (the most on one node: 2; GPUs per node: " in \
+        capsys.readouterr().err
+    assert leaderboard(tiny_path, tmp_path, "--gpus-per-training", "4") == 2
+    assert "--gpus-per-training 4: no node has that many GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache" / "adapters").exists()
+    t0 = time.perf_counter()
+    assert leaderboard(tiny_path, tmp_path, "--ray-address", "127.0.0.1:9") == 2
+    assert "cannot reach Ray at 127.0.0.1:9" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(PlacementError, match=r"/no/such/store: not visible from node\(s\) "):
+        check_store(Path("/no/such/store"), nodes())
+
+
+def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tiny_path, capsys):
+    from diffmas_eval.leaderboard.plan import JobPlan, check_fit
+
+    before = sorted(p.name for p in (on_ray / "runs").rglob("*.json"))
+    assert leaderboard(tiny_path, on_ray, "--plan", "--limit", "3", "--jobs", "3", "--gpus-per-training", "0") == 0
+    printed = capsys.readouterr().out
+    assert "plan: 1 training(s), 3 cell(s) to run on " in printed and "2 GPU / 3 CPU" in printed
+    assert re.search(r"\n  single x diffmas_arc_challenge +1 GPU 1 CPU  peak ~", printed)
+    assert "GPU-h" in printed and "for the 3 cell(s) with a measured rate" in printed  # the earlier run's rates
+    assert sorted(p.name for p in (on_ray / "runs").rglob("*.json")) == before
+    with pytest.raises(ValueError, match=r"single x gsm8k: needs about 2.0 KiB .* \(H100, 1,000 B\)"):
+        check_fit([JobPlan("single x gsm8k", "cell", 1, 1, 1024, 1024)], ("H100", 1000))
+
+
+def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path):
+    """SIGINT to a leaderboard (a second driver on the module's Ray) while a training runs ``accelerate launch``:
+    the task is cancelled and no process it started is left."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "interrupted"
+    # the module's Ray is on loopback: the second driver looks for its node there too (Ray's single-machine mode)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), *ARGS[:1], "diffmas",
+           *ARGS[2:], "--train-steps", "200", "--jobs", "2", "--output", str(out / "leaderboard.csv")]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, started = out / "cache" / "logs" / "train-diffmas-commonsense.log", []
+        deadline = time.time() + 240
+        while time.time() < deadline and not started and driver.poll() is None:
+            if log.exists() and log.read_text().startswith("[worker pid"):
+                worker = psutil.Process(int(log.read_text().split()[2]))
+                started = [p for p in worker.children(recursive=True) if "accelerate" in " ".join(p.cmdline())]
+            time.sleep(0.5)
+        if not started:
+            driver.kill()
+        assert started, driver.communicate(timeout=60)[0][-3000:]
+        family = [worker, *worker.children(recursive=True)]
+        driver.send_signal(signal.SIGINT)
+        printed = driver.communicate(timeout=120)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0 and "interrupted: cancelling" in printed
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
