@@ -44,7 +44,7 @@ def run_grid(src: Path, model: Path, out: Path) -> float:
 
 
 def grid(baseline: Path, repeats: int) -> dict:
-    from diffmas_eval.tiny import save_tiny_model
+    from diffmas_eval.testing.tiny import save_tiny_model
 
     here = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,6 +83,17 @@ def question(tokens: int, shift: int = 0) -> str:
     return " ".join(WORDS[(i + shift) % len(WORDS)] for i in range(words))
 
 
+def sft_rows(chain, batch: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """``batch`` questions and their SFT rows (final prompt + a fixed answer; loss on the answer only)."""
+    qs = [question(120, i) for i in range(batch)]
+    ids, labels = [], []
+    for q in qs:
+        prompt, answer = chain.final_prompt(q), chain.encode(" The answer is 72, because 48 + 24 = 72.") * 4
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    return qs, ids, labels
+
+
 class Env:
     def __init__(self, device: str, tiny: bool):
         self.device = torch.device(device)
@@ -263,12 +274,7 @@ def training(env: Env, model, batch: int) -> list[dict]:
     try:
         for ckpt in (False, True):
             chain = chain_of(env, peft_model, checkpoint_agents=ckpt)
-            qs = [question(120, i) for i in range(batch)]
-            ids, labels = [], []
-            for q in qs:
-                p, a = chain.final_prompt(q), chain.encode(" The answer is 72, because 48 + 24 = 72.") * 4
-                ids.append(p + a)
-                labels.append([-100] * len(p) + a)
+            qs, ids, labels = sft_rows(chain, batch)
 
             def step():
                 peft_model.zero_grad(set_to_none=True)
@@ -345,12 +351,7 @@ def qlora(env: Env, shape: str, dtype: torch.dtype, batch: int) -> dict:
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     peft_model.train()
     chain = chain_of(env, peft_model, checkpoint_agents=True)
-    qs = [question(120, i) for i in range(batch)]
-    ids, labels = [], []
-    for q in qs:
-        prompt, answer = chain.final_prompt(q), chain.encode(" The answer is 72, because 48 + 24 = 72.") * 4
-        ids.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+    qs, ids, labels = sft_rows(chain, batch)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
 
     def step() -> float:
@@ -390,7 +391,7 @@ def split(env: Env, shape: str, new_tokens: int) -> dict:
     """A real split: half the layers on ``cuda:0``, half on ``cpu`` (on a CPU rehearsal both are the CPU, the
     hooks still run), scored and generated, against the same model on one device. float32, so the two devices'
     kernels are the only difference."""
-    from diffmas_eval.latent.chain import layer_devices
+    from diffmas_eval.latent.distributed import layer_devices
 
     model, _ = env.model(shape, torch.float32)
     qs = [question(60), question(100, 3)]

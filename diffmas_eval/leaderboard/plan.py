@@ -42,12 +42,13 @@ def model_facts(model: str) -> tuple[int, str, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..memory import DTYPES, bytes_per_position, load_text_config
+    from ..memory import bytes_per_position, load_text_config
+    from ..models import TRACE_DTYPES
 
     config = load_text_config(model)
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     dtype = dtype.removeprefix("torch.")
-    dtype = dtype if dtype in DTYPES else "float32"
+    dtype = dtype if dtype in TRACE_DTYPES else "float32"
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     return params, dtype, bytes_per_position(config, dtype)

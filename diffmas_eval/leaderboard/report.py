@@ -25,14 +25,19 @@ CURVE_FIELDS = ["method", "task", "position", "entropy", "n"]
 ITEM_FIELDS = ["model", "method", "task", "metric", "doc_id", "score", "config_hash"]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def _write_atomically(rows: list[dict], path: Path, fields: list[str]) -> None:
+    """``rows`` as a CSV at ``path``, through a temporary file: an interrupted write leaves the old file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(sorted(rows, key=_order))
+        writer.writerows(rows)
     tmp.replace(path)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    _write_atomically(sorted(rows, key=_order), path, FIELDS)
 
 
 def write_curves(rows: list[dict], path: Path) -> None:
@@ -46,13 +51,8 @@ def write_curves(rows: list[dict], path: Path) -> None:
 
 def write_items(rows: list[dict], path: Path) -> None:
     """leaderboard_items.csv: each cell's score on each item (``collect.items``), in the table's order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ITEM_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (_order(r), r["model"], _doc_order(str(r["doc_id"])))))
-    tmp.replace(path)
+    _write_atomically(sorted(rows, key=lambda r: (_order(r), r["model"], _doc_order(str(r["doc_id"])))), path,
+                      ITEM_FIELDS)
 
 
 def _doc_order(doc_id: str) -> tuple:
