@@ -17,6 +17,10 @@ DISTRIBUTIONS = {"evalplus": "evalplus", "matplotlib": "matplotlib", "openai": "
 
 
 def _gone(monkeypatch, module: str) -> None:
+    """``module`` as if not installed, its submodules too: an earlier test in the same process may have imported
+    ``evalplus.data``, which would otherwise still import from ``sys.modules``."""
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, module, None)
 
 
