@@ -220,6 +220,11 @@ def check_diffmas_eval(block: Block, args: list[str], cmd: str) -> None:
     for _, value in _flag_values(args, {"--model"}):
         if value not in ("hf", "diffmas", "textmas"):
             block.reads("--model", value, cmd, local_only=True)
+    _check_our_model_args(block, args, cmd)
+
+
+def _check_our_model_args(block: Block, args: list[str], cmd: str) -> None:
+    """The ``--model_args`` of a ``diffmas`` or ``textmas`` run, checked against that model's options."""
     model = dict(_flag_values(args, {"--model"})).get("--model")
     for _, spec in _flag_values(args, {"--model_args"}):
         if model in ("diffmas", "textmas"):
@@ -231,10 +236,7 @@ def check_lm_eval(block: Block, args: list[str], cmd: str) -> None:
     err = _argparse(lm_eval_parser(), ["run", *args])
     if err and not partial:
         block.error(cmd, err)
-    model = dict(_flag_values(args, {"--model"})).get("--model")
-    for _, spec in _flag_values(args, {"--model_args"}):
-        if model in ("diffmas", "textmas"):
-            _model_args(block, model, spec, cmd)
+    _check_our_model_args(block, args, cmd)
 
 
 def check_sft(block: Block, args: list[str], cmd: str) -> None:
