@@ -194,7 +194,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
         raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
     if opts.limit < 1:
         raise ValueError(f"--limit must be >= 1 (the same first items for every cell), got {opts.limit}")
-    base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps,
+    base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps, train_budgets={},
                     train_max_length=opts.train_max_length)
     family = base.family_of(opts.task)
     if family is None:

@@ -56,8 +56,13 @@ def add_leaderboard_parser(sub) -> None:
     g.add_argument("--recipe", default=d.recipe, choices=sorted(RECIPES),
                    help="offline (the settings below) | paper (LoRA r 8 / alpha 16, AdamW 5e-5, cosine, "
                         "accumulation to 64, epochs over the SFT set: 10 for code)")
-    g.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps (%(default)s)")
-    g.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="(%(default)s)")
+    g.add_argument("--train-steps", type=int, default=d.train_steps,
+                   help="optimizer steps of a family --train-budget does not name (%(default)s)")
+    g.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
+                   help="batch of a family --train-budget does not name (%(default)s)")
+    g.add_argument("--train-budget", default=format_budgets(d.train_budgets), metavar="FAMILY=STEPSxBATCH,...",
+                   help="a family's own steps x batch (default: %(default)s, where the trained chain separates from "
+                        "the untrained one on a 2-core CPU; '' gives every family --train-steps x --train-batch-size)")
     g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="(%(default)s)")
     g.add_argument("--train-max-length", type=int, default=d.train_max_length,
@@ -108,6 +113,29 @@ def add_leaderboard_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def budget(text: str) -> tuple[int, int]:
+    """``STEPSxBATCH`` (``100x4``): a family's optimizer steps and batch size, each >= 1."""
+    steps, sep, batch = text.lower().partition("x")
+    if not sep or not steps.strip().isdigit() or not batch.strip().isdigit() or min(int(steps), int(batch)) < 1:
+        raise ValueError(f"{text!r} is not STEPSxBATCH with both >= 1 (e.g. 100x4)")
+    return int(steps), int(batch)
+
+
+def _budgets(text: str) -> dict:
+    from ..tasks.registry import FAMILY
+
+    budgets = parse_pairs(text, "--train-budget", budget, form="FAMILY=STEPSxBATCH")
+    families = sorted(set(FAMILY.values()))
+    for family in budgets:
+        if family not in families:
+            raise ValueError(f"--train-budget: unknown family {family!r}; choose from {', '.join(families)}")
+    return budgets
+
+
+def format_budgets(budgets: dict) -> str:
+    return ",".join(f"{family}={steps}x{batch}" for family, (steps, batch) in budgets.items())
+
+
 def _limits(text: str) -> tuple[int, dict]:
     """``--limit N[,TASK=N,...]``: the default count and per-task counts."""
     per = parse_pairs(text, "--limit", partial(count, zero="every item"), form="N or TASK=N", bare_key="")
@@ -129,6 +157,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
                     agent_max_tokens=args.agent_max_tokens, max_gen_toks=args.max_gen_toks,
                     chat_template=args.chat_template, seed=args.seed, textmas_args=_textmas_args(args.textmas_args),
                     train_steps=args.train_steps, train_batch_size=args.train_batch_size,
+                    train_budgets=_budgets(args.train_budget),
                     learning_rate=args.learning_rate, lora_r=args.lora_r, train_max_length=args.train_max_length,
                     sft_examples=parse_pairs(args.sft_examples, "--sft-examples", count, form="FAMILY=N"),
                     families=parse_pairs(args.task_family, "--task-family", form="TASK=FAMILY"))

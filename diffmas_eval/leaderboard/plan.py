@@ -85,7 +85,7 @@ def plan_jobs(settings: Settings, need: list, todo: list, runs: Path, batch: int
     weights = params * width
     rows = batch if isinstance(batch, int) else 1  # auto: at least one row
     plans = [JobPlan(f"train {m} ({f})", "train", gpus_training, cpus, weights,
-                     per_position * settings.train_max_length * settings.train_batch_size) for m, f in need]
+                     per_position * settings.train_max_length * settings.budget(f)[1]) for m, f in need]
     for method, task in todo:
         rate = measured_seconds(runs, method, task)
         items = settings.limit_of(task) or None
