@@ -410,20 +410,17 @@ def test_python_blocks_compile_and_their_imports_resolve():
 def _generated():
     """(page, section name, regenerate into a copy of the page: True if it changed, the command)."""
     from benchmarks.readme import section as bench_section
-    from diffmas_eval.leaderboard import ablate_report, compare, report
+    from diffmas_eval.leaderboard import ablate_report, report
     from diffmas_eval.leaderboard.ablate import AblationOptions
     from diffmas_eval.readme import replace_section
     from diffmas_eval.reference import OPTIONS_COMMAND, STATUS_COMMAND, update_options
 
-    rows = lambda: report.read_csv(ROOT / "leaderboards" / "leaderboard.csv")  # noqa: E731
-    paired = lambda: compare.comparisons(compare.read_items(ROOT / "leaderboards"))  # noqa: E731
+    output = ROOT / "leaderboards" / "leaderboard.csv"
     return [
         ("docs/options.md", "options", update_options, OPTIONS_COMMAND),
         ("README.md", "status", update_options, STATUS_COMMAND),
-        ("docs/leaderboard.md", "leaderboard", lambda p: report.update_readme(p, rows(), comparison_rows=paired()),
-         report.README_COMMAND),
-        ("README.md", "headline", lambda p: report.update_readme(p, rows(), comparison_rows=paired()),
-         report.HEADLINE_COMMAND),
+        ("docs/leaderboard.md", "leaderboard", lambda p: report.regenerate(p, output), report.README_COMMAND),
+        ("README.md", "headline", lambda p: report.regenerate(p, output), report.HEADLINE_COMMAND),
         ("docs/ablations.md", "ablations",
          lambda p: ablate_report.update_readme(p, ROOT / AblationOptions.output), ablate_report.README_COMMAND),
         ("docs/performance.md", "performance",

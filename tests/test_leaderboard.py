@@ -76,7 +76,19 @@ def test_miniature_leaderboard_writes_csv_table_and_charts(mini):
     for r in diffmas:
         marker = json.loads(Path(r["adapter"], "leaderboard-adapter.json").read_text())
         assert marker["loss"]["steps"] == 2 and Path(r["adapter"], "loss.csv").exists()
-    for chart in ("accuracy.png", "accuracy_vs_tokens.png"):
+    # ... and the leaderboard keeps that record beside its CSV, where the adapters (outside git) are not needed
+    trained = read_rows(mini / "training.csv")
+    assert [(r["method"], r["family"], r["steps"], r["batch_size"]) for r in trained] == [
+        ("diffmas", f, "2", "1") for f in ("code", "commonsense")]
+    curves = read_rows(mini / "training_loss.csv")
+    for r in trained:
+        mine = [float(c["loss"]) for c in curves if c["adapter"] == r["adapter"]]
+        assert len(mine) == 2 and (mine[0], mine[-1]) == pytest.approx((float(r["loss_first"]), float(r["loss_last"])))
+    # the multiple-choice results first, with intervals; the code task as a labelled pipeline check
+    mc, pipeline = table.index("**Multiple choice** (the first 2 items"), table.index("**Pipeline check**")
+    assert mc < pipeline and "diffmas_arc_challenge (acc)" in table[mc:pipeline]
+    assert "humanevalplus (pass@1)" in table[pipeline:] and "| `diffmas` | code (plain rows) | 2 x 2 | 2 x 1 |" in table
+    for chart in ("accuracy.png", "accuracy_vs_tokens.png", "differences.png", "training_loss.png"):
         assert (mini / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -284,6 +296,32 @@ def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, 
                for r in trained_on)
     assert "trace" not in Settings().cell("diffmas", "diffmas_gsm8k")  # the sequential methods keep their hashes
     assert Settings().cell("stitchmas", "diffmas_gsm8k")["training"]["trace"] == "stitch"
+
+
+def test_results_put_the_multiple_choice_tasks_first_with_their_intervals():
+    """The headline's order (issue 34): accuracy with its 95% interval on the multiple-choice tasks, their paired
+    differences, then the generative tasks as a pipeline check that says it cannot rank the methods."""
+    from diffmas_eval.leaderboard.report import headline
+
+    def row(method, task, metric, value, stderr, n):
+        return {"model": "m", "method": method, "task": task, "metric": metric, "value": value, "stderr": stderr,
+                "n": n, "tokens_per_sample": 30, "seconds_per_sample": 1.0, "agents": 1, "latent_steps": 0,
+                "max_gen_toks": 8, "adapter": ""}
+
+    rows = [row(m, "diffmas_commonsense_qa", "acc", v, 0.04, 150) for m, v in (("single", 0.3), ("diffmas", 0.95))]
+    rows += [row(m, "diffmas_gsm8k", "exact_match", 0.0, 0.0, 5) for m in ("single", "diffmas")]
+    paired = [{"task": "diffmas_commonsense_qa", "metric": "acc", "method": "diffmas", "reference": "single",
+               "items": 150, "delta": 0.65, "ci_low": 0.55, "ci_high": 0.75, "beyond_noise": True,
+               "beyond_noise_bonferroni": True, "comparisons": 1}]
+    text = headline(rows, "charts/", paired)
+    mc, pipeline = text.index("**Multiple choice** (the first 150 items"), text.index("**Pipeline check**")
+    pair = "| diffmas_commonsense_qa | acc | diffmas | single | 150 | +0.65 | [+0.55, +0.75] |"
+    assert mc < text.index(pair) < pipeline
+    # 0.3 ± 1.96 x 0.04, and 0.95 + 0.078 clipped at 1
+    assert "| single | 0.30 [0.22, 0.38] |" in text and "| diffmas | 0.95 [0.87, 1.00] |" in text
+    assert "the first 5 items of each" in text[pipeline:] and "cannot rank the methods" in text[pipeline:]
+    assert "diffmas_gsm8k" not in text[mc:pipeline] and "diffmas_commonsense_qa (acc)" not in text[pipeline:]
+    assert "![accuracy](charts/accuracy.png) ![differences](charts/differences.png)" in text
 
 
 def test_the_four_charts_from_rows_with_stability_metrics(tmp_path):

@@ -92,3 +92,23 @@ def test_the_leaderboard_is_a_function_its_flags_describe(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"--jobs must be >= 1, got 0"):
         run_leaderboard(Settings(), RunOptions(jobs=0), out)
     assert not out.parent.joinpath("runs").exists()
+
+
+def test_train_budget_names_a_family_steps_and_batch(tmp_path, capsys):
+    """``--train-budget FAMILY=STEPSxBATCH``: the families it names get their own budget, the rest keep
+    ``--train-steps`` x ``--train-batch-size``; a malformed budget or an unknown family fails before any work."""
+    s = settings_of(_leaderboard_args("--train-budget", "math=8x2", "--train-steps", "3"))
+    assert s.budget("math") == (8, 2) and s.budget("commonsense") == (3, 1) and s.budget("code") == (3, 1)
+    assert settings_of(_leaderboard_args()).budget("commonsense") == _default_commonsense_budget()
+    assert settings_of(_leaderboard_args("--train-budget", "")).train_budgets == {}
+    for value, message in [("math=8", "'8' is not STEPSxBATCH with both >= 1"),
+                           ("math=0x4", "'0x4' is not STEPSxBATCH with both >= 1"),
+                           ("maths=8x2", "unknown family 'maths'; choose from code, commonsense, math")]:
+        with pytest.raises(ValueError, match=message):
+            settings_of(_leaderboard_args("--train-budget", value))
+
+
+def _default_commonsense_budget():
+    from diffmas_eval.leaderboard.config import OFFLINE_BUDGETS
+
+    return OFFLINE_BUDGETS["commonsense"]

@@ -111,6 +111,25 @@ def test_single_sft_and_diffmas_train_on_the_same_data_steps_batch_and_seed(chat
         assert single.get("sft_format", "plain") == ("chat" if chat and family != "code" else "plain")
 
 
+def test_the_commonsense_family_trains_on_its_budget_and_the_others_keep_their_adapters():
+    """The offline budget moves only the family it names: its adapters (single-sft and diffmas alike) train
+    steps x batch of ``OFFLINE_BUDGETS``; math and code adapters are the ones ``--train-steps`` x
+    ``--train-batch-size`` make, key for key (so their hashes, and cached adapters, are unchanged)."""
+    from diffmas_eval.leaderboard.config import OFFLINE_BUDGETS
+
+    steps, batch = OFFLINE_BUDGETS["commonsense"]
+    settings, flat = Settings(), Settings(train_budgets={})
+    for method in ("single-sft", "diffmas"):
+        spec = settings.training(method, "commonsense")
+        assert (spec["steps"], spec["batch_size"]) == (steps, batch) != (flat.train_steps, flat.train_batch_size)
+        for family in ("math", "code"):
+            assert settings.training(method, family) == flat.training(method, family)
+        assert settings.cell(method, "diffmas_gsm8k") == flat.cell(method, "diffmas_gsm8k")
+        assert settings.cell(method, "diffmas_arc_challenge") != flat.cell(method, "diffmas_arc_challenge")
+    paper = Settings(recipe="paper").training("diffmas", "commonsense")  # the paper recipe: epochs, accumulation
+    assert paper["steps"] is None and paper["batch_size"] * paper["accumulation"] == 64
+
+
 def test_the_saved_adapter_keeps_its_loss_curve(tiny_path, tmp_path):
     """Item 2's record: the loss per logged step in ``loss.csv``, its first and last in ``diffmas.json``."""
     import csv

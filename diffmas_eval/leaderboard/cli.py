@@ -171,19 +171,17 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import compare
     from .collect import collect, curves, items
-    from .compare import FILE as COMPARISONS
-    from .compare import comparisons, read_items
-    from .compare import write as write_comparisons
-    from .report import read_csv, update_readme
+    from .report import regenerate
     from .run import publish, run_leaderboard
 
     output = Path(args.output)
     if args.readme:
-        paired = comparisons(read_items(output.parent))  # from the committed per-item scores alone
+        paired = compare.comparisons(compare.read_items(output.parent))  # from the committed per-item scores alone
         if paired:
-            write_comparisons(paired, output.parent / COMPARISONS)
-        changed = update_readme(Path(args.readme), read_csv(output), comparison_rows=paired)
+            compare.write(paired, output.parent / compare.FILE)
+        changed = regenerate(Path(args.readme), output)
         print(f"{args.readme}: results section {'updated' if changed else 'already up to date'} from {output}")
         return 0
     if args.from_results:

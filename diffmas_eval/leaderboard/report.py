@@ -20,6 +20,7 @@ HEADLINE_COMMAND = "diffmas-eval leaderboard --readme README.md"
 README_START, README_END = start_marker("leaderboard", README_COMMAND), end_marker("leaderboard")
 HEADLINE_START, HEADLINE_END = start_marker("headline", HEADLINE_COMMAND), end_marker("headline")
 CHARTS = ("accuracy.png", "accuracy_vs_tokens.png")
+DIFFERENCES_CHART = "differences.png"  # the paired differences of the multiple-choice tasks (compare.py)
 STABILITY_CHARTS = ("entropy_curve.png", "perplexity_vs_accuracy.png")  # drawn when the results carry stability
 CURVE_FIELDS = ["method", "task", "position", "entropy", "n"]
 ITEM_FIELDS = ["model", "method", "task", "metric", "doc_id", "score", "config_hash"]
@@ -124,14 +125,30 @@ def _mean(xs: list[float], fmt: str) -> str:
     return format(sum(xs) / len(xs), fmt) if xs else ""
 
 
-def markdown(rows: list[dict]) -> str:
-    """Methods as rows, tasks as columns (headline metric, value ± stderr), then tokens and seconds per sample."""
+def choice_tasks(tasks: list[str]) -> list[str]:
+    """The multiple-choice tasks among ``tasks``: the registry's, and any other lm-eval task scored by ``acc``."""
+    from ..tasks.registry import TASKS
+
+    return [t for t in tasks if (TASKS[t].kind == "multiple_choice" if t in TASKS else primary_metric(t) == "acc")]
+
+
+def interval(r: dict) -> str:
+    """'0.29 [0.22, 0.36]': the value and its normal 95% interval (1.96 stderr), clipped to [0, 1]."""
+    value, se = float(r["value"]), _float(r["stderr"])
+    if se is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{max(0.0, value - 1.96 * se):.2f}, {min(1.0, value + 1.96 * se):.2f}]"
+
+
+def markdown(rows: list[dict], only: list[str] | None = None, intervals: bool = False, costs: bool = True) -> str:
+    """Methods as rows, tasks as columns (headline metric, value ± stderr, or with ``intervals`` its 95%
+    interval), then tokens and seconds per sample (``costs``); ``only``: these tasks (default: all)."""
     cells = primary(rows)
     methods, tasks = methods_and_tasks(rows)
-    tasks = [t for t in tasks if any((m, t) in cells for m in methods)]
+    tasks = [t for t in tasks if any((m, t) in cells for m in methods) and (only is None or t in only)]
     columns = " | ".join(f"{t} ({primary_metric(t)})" for t in tasks)
-    header = f"| method | {columns} | tokens / sample | s / sample |"
-    lines = [header, "|---" * (len(tasks) + 3) + "|"]
+    header = f"| method | {columns} |" + (" tokens / sample | s / sample |" if costs else "")
+    lines = [header, "|---" * (len(tasks) + 1 + 2 * costs) + "|"]
     for m in methods:
         vals, toks, secs = [], [], []
         for t in tasks:
@@ -140,12 +157,15 @@ def markdown(rows: list[dict]) -> str:
                 vals.append("")
                 continue
             se = _float(r["stderr"])
-            vals.append(f"{float(r['value']):.2f} ± {se:.2f}" if se is not None else f"{float(r['value']):.2f}")
+            vals.append(interval(r) if intervals else f"{float(r['value']):.2f} ± {se:.2f}" if se is not None
+                        else f"{float(r['value']):.2f}")
             if _float(r["tokens_per_sample"]) is not None:
                 toks.append(float(r["tokens_per_sample"]))
             if _float(r["seconds_per_sample"]) is not None:
                 secs.append(float(r["seconds_per_sample"]))
-        lines.append(f"| {m} | " + " | ".join(vals) + f" | {_mean(toks, '.0f')} | {_mean(secs, '.1f')} |")
+        if any(vals):
+            lines.append(f"| {m} | " + " | ".join(vals) + (f" | {_mean(toks, '.0f')} | {_mean(secs, '.1f')} |"
+                                                             if costs else " |"))
     return "\n".join(lines)
 
 
@@ -211,11 +231,58 @@ def noise(rows: list[dict], comparison_rows: list[dict] | None, short: bool = Fa
     return text
 
 
-def document(rows: list[dict], charts_dir: str | None = None, comparison_rows: list[dict] | None = None) -> str:
-    """leaderboard.md (and README's section): the budgets, the table, the paired comparisons, the charts."""
-    from . import compare
+def _sections(rows: list[dict]) -> tuple[list[str], list[str], str]:
+    """(multiple-choice tasks, the others, 'the first N items') of the rows: the results a CPU-sized leaderboard
+    can compare, and the pipeline check beside them."""
+    cells = primary(rows)
+    tasks = methods_and_tasks(rows)[1]
+    choice = choice_tasks(tasks)
+    rest = [t for t in tasks if t not in choice]
+    ns = lambda ts: sorted({int(float(r["n"])) for (_, t), r in cells.items() if t in ts  # noqa: E731
+                            and _float(r["n"]) is not None})
+    return choice, rest, "/".join(map(str, ns(rest)))
 
-    text = budgets(rows) + "\n\n" + markdown(rows) + "\n\n" + (
+
+def _charted_pairs(rows: list[dict], comparison_rows: list[dict] | None) -> list[dict]:
+    """The comparisons ``differences_chart`` draws: the multiple-choice tasks' (every task's when none is)."""
+    tasks = methods_and_tasks(rows)[1]
+    shown = choice_tasks(tasks) or tasks
+    return [r for r in comparison_rows or [] if r["task"] in shown and r["metric"] == primary_metric(r["task"])]
+
+
+def results(rows: list[dict], comparison_rows: list[dict] | None, training_rows: list[dict] | None = None,
+            full: bool = False) -> str:
+    """The results in the order a reader should weigh them: the multiple-choice tasks with 95% intervals, their
+    paired differences, then the generative and code tasks as a labelled pipeline check (``full``: every
+    comparison, not only the multiple-choice ones)."""
+    from . import compare
+    from .adapters import budgets as adapter_budgets
+
+    choice, rest, rest_n = _sections(rows)
+    cells = primary(rows)
+    text = ""
+    if choice:
+        n = "/".join(sorted({str(int(float(r["n"]))) for (_, t), r in cells.items() if t in choice}))
+        text += (f"**Multiple choice** (the first {n} items of each; accuracy with its 95% interval, value ± 1.96 "
+                 "stderr):\n\n" + markdown(rows, choice, intervals=True, costs=False) + "\n\n")
+        paired = [r for r in comparison_rows or [] if full or r["task"] in choice]
+        if paired:
+            text += compare.table(paired) + "\n\n"
+    if training_rows:
+        text += f"Training budget (LoRA steps x batch): {adapter_budgets(training_rows)}.\n\n"
+    if rest:
+        text += (f"**Pipeline check** (generative and code tasks, the first {rest_n} items of each: every method runs "
+                 f"end to end and what it costs shows; at n = {rest_n} a score cannot rank the methods):\n\n"
+                 + markdown(rows, rest) + "\n\n")
+    return text + noise(rows, comparison_rows)
+
+
+def document(rows: list[dict], charts_dir: str | None = None, comparison_rows: list[dict] | None = None,
+             training_rows: list[dict] | None = None) -> str:
+    """leaderboard.md: the budgets, the results (``results``), the stability metrics, the adapters, the charts."""
+    from .adapters import CHART, table
+
+    text = budgets(rows) + "\n\n" + results(rows, comparison_rows, training_rows, full=True) + "\n\n" + (
         "Tokens per sample: generated tokens, every agent's (DiffMAS's upstream agents generate none; they take "
         "latent steps), averaged over the tasks; seconds per sample: wall time of a batch / its samples (for "
         "`single`/`single-sft`, the task's wall time / items, model loading included). All metrics (acc_norm, "
@@ -223,12 +290,11 @@ def document(rows: list[dict], charts_dir: str | None = None, comparison_rows: l
     stab = stability_table(rows)
     if stab:
         text += "\n\n" + stab
-    paired = compare.table(comparison_rows or [])
-    if paired:
-        text += "\n\n" + paired
-    text += "\n\n" + noise(rows, comparison_rows)
+    if training_rows:
+        text += "\n\n" + table(training_rows).replace(f"]({CHART})", f"]({charts_dir or ''}{CHART})")
     if charts_dir is not None:
-        shown = CHARTS + (STABILITY_CHARTS if stab else ())
+        shown = (CHARTS[0], *((DIFFERENCES_CHART,) if _charted_pairs(rows, comparison_rows) else ()), CHARTS[1],
+                 *(STABILITY_CHARTS if stab else ()), *((CHART,) if training_rows else ()))
         text += "\n\n" + "\n".join(f"![{c[:-4]}]({charts_dir}{c})" for c in shown)
     return text + "\n"
 
@@ -245,19 +311,24 @@ def _save(fig, ax, path: Path, grid: str = "both", **legend) -> Path:
     return path
 
 
-def charts(rows: list[dict], out: Path) -> list[Path]:
-    """Accuracy per task and method (error bars: stderr); accuracy against tokens per sample."""
+def charts(rows: list[dict], out: Path, comparison_rows: list[dict] | None = None,
+           losses: list[dict] | None = None) -> list[Path]:
+    """Accuracy per multiple-choice task and method (error bars: 95% interval; every task when none is multiple
+    choice); the paired differences; score against tokens per sample; stability; the adapters' training loss."""
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .adapters import chart as loss_chart
+
     cells = primary(rows)
-    methods, tasks = methods_and_tasks(rows)
-    tasks = [t for t in tasks if any((m, t) in cells for m in methods)]
+    methods, every = methods_and_tasks(rows)
+    every = [t for t in every if any((m, t) in cells for m in methods)]
+    tasks = choice_tasks(every) or every  # a 5-item generative column is a pipeline check, not a bar to compare
     colors = plt.get_cmap("tab10")
     out.mkdir(parents=True, exist_ok=True)
     models = ", ".join(sorted({r["model"] for r in rows}))
-    ns = sorted({str(r["n"]) for r in cells.values()}, key=lambda n: float(n or 0))  # items, not answers
+    ns = sorted({str(r["n"]) for (_, t), r in cells.items() if t in tasks}, key=lambda n: float(n or 0))
 
     fig, ax = plt.subplots(figsize=(max(7.0, 1.5 * len(tasks) + 2), 5.2))
     width = 0.8 / max(1, len(methods))
@@ -268,18 +339,22 @@ def charts(rows: list[dict], out: Path) -> list[Path]:
             if r is not None:
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(float(r["value"]))
-                es.append(_float(r["stderr"]) or 0.0)
+                es.append(1.96 * (_float(r["stderr"]) or 0.0))
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=m, color=colors(i), error_kw={"elinewidth": 0.8,
                                                                                       "alpha": 0.6})
         for x, y, e in zip(xs, ys, es):  # the value above each bar and its error bar: a 0 is a result, not a gap
             ax.text(x, y + e + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([f"{t.removeprefix('diffmas_')}\n({primary_metric(t)})" for t in tasks], fontsize=8)
-    ax.set_ylabel("score (error bar: ± stderr)")
-    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("score (error bar: 95% interval, ± 1.96 stderr)")
+    ax.set_ylim(0, min(1.1, max([float(r["value"]) + 1.96 * (_float(r["stderr"]) or 0) for (_, t), r in cells.items()
+                                 if t in tasks] + [0.4]) + 0.12))
     ax.set_title(f"{models}: score per task (n = {', '.join(ns)} items per task)", fontsize=10)
     paths = [_save(fig, ax, out / CHARTS[0], "y", ncol=len(methods), fontsize=8, loc="upper center",
                    bbox_to_anchor=(0.5, -0.14), frameon=False)]
+    shown = _charted_pairs(rows, comparison_rows)
+    if shown:
+        paths.append(differences_chart(shown, out, models))
 
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for i, m in enumerate(methods):
@@ -298,7 +373,36 @@ def charts(rows: list[dict], out: Path) -> list[Path]:
     ax.set_title(f"{models}: score against tokens per sample\n(large: mean over the {len(tasks)} tasks; "
                  "small: one task)", fontsize=10)
     paths.append(_save(fig, ax, out / CHARTS[1], fontsize=8, loc="upper right"))
-    return paths + stability_charts(rows, out, models)
+    loss = loss_chart(losses or [], out, models)
+    return paths + stability_charts(rows, out, models) + ([loss] if loss else [])
+
+
+def differences_chart(rows: list[dict], out: Path, models: str) -> Path:
+    """One line per comparison (method - reference on a task): the paired difference and its 95% bootstrap
+    interval; a line clear of 0 is a difference beyond noise."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    colors = plt.get_cmap("tab10")
+    labels = []
+    for y, r in enumerate(reversed(rows)):
+        d, lo, hi = float(r["delta"]), float(r["ci_low"]), float(r["ci_high"])
+        beyond = lo > 0 or hi < 0
+        ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", markersize=5, capsize=3,
+                    color=colors(tasks.index(r["task"])), mfc=None if beyond else "white")
+        labels.append(f"{r['method']} − {r['reference']}")
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("paired difference in accuracy over the same items (95% bootstrap interval; filled: excludes 0)")
+    n = "/".join(sorted({str(r["items"]) for r in rows}))
+    ax.set_title(f"{models}: paired differences (n = {n} items per task)", fontsize=10)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors(i), marker="o", linestyle="", label=t.removeprefix("diffmas_"))
+               for i, t in enumerate(tasks)]
+    return _save(fig, ax, out / DIFFERENCES_CHART, "x", handles=handles, fontsize=8, loc="lower right")
 
 
 def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
@@ -362,25 +466,37 @@ def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
     return paths
 
 
-def headline(rows: list[dict], charts_dir: str | None = None, comparison_rows: list[dict] | None = None) -> str:
-    """README.md's short results section: the model and items, the table, what is beyond noise, one chart."""
-    text = (budgets(rows).split("\n", 1)[0] + "\n\n" + markdown(rows) + "\n\n"
-            + noise(rows, comparison_rows, short=True))
+def headline(rows: list[dict], charts_dir: str | None = None, comparison_rows: list[dict] | None = None,
+             training_rows: list[dict] | None = None) -> str:
+    """README.md's short results section: the model, the results (``results``), the two charts that matter."""
+    text = budgets(rows).split("\n", 1)[0] + "\n\n" + results(rows, comparison_rows, training_rows)
     if charts_dir is not None:
-        text += f"\n\n![{CHARTS[0][:-4]}]({charts_dir}{CHARTS[0]})"
+        shown = (CHARTS[0], *((DIFFERENCES_CHART,) if _charted_pairs(rows, comparison_rows) else ()))
+        text += "\n\n" + " ".join(f"![{c[:-4]}]({charts_dir}{c})" for c in shown)
     return text + "\n"
 
 
 def update_readme(readme: Path, rows: list[dict], charts_dir: str = "leaderboards/",
-                  comparison_rows: list[dict] | None = None) -> bool:
+                  comparison_rows: list[dict] | None = None, training_rows: list[dict] | None = None) -> bool:
     """Regenerate every results section ``readme`` has markers for: ``leaderboard`` (the whole document, the
     docs page) and ``headline`` (README.md's short one); True if the file changed. A file with neither is an
     error that gives the markers to paste. ``comparison_rows``: ``compare.comparisons`` of the per-item scores."""
     text = Path(readme).read_text()
     changed = False
     if "<!-- headline:start" in text:
-        changed |= replace_section(readme, "headline", headline(rows, charts_dir, comparison_rows), HEADLINE_COMMAND)
+        changed |= replace_section(readme, "headline", headline(rows, charts_dir, comparison_rows, training_rows),
+                                   HEADLINE_COMMAND)
     if "<!-- leaderboard:start" in text or "<!-- headline:start" not in text:
-        changed |= replace_section(readme, "leaderboard", document(rows, charts_dir, comparison_rows),
+        changed |= replace_section(readme, "leaderboard", document(rows, charts_dir, comparison_rows, training_rows),
                                    README_COMMAND)
     return changed
+
+
+def regenerate(readme: Path, output: Path) -> bool:
+    """``update_readme`` from the committed files beside ``output`` alone (the CSV, the per-item scores, the
+    adapters' record), so ``--readme`` needs no cell or adapter; the comparisons are recomputed from the items."""
+    from . import adapters, compare
+
+    paired = compare.comparisons(compare.read_items(output.parent))
+    return update_readme(Path(readme), read_csv(output), comparison_rows=paired,
+                         training_rows=adapters.read(output.parent)[0])

@@ -78,18 +78,22 @@ def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None
     """The CSV, leaderboard.md and the charts, side by side (``curve_rows``: entropy_curve.csv's rows;
     ``item_rows``: leaderboard_items.csv's, the per-item scores that outlive the cells' results files); then the
     table, printed."""
-    from . import compare
+    from . import adapters, compare
     from .report import charts, document, markdown, write_csv, write_curves, write_items
 
     paired = compare.comparisons(item_rows) if item_rows is not None else None  # refuses unpaired cells, first
+    trained, losses = adapters.records([r["adapter"] for r in rows if r.get("adapter")])
+    if trained:  # the adapters are here (not a --from-results collection): keep what a reader needs of them
+        adapters.write(trained, losses, output.parent)
     write_csv(rows, output)
     if curve_rows is not None:
         write_curves(curve_rows, output.parent / "entropy_curve.csv")
     if item_rows is not None:
         write_items(item_rows, output.parent / "leaderboard_items.csv")
         compare.write(paired or [], output.parent / compare.FILE)
-    (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, "", paired))
-    for path in charts(rows, output.parent):
+    trained, losses = adapters.read(output.parent)
+    (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, "", paired, trained))
+    for path in charts(rows, output.parent, paired, losses):
         print(f"wrote {path}")
     print(f"wrote {output}, {output.parent / 'leaderboard.md'}"
           + (f" and {output.parent / compare.FILE}" if paired is not None else ""))
