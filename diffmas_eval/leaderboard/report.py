@@ -250,6 +250,25 @@ def _charted_pairs(rows: list[dict], comparison_rows: list[dict] | None) -> list
     return [r for r in comparison_rows or [] if r["task"] in shown and r["metric"] == primary_metric(r["task"])]
 
 
+def verdict(comparison_rows: list[dict], tasks: list[str]) -> str:
+    """One sentence per question the method raises, answered by the paired differences on ``tasks``: does
+    training the chain help (diffmas - latentmas), and does it beat one agent trained the same way (diffmas -
+    single-sft)? Empty when the leaderboard lacks those methods."""
+    questions = (("latentmas", "Training the chain (`diffmas` − `latentmas`, the same chain untrained)"),
+                 ("single-sft", "The trained chain against one agent trained on the same rows (`diffmas` − "
+                                "`single-sft`)"))
+    out = []
+    for reference, label in questions:
+        found = [r for r in comparison_rows if r["method"] == "diffmas" and r["reference"] == reference
+                 and r["task"] in tasks and r["metric"] == primary_metric(r["task"])]
+        if found:
+            parts = [f"{float(r['delta']):+.2f} [{float(r['ci_low']):+.2f}, {float(r['ci_high']):+.2f}] on "
+                     f"{r['task']} ({'beyond noise' if str(r['beyond_noise']) == 'True' else 'within noise'})"
+                     for r in found]
+            out.append(f"{label}: {'; '.join(parts)}.")
+    return " ".join(out)
+
+
 def results(rows: list[dict], comparison_rows: list[dict] | None, training_rows: list[dict] | None = None,
             full: bool = False) -> str:
     """The results in the order a reader should weigh them: the multiple-choice tasks with 95% intervals, their
@@ -266,6 +285,9 @@ def results(rows: list[dict], comparison_rows: list[dict] | None, training_rows:
         text += (f"**Multiple choice** (the first {n} items of each; accuracy with its 95% interval, value ± 1.96 "
                  "stderr):\n\n" + markdown(rows, choice, intervals=True, costs=False) + "\n\n")
         paired = [r for r in comparison_rows or [] if full or r["task"] in choice]
+        said = verdict(comparison_rows or [], choice)
+        if said:
+            text += said + "\n\n"
         if paired:
             text += compare.table(paired) + "\n\n"
     if training_rows:
@@ -359,7 +381,7 @@ def charts(rows: list[dict], out: Path, comparison_rows: list[dict] | None = Non
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for i, m in enumerate(methods):
         pts = [(_float(r["tokens_per_sample"]), float(r["value"]), _float(r["stderr"]) or 0.0)
-               for t in tasks if (r := cells.get((m, t))) is not None and _float(r["tokens_per_sample"]) is not None]
+               for t in every if (r := cells.get((m, t))) is not None and _float(r["tokens_per_sample"]) is not None]
         if not pts:
             continue
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors(i), alpha=0.3, s=18)
@@ -370,7 +392,7 @@ def charts(rows: list[dict], out: Path, comparison_rows: list[dict] | None = Non
     ax.set_xlabel("generated tokens per sample (all agents; mean over tasks)")
     ax.set_ylabel("score (mean over tasks ± stderr)")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"{models}: score against tokens per sample\n(large: mean over the {len(tasks)} tasks; "
+    ax.set_title(f"{models}: score against tokens per sample\n(large: mean over the {len(every)} tasks; "
                  "small: one task)", fontsize=10)
     paths.append(_save(fig, ax, out / CHARTS[1], fontsize=8, loc="upper right"))
     loss = loss_chart(losses or [], out, models)
@@ -382,7 +404,7 @@ def differences_chart(rows: list[dict], out: Path, models: str) -> Path:
     interval; a line clear of 0 is a difference beyond noise."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
+    fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * len(rows)))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     colors = plt.get_cmap("tab10")
     labels = []
@@ -395,14 +417,14 @@ def differences_chart(rows: list[dict], out: Path, models: str) -> Path:
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel("paired difference in accuracy over the same items (95% bootstrap interval; filled: excludes 0)")
+    ax.set_xlabel("paired difference over the same items\n(95% bootstrap interval; filled: the interval excludes 0)")
     n = "/".join(sorted({str(r["items"]) for r in rows}))
     ax.set_title(f"{models}: paired differences (n = {n} items per task)", fontsize=10)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors(i), marker="o", linestyle="", label=t.removeprefix("diffmas_"))
                for i, t in enumerate(tasks)]
-    return _save(fig, ax, out / DIFFERENCES_CHART, "x", handles=handles, fontsize=8, loc="lower right")
+    return _save(fig, ax, out / DIFFERENCES_CHART, "x", handles=handles, fontsize=8, loc="best")
 
 
 def stability_charts(rows: list[dict], out: Path, models: str) -> list[Path]:
