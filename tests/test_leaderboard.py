@@ -114,7 +114,7 @@ def test_rerun_reuses_every_finished_cell_and_adapter(mini, tiny_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (mini / "runs").rglob("*.json")}
     assert main(mini_args(tiny_path, mini)) == 0
     printed = capsys.readouterr().out
-    assert "training" not in printed and printed.count(": done (") == 4
+    assert "): training" not in printed and printed.count(": done (") == 4
     assert {p: p.stat().st_mtime_ns for p in (mini / "runs").rglob("*.json")} == before
 
 
@@ -179,16 +179,19 @@ def test_duplicates_and_malformed_files(mini, tmp_path, capsys):
 def test_readme_section_round_trips(mini, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
-    from diffmas_eval.leaderboard import compare
+    from diffmas_eval.leaderboard import adapters, compare
 
     rows = read_rows(mini / "leaderboard.csv")
     paired = compare.comparisons(compare.read_items(mini))  # what --readme adds, from leaderboard_items.csv
-    assert update_readme(readme, rows, comparison_rows=paired) is True
+    trained = adapters.read(mini)[0]  # ... and the adapters' record, from training.csv
+    assert update_readme(readme, rows, comparison_rows=paired, training_rows=trained) is True
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n\n") and text.endswith(f"{README_END}\n\nafter\n")
     assert "old table" not in text and "| diffmas |" in text and "leaderboards/accuracy.png" in text
     assert "| diffmas_arc_challenge | acc | diffmas | single | 2 |" in text  # the paired comparison, per task
-    assert update_readme(readme, rows, comparison_rows=paired) is False and readme.read_text() == text
+    assert "Training budget (LoRA steps x batch): 2 x 1 (code, commonsense)." in text
+    assert update_readme(readme, rows, comparison_rows=paired, training_rows=trained) is False
+    assert readme.read_text() == text
     assert main(["leaderboard", "--readme", str(readme), "--output", str(mini / "leaderboard.csv")]) == 0
     assert readme.read_text() == text
     (tmp_path / "plain.md").write_text("no markers")
@@ -210,7 +213,7 @@ def test_interrupted_training_restarts_cleanly_and_a_finished_adapter_is_reused(
     from diffmas_eval.leaderboard.config import Settings
 
     settings = Settings(model=str(tiny_path), agents=2, latent_steps=2, train_steps=2, train_batch_size=1,
-                        train_max_length=2048, sft_examples={"commonsense": 4})
+                        train_budgets={}, train_max_length=2048, sft_examples={"commonsense": 4})
     work = mini / "cache"
     data, _, _ = train.sft_set("commonsense", 4, work, str(data_dir))
     out = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)

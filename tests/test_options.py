@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from diffmas_eval.leaderboard.cli import _limits, settings_of
+from diffmas_eval.leaderboard.config import Settings
 from diffmas_eval.options import count, parse_counts, parse_pairs
 
 
@@ -100,7 +101,12 @@ def test_train_budget_names_a_family_steps_and_batch(tmp_path, capsys):
     s = settings_of(_leaderboard_args("--train-budget", "math=8x2", "--train-steps", "3"))
     assert s.budget("math") == (8, 2) and s.budget("commonsense") == (3, 1) and s.budget("code") == (3, 1)
     assert settings_of(_leaderboard_args()).budget("commonsense") == _default_commonsense_budget()
+    assert settings_of(_leaderboard_args()).budget("math") == (Settings().train_steps, Settings().train_batch_size)
     assert settings_of(_leaderboard_args("--train-budget", "")).train_budgets == {}
+    # steps or a batch chosen for every family, without --train-budget: every family's, the default budget aside
+    for flags in (("--train-steps", "2"), ("--train-batch-size", "2")):
+        s = settings_of(_leaderboard_args(*flags))
+        assert s.budget("commonsense") == s.budget("math") != _default_commonsense_budget()
     for value, message in [("math=8", "'8' is not STEPSxBATCH with both >= 1"),
                            ("math=0x4", "'0x4' is not STEPSxBATCH with both >= 1"),
                            ("maths=8x2", "unknown family 'maths'; choose from code, commonsense, math")]:

@@ -50,6 +50,7 @@ def records(adapter_dirs: list[str]) -> tuple[list[dict], list[dict]]:
 
 
 def write(rows: list[dict], losses: list[dict], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     for name, fields, data in ((FILE, FIELDS, rows), (CURVES_FILE, LOSS_FIELDS, losses)):
         tmp = directory / (name + ".tmp")
         with open(tmp, "w", newline="") as f:

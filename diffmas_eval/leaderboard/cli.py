@@ -56,13 +56,16 @@ def add_leaderboard_parser(sub) -> None:
     g.add_argument("--recipe", default=d.recipe, choices=sorted(RECIPES),
                    help="offline (the settings below) | paper (LoRA r 8 / alpha 16, AdamW 5e-5, cosine, "
                         "accumulation to 64, epochs over the SFT set: 10 for code)")
-    g.add_argument("--train-steps", type=int, default=d.train_steps,
-                   help="optimizer steps of a family --train-budget does not name (%(default)s)")
-    g.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
-                   help="batch of a family --train-budget does not name (%(default)s)")
-    g.add_argument("--train-budget", default=format_budgets(d.train_budgets), metavar="FAMILY=STEPSxBATCH,...",
-                   help="a family's own steps x batch (default: %(default)s, where the trained chain separates from "
-                        "the untrained one on a 2-core CPU; '' gives every family --train-steps x --train-batch-size)")
+    g.add_argument("--train-steps", type=int, default=None,
+                   help=f"optimizer steps of every family --train-budget does not name ({d.train_steps}; given "
+                        "without --train-budget, every family's: the default budget steps aside)")
+    g.add_argument("--train-batch-size", type=int, default=None,
+                   help=f"batch of every family --train-budget does not name ({d.train_batch_size}; as "
+                        "--train-steps)")
+    g.add_argument("--train-budget", default=None, metavar="FAMILY=STEPSxBATCH,...",
+                   help=f"a family's own steps x batch (default: {format_budgets(d.train_budgets)}, where the trained "
+                        "chain separates from the untrained one on a 2-core CPU, unless --train-steps or "
+                        "--train-batch-size is given; '' gives every family --train-steps x --train-batch-size)")
     g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="(%(default)s)")
     g.add_argument("--train-max-length", type=int, default=d.train_max_length,
@@ -132,6 +135,19 @@ def _budgets(text: str) -> dict:
     return budgets
 
 
+def _training_budget(args: argparse.Namespace) -> dict:
+    """``train_steps``, ``train_batch_size`` and ``train_budgets`` from the flags: the default per-family budget
+    holds unless the user chose steps or a batch for every family (``--train-steps 2`` means 2 steps, not 2 steps
+    except for commonsense) or named the budgets (``--train-budget``)."""
+    d = Settings()
+    chosen = args.train_steps is not None or args.train_batch_size is not None
+    budgets = (_budgets(args.train_budget) if args.train_budget is not None else {} if chosen
+               else dict(d.train_budgets))
+    return {"train_steps": d.train_steps if args.train_steps is None else args.train_steps,
+            "train_batch_size": d.train_batch_size if args.train_batch_size is None else args.train_batch_size,
+            "train_budgets": budgets}
+
+
 def format_budgets(budgets: dict) -> str:
     return ",".join(f"{family}={steps}x{batch}" for family, (steps, batch) in budgets.items())
 
@@ -156,8 +172,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
                     **{o.name: getattr(args, o.name) for o in chain_options(front="leaderboard")},
                     agent_max_tokens=args.agent_max_tokens, max_gen_toks=args.max_gen_toks,
                     chat_template=args.chat_template, seed=args.seed, textmas_args=_textmas_args(args.textmas_args),
-                    train_steps=args.train_steps, train_batch_size=args.train_batch_size,
-                    train_budgets=_budgets(args.train_budget),
+                    **_training_budget(args),
                     learning_rate=args.learning_rate, lora_r=args.lora_r, train_max_length=args.train_max_length,
                     sft_examples=parse_pairs(args.sft_examples, "--sft-examples", count, form="FAMILY=N"),
                     families=parse_pairs(args.task_family, "--task-family", form="TASK=FAMILY"))
