@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.utils import ModelOutput
 
 from ..memory import trace_positions
 from ..models import context_length
@@ -103,6 +104,14 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
             decoder = get() if callable(get) else None
             return decoder if isinstance(decoder, nn.Module) and decoder is not module else None
     return None
+
+
+def _pass_on(output, last: torch.Tensor):
+    """The decoder's ``output`` with ``hidden_states`` set to ``(last,)``, so the causal LM's output carries it
+    (``AgentChain._last_hidden_state`` says why it must)."""
+    if isinstance(output, ModelOutput) and "hidden_states" in output.__dataclass_fields__:
+        output.hidden_states = (last,)
+    return output
 
 
 # the decode loop reads tokens on the host at most this many steps apart (and after 1, 2, .. steps early on,
@@ -359,9 +368,7 @@ class AgentChain(nn.Module):
         seen = work.mask if own is None else left_aligned_mask(own, work.length).to(work.mask.dtype)
         kwargs = dict(attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask), cache=cache,
                       use_cache=True, logits_to_keep=1)
-        # an FSDP2-sharded model keeps the old path: with the hook, its 2-process CPU run (tests/test_fsdp.py)
-        # crashed with SIGSEGV; not yet understood, so sharded training gives up the saving rather than correctness
-        decoder = None if self._fsdp_layers() else self._decoder()
+        decoder = self._decoder()
         if decoder is None:  # no base model to listen to: ask for every layer's hidden state, read the last
             hidden = self.model(**inputs, **kwargs, output_hidden_states=True).hidden_states[-1]
         else:
@@ -377,18 +384,29 @@ class AgentChain(nn.Module):
         """The decoder's ``last_hidden_state`` (after the final norm: what ``hidden_states[-1]`` holds), read by
         a hook while the chain calls the whole model as it is (so wrappers' forwards still run: DDP's reducer,
         FSDP2's root, PEFT). ``output_hidden_states=True`` would keep every layer's ``[B, T, hidden]`` alive to
-        read one; the LM head runs on one column (``logits_to_keep=1``), a ``[B, V]`` that is dropped."""
+        read one; the LM head runs on one column (``logits_to_keep=1``), a ``[B, V]`` that is dropped.
+
+        The hook also hands the state on as the decoder's ``hidden_states`` (one entry, not one per layer), which
+        the causal LM copies into its own output, and the chain reads it there: it must leave the called model as
+        an *output*, because wrappers act on their outputs. FSDP2's root unit (final norm, embeddings) keeps its
+        weights only until its post-backward, which the backward of a later latent step (whose ``inputs_embeds``
+        come from this state) triggers; it gathers them again only through the pre-backward hooks it puts on its
+        outputs. Read as an inner tensor, the state carried no such hook, so backward reached the final norm of
+        the earlier step with the root resharded: on freed weights (SIGSEGV in the 2-process ``test_fsdp.py``)."""
         got: list[torch.Tensor] = []
 
-        def grab(module, args, output) -> None:
-            got.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+        def grab(module, args, output):
+            last = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            got.append(last)
+            return _pass_on(output, last)
 
         handle = decoder.register_forward_hook(grab)
         try:
-            self.model(**inputs, **kwargs)
+            out = self.model(**inputs, **kwargs)
         finally:
             handle.remove()
-        return got[-1]
+        passed = getattr(out, "hidden_states", None)
+        return passed[-1] if passed else got[-1]  # a model that drops it: the hooked tensor (unwrapped models)
 
     def _decoder(self) -> nn.Module | None:
         """``decoder_of`` the model the chain calls now (the trainer swaps it per step), cached."""
