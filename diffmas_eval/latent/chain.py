@@ -106,6 +106,11 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _agent_of(chain: AgentChain):
+    """``chain._agent`` as ``checkpoint`` calls it: its trailing tensor arguments (``_rng_anchors``) dropped."""
+    return lambda input_ids, mask, past, *anchors: chain._agent(input_ids, mask, past)
+
+
 def _pass_on(output, last: torch.Tensor):
     """The decoder's ``output`` with ``hidden_states`` set to ``(last,)``, so the causal LM's output carries it
     (``AgentChain._last_hidden_state`` says why it must)."""
@@ -314,7 +319,8 @@ class AgentChain(nn.Module):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None
                 if self.config.checkpoint_agents and grad and not record_inputs:
-                    keys, values = checkpoint(self._agent, input_ids, mask, trace.fork(), use_reentrant=False)
+                    keys, values = checkpoint(_agent_of(self), input_ids, mask, trace.fork(), *self._rng_anchors(),
+                                              use_reentrant=False)
                 else:
                     keys, values = self._agent(input_ids, mask, trace, latents)
                 if record and grad:  # frozen weights: still measure d loss / d segment
@@ -437,10 +443,19 @@ class AgentChain(nn.Module):
                     f"on {device}: a trace lives where the layers that wrote it run. Keep one device_map (and do "
                     "not move the model) between stage 1 and stage 2, or rebuild the trace with stage1()")
 
+    def _rng_anchors(self) -> list[torch.Tensor]:
+        """One empty tensor on each device a layer runs on, passed to ``checkpoint`` as arguments: torch
+        restores, for the recompute, the RNG state of the devices of its tensor arguments only (the input ids'),
+        so with layers on a second GPU their dropout (LoRA's) would draw other masks in backward than in forward,
+        and the gradients would silently be another step's."""
+        return [torch.empty(0, device=d) for d in dict.fromkeys(self._layer_devices().values())]
+
     def _layer_devices(self) -> dict[int, torch.device]:
         model = self.model
         if getattr(self, "_devices_for", None) is not model:
-            self._devices_cache = distributed.layer_devices(model)
+            # the trainer's wrapper registers no submodule: its layers are the model's inside
+            self._devices_cache = distributed.layer_devices(model.inner if isinstance(model, distributed.CallThrough)
+                                                            else model)
             object.__setattr__(self, "_devices_for", model)  # a reference, not a registered submodule
         return self._devices_cache
 
