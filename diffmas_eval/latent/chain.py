@@ -106,6 +106,56 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+@contextmanager
+def _checkpoint_layers(model: nn.Module, anchors: list[torch.Tensor]):
+    """Inside, every decoder layer of ``model`` (transformers' ``GradientCheckpointingLayer``) runs under
+    ``checkpoint``: its activations are recomputed in backward instead of held, the way ``checkpoint_agents``
+    recomputes an upstream agent. transformers' own layer checkpointing cannot be used: it turns the cache off,
+    and the final agent attends to the trace through it. A layer writes its new columns into the cache (a
+    side effect a recompute would repeat on the extended cache), so each call keeps the cache layer's state as
+    the layer found it, puts it back before the recompute, and after the call too (the forward's later layers
+    read only their own cache layers, and the extended copy is not then held until backward). ``anchors``: a
+    tensor per layer device, so each device's RNG (LoRA dropout) is restored for the recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
+        model = model.inner
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    owned = [(layer, layer.__dict__.get("forward")) for layer in layers]
+
+    def wrap(layer: nn.Module):
+        forward = layer.forward
+        idx = next((m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)), None)
+
+        def checkpointed(*args, **kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            state = cache.layers[idx] if cache is not None and idx is not None else None
+            found = dict(vars(state)) if state is not None else None
+
+            def run(*_anchors):
+                if found is not None:
+                    vars(state).update(found)
+                return forward(*args, **kwargs)
+
+            out = checkpoint(run, *anchors, use_reentrant=False)
+            if found is not None:
+                vars(state).update(found)
+            return out
+
+        return checkpointed
+
+    for layer in layers:
+        layer.forward = wrap(layer)
+    try:
+        yield
+    finally:
+        for layer, own in owned:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
 def _agent_of(chain: AgentChain):
     """``chain._agent`` as ``checkpoint`` calls it: its trailing tensor arguments (``_rng_anchors``) dropped."""
     return lambda input_ids, mask, past, *anchors: chain._agent(input_ids, mask, past)
@@ -471,9 +521,11 @@ class AgentChain(nn.Module):
         input_ids, mask = self._right_pad(rows)
         width, lengths = mask.shape[1], mask.sum(-1)
         cols = width if keep <= 0 else min(width, keep + width - int(lengths.min()))
-        out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
-                         position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True,
-                         logits_to_keep=cols)
+        layerwise = self.config.checkpoint_final and torch.is_grad_enabled()
+        with _checkpoint_layers(self.model, self._rng_anchors()) if layerwise else nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
+                             position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True,
+                             logits_to_keep=cols)
         return out.logits, lengths - (width - cols)
 
     def prefill(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[LatentTrace, torch.Tensor]:
