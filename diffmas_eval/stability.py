@@ -37,14 +37,22 @@ from .stopping import ending
 STOPS = ("eos", "stop", "length")
 
 
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Per row, ``H = -sum p log p`` in nats, from the log-probabilities ``logp`` ``[B, V]`` it is given: one
+    ``exp`` over the vocabulary and no logarithm (``entr(exp(logp))`` took V logarithms again, of numbers whose
+    logarithms it had). A -inf log-probability (p = 0) adds 0, not ``0 * -inf`` = NaN; a NaN row stays NaN."""
+    p = logp.exp()
+    return torch.where(p == 0, 0.0, -p * logp).sum(-1)  # terms of +0.0 where p = 0: a certain answer has H = +0.0
+
+
 def step_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of one decoding step: log p(chosen token) and the entropy (nats) of ``softmax(logits)``.
 
-    ``logits`` ``[B, V]`` before any sampling warper, ``tokens`` ``[B]``; computed in float32. A logit a
-    processor set to -inf has probability 0 and adds 0 to the entropy (``entr(0) = 0``, not NaN)."""
+    ``logits`` ``[B, V]`` before any sampling warper, ``tokens`` ``[B]``; computed in float32 from one
+    ``log_softmax`` (``entropy``). A logit a processor set to -inf has probability 0 and adds 0 to the entropy."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(-1, tokens.to(logp.device)[:, None].long())[:, 0]
-    return chosen, torch.special.entr(logp.exp()).sum(-1)
+    return chosen, entropy(logp)
 
 
 @dataclass
@@ -162,7 +170,7 @@ class StepRecorder(LogitsProcessor):
         if self._last is not None:
             self._take(input_ids[:, -1])
         logp = torch.log_softmax(scores.float(), dim=-1)
-        self.entropies.append(torch.special.entr(logp.exp()).sum(-1))
+        self.entropies.append(entropy(logp))
         self._last = logp
         return scores
 

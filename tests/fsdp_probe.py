@@ -1,4 +1,5 @@
-"""One DiffMAS SFT step under torch's FSDP2, or in one process: ``fsdp_probe.py MODEL_DIR OUT [--checkpoint]``.
+"""One DiffMAS SFT step under torch's FSDP2, or in one process: ``fsdp_probe.py MODEL_DIR OUT [--checkpoint]``
+(``--no-unshard-hook``, ``--inner-hidden-state``: a guard of the chain's switched off, for the regression checks).
 
 Why torch directly: accelerate 1.x runs FSDP only on GPUs; with ``ACCELERATE_USE_CPU=1`` the same launch
 with ``trainers/configs/fsdp.yaml`` silently becomes DDP, so a green run there proves nothing about
@@ -12,8 +13,9 @@ resharded once per call in forward and again in backward; the trace's cache tens
 
 Run under ``torchrun --nproc_per_node 2`` the 4 rows of the global batch are split 2 + 2 (rank r takes
 rows 2r, 2r+1); alone, one process takes all 4. Writes (rank 0) ``OUT/step.json`` (the loss of the global
-batch, world size), ``OUT/grads.pt`` (every LoRA gradient, gathered to full tensors) and, after one SGD
-step, the adapter (``OUT/adapter``: PEFT files + ``diffmas.json``) from the gathered full state dict.
+batch, world size, the number of model calls and whether any asked for every layer's hidden state),
+``OUT/grads.pt`` (every LoRA gradient, gathered to full tensors) and, after one SGD step, the adapter
+(``OUT/adapter``: PEFT files + ``diffmas.json``) from the gathered full state dict.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def main(model_dir: str, out: str, checkpoint: bool) -> None:
         fully_shard(peft_model, mesh=mesh, reshard_after_forward=True)
         assert type(layers[0].self_attn.q_proj.lora_A["default"].weight).__name__ == "DTensor"
 
+    asked = []  # did any forward ask for every layer's hidden state? (stage 1 reads only the last one)
+    peft_model.register_forward_pre_hook(lambda m, args, kwargs: asked.append(bool(kwargs.get("output_hidden_states"))),
+                                         with_kwargs=True)
     peft_model.train()
     # compute_loss scales by the number of processes (average_tokens_across_devices); FSDP2 averages the
     # gradients over them, so rank r's loss * world / n_items, averaged, is the global sum / n_items
@@ -101,7 +106,8 @@ def main(model_dir: str, out: str, checkpoint: bool) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(grads, out_dir / "grads.pt")
         (out_dir / "step.json").write_text(json.dumps({"loss": float(loss_global), "world_size": world,
-                                                       "n_items": n_items}))
+                                                       "n_items": n_items, "forwards": len(asked),
+                                                       "asked_hidden_states": any(asked)}))
         # PEFT picks the adapter's entries out of the gathered full state dict
         peft_model.save_pretrained(out_dir / "adapter", state_dict=state)
         save_chain_config(out_dir / "adapter", trainer.diffmas_config, trainer.chain)
@@ -115,4 +121,8 @@ if __name__ == "__main__":
         from diffmas_eval.latent import distributed
 
         distributed.unshard_in_backward = lambda *args: None
+    if "--inner-hidden-state" in sys.argv[3:]:  # the regression check: stage 1's state not passed out of the model
+        from diffmas_eval.latent import chain
+
+        chain._pass_on = lambda output, last: output
     main(sys.argv[1], sys.argv[2], "--checkpoint" in sys.argv[3:])

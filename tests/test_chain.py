@@ -143,6 +143,38 @@ def test_checkpoint_agents_gives_same_loss_and_gradients(tiny_llama):
     assert (results[0][1] - results[1][1]).abs().max() < 1e-6
 
 
+def test_checkpoint_final_gives_same_loss_and_gradients_and_holds_fewer_activations():
+    """The final agent's layers recomputed in backward: the same loss and gradients (LoRA with dropout: the
+    recompute must draw the forward's masks), the layers' own forwards restored after, and fewer bytes held
+    for backward by the loss's forward (what autograd saves outside the checkpointed layers)."""
+    from peft import LoraConfig, get_peft_model
+
+    from diffmas_eval.testing.tiny import make_tiny_model
+
+    base, tok = make_tiny_model("llama")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    model.train()
+    results = []
+    for final in (False, True):
+        chain = AgentChain(model, tok, LatentConfig(latent_steps=2, checkpoint_agents=True, checkpoint_final=final))
+        ids, labels = _target(chain, QUESTIONS[1])
+        torch.manual_seed(3)
+        trace = chain.stage1(QUESTIONS[1:3])
+        held = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, held=held: held.append(t.numel() * t.element_size())
+                                                      or t, lambda t: t):
+            loss = chain.loss(trace, ids * 2, labels * 2)
+        grads = torch.autograd.grad(loss, [p for n, p in model.named_parameters() if "lora_" in n])
+        results.append((loss.item(), grads, sum(held)))
+        assert all("forward" not in m.__dict__ for m in model.modules())  # the wrapped forwards are gone
+    (loss0, grads0, held0), (loss1, grads1, held1) = results
+    assert loss0 == loss1 and any(g.abs().sum() > 0 for g in grads0)
+    for a, b in zip(grads0, grads1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert held1 < held0 / 2, (held0, held1)
+
+
 def test_overwrite_keeps_only_latest_segment(tiny):
     chain = chain_for(tiny, latent_steps=2, trace="overwrite")
     with torch.no_grad():

@@ -53,6 +53,8 @@ def test_fsdp2_first_step_equals_one_process_and_the_adapter_loads(tiny_path, tm
     one, grads_one = _run([sys.executable], tiny_path, tmp_path / "one", extra)
     two, grads_two = _run(_torchrun(), tiny_path, tmp_path / "two", extra)
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["n_items"] == two["n_items"]
+    # stage 1 read only the last hidden state, sharded too (a forward per prompt, latent step and final agent)
+    assert one["forwards"] == two["forwards"] > 1 and not one["asked_hidden_states"] and not two["asked_hidden_states"]
     # float32; measured: the losses are equal to the last bit, gradients within 5e-7 of their largest entry
     assert abs(one["loss"] - two["loss"]) < 1e-5 * max(1.0, abs(one["loss"]))
     assert grads_one.keys() == grads_two.keys() and len(grads_one) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
@@ -83,3 +85,13 @@ def test_fsdp2_backward_through_the_trace_needs_the_unshard_hook(tiny_path, tmp_
     resharded (freed) weights: the failure the hook exists for, so it cannot silently become dead code."""
     proc = _launch(_torchrun(), tiny_path, tmp_path / "nohook", ["--no-unshard-hook"])
     assert proc.returncode != 0 and "storage of size 0" in proc.stderr
+
+
+def test_fsdp2_backward_needs_stage1s_hidden_state_passed_out_of_the_model(tiny_path, tmp_path):
+    """Stage 1 reads the last hidden state by a hook on the decoder and passes it out as the model's
+    ``hidden_states``; read only as an inner tensor it carries none of FSDP2's pre-backward hooks, and a later
+    latent step's backward reshards the root unit before this state's backward reaches the final norm: the
+    process dies on freed weights (SIGSEGV on this CPU). Keeps the pass-on from silently becoming dead code."""
+    proc = _launch(_torchrun(), tiny_path, tmp_path / "inner", ["--inner-hidden-state"])
+    died = "SIGSEGV" in proc.stderr or "storage of size 0" in proc.stderr
+    assert proc.returncode != 0 and died, proc.stderr[-2000:]

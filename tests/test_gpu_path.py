@@ -314,5 +314,34 @@ def test_a_decode_budget_past_the_context_fails_before_any_compute():
     model, tok = make_tiny_model("llama", context=64)
     chain = AgentChain(model, tok, LatentConfig(latent_steps=1))
     trace = LatentTrace(1, chain.num_layers, "cpu")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(chain_module.TraceTooLongError, match="max_new_tokens 100 .* exceed the model's context of 64"):
         chain.generate(trace, [[1, 2, 3]], max_new_tokens=100)
+    assert not calls  # refused before the prefill
+
+
+def test_checkpointed_agents_get_a_tensor_on_every_layer_device(monkeypatch):
+    """torch's checkpoint restores the RNG of its tensor arguments' devices only: with layers on a second GPU,
+    LoRA dropout would draw other masks in the recompute. Every device a layer runs on must reach it as an
+    argument (``meta`` stands in for the second device; the gradients are the unsplit model's)."""
+    model, tok = make_tiny_model("llama")
+    seen, real = [], chain_module.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        seen.append({a.device.type for a in args if isinstance(a, torch.Tensor)})
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(chain_module, "checkpoint", spy)
+    grads = []
+    for split in (False, True):
+        chain = AgentChain(model, tok, LatentConfig(latent_steps=2, checkpoint_agents=True), trainable_realign=True)
+        with monkeypatch.context() as m:  # stage 1 only: stage 2 would rightly refuse a trace off its layer's device
+            if split:
+                m.setattr(chain, "_layer_devices", lambda: {0: torch.device("cpu"), 1: torch.device("meta")})
+            trace = chain.stage1(QUESTIONS[:2])
+        loss = chain.loss(trace, [[5, 6, 7]] * 2, [[-100, 6, 7]] * 2)
+        grads.append(torch.autograd.grad(loss, chain.realigner.weight)[0])
+    assert seen and all(s == {"cpu"} for s in seen[:len(seen) // 2]) and all(s == {"cpu", "meta"}
+                                                                         for s in seen[len(seen) // 2:])
+    assert torch.equal(grads[0], grads[1])

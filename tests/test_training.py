@@ -165,3 +165,23 @@ def test_training_through_independent_segments(tiny_path, tmp_path, layout):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1
+
+
+def test_offloaded_weights_are_refused_before_any_compute(tiny_path, tmp_path):
+    """A device_map that offloads a layer (``disk`` here; ``cpu`` beside GPUs offloads too) leaves its weights on
+    meta: the step would fail in backward ("expected device meta"), so the trainer refuses the model up front."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_path, dtype=torch.float32, offload_folder=str(tmp_path / "offload"),
+        device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                    "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    assert any(p.device.type == "meta" for p in model.parameters())
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, bf16=False)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"offloaded .*first: model\.layers\.1\..*'model\.layers\.1': 'disk'.*"
+                                         r"--load_in_4bit"):
+        DiffMASSFTTrainer(model, args=args, diffmas_config=LatentConfig(latent_steps=1),
+                          train_dataset=Dataset.from_list(ROWS[:3]), processing_class=tok,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not calls

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.utils import ModelOutput
 
 from ..memory import trace_positions
 from ..models import context_length
@@ -103,6 +104,69 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
             decoder = get() if callable(get) else None
             return decoder if isinstance(decoder, nn.Module) and decoder is not module else None
     return None
+
+
+@contextmanager
+def _checkpoint_layers(model: nn.Module, anchors: list[torch.Tensor]):
+    """Inside, every decoder layer of ``model`` (transformers' ``GradientCheckpointingLayer``) runs under
+    ``checkpoint``: its activations are recomputed in backward instead of held, the way ``checkpoint_agents``
+    recomputes an upstream agent. transformers' own layer checkpointing cannot be used: it turns the cache off,
+    and the final agent attends to the trace through it. A layer writes its new columns into the cache (a
+    side effect a recompute would repeat on the extended cache), so each call keeps the cache layer's state as
+    the layer found it, puts it back before the recompute, and after the call too (the forward's later layers
+    read only their own cache layers, and the extended copy is not then held until backward). ``anchors``: a
+    tensor per layer device, so each device's RNG (LoRA dropout) is restored for the recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
+        model = model.inner
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    owned = [(layer, layer.__dict__.get("forward")) for layer in layers]
+
+    def wrap(layer: nn.Module):
+        forward = layer.forward
+        idx = next((m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)), None)
+
+        def checkpointed(*args, **kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            state = cache.layers[idx] if cache is not None and idx is not None else None
+            found = dict(vars(state)) if state is not None else None
+
+            def run(*_anchors):
+                if found is not None:
+                    vars(state).update(found)
+                return forward(*args, **kwargs)
+
+            out = checkpoint(run, *anchors, use_reentrant=False)
+            if found is not None:
+                vars(state).update(found)
+            return out
+
+        return checkpointed
+
+    for layer in layers:
+        layer.forward = wrap(layer)
+    try:
+        yield
+    finally:
+        for layer, own in owned:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
+def _agent_of(chain: AgentChain):
+    """``chain._agent`` as ``checkpoint`` calls it: its trailing tensor arguments (``_rng_anchors``) dropped."""
+    return lambda input_ids, mask, past, *anchors: chain._agent(input_ids, mask, past)
+
+
+def _pass_on(output, last: torch.Tensor):
+    """The decoder's ``output`` with ``hidden_states`` set to ``(last,)``, so the causal LM's output carries it
+    (``AgentChain._last_hidden_state`` says why it must)."""
+    if isinstance(output, ModelOutput) and "hidden_states" in output.__dataclass_fields__:
+        output.hidden_states = (last,)
+    return output
 
 
 # the decode loop reads tokens on the host at most this many steps apart (and after 1, 2, .. steps early on,
@@ -305,7 +369,8 @@ class AgentChain(nn.Module):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None
                 if self.config.checkpoint_agents and grad and not record_inputs:
-                    keys, values = checkpoint(self._agent, input_ids, mask, trace.fork(), use_reentrant=False)
+                    keys, values = checkpoint(_agent_of(self), input_ids, mask, trace.fork(), *self._rng_anchors(),
+                                              use_reentrant=False)
                 else:
                     keys, values = self._agent(input_ids, mask, trace, latents)
                 if record and grad:  # frozen weights: still measure d loss / d segment
@@ -359,9 +424,7 @@ class AgentChain(nn.Module):
         seen = work.mask if own is None else left_aligned_mask(own, work.length).to(work.mask.dtype)
         kwargs = dict(attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask), cache=cache,
                       use_cache=True, logits_to_keep=1)
-        # an FSDP2-sharded model keeps the old path: with the hook, its 2-process CPU run (tests/test_fsdp.py)
-        # crashed with SIGSEGV; not yet understood, so sharded training gives up the saving rather than correctness
-        decoder = None if self._fsdp_layers() else self._decoder()
+        decoder = self._decoder()
         if decoder is None:  # no base model to listen to: ask for every layer's hidden state, read the last
             hidden = self.model(**inputs, **kwargs, output_hidden_states=True).hidden_states[-1]
         else:
@@ -377,18 +440,29 @@ class AgentChain(nn.Module):
         """The decoder's ``last_hidden_state`` (after the final norm: what ``hidden_states[-1]`` holds), read by
         a hook while the chain calls the whole model as it is (so wrappers' forwards still run: DDP's reducer,
         FSDP2's root, PEFT). ``output_hidden_states=True`` would keep every layer's ``[B, T, hidden]`` alive to
-        read one; the LM head runs on one column (``logits_to_keep=1``), a ``[B, V]`` that is dropped."""
+        read one; the LM head runs on one column (``logits_to_keep=1``), a ``[B, V]`` that is dropped.
+
+        The hook also hands the state on as the decoder's ``hidden_states`` (one entry, not one per layer), which
+        the causal LM copies into its own output, and the chain reads it there: it must leave the called model as
+        an *output*, because wrappers act on their outputs. FSDP2's root unit (final norm, embeddings) keeps its
+        weights only until its post-backward, which the backward of a later latent step (whose ``inputs_embeds``
+        come from this state) triggers; it gathers them again only through the pre-backward hooks it puts on its
+        outputs. Read as an inner tensor, the state carried no such hook, so backward reached the final norm of
+        the earlier step with the root resharded: on freed weights (SIGSEGV in the 2-process ``test_fsdp.py``)."""
         got: list[torch.Tensor] = []
 
-        def grab(module, args, output) -> None:
-            got.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+        def grab(module, args, output):
+            last = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            got.append(last)
+            return _pass_on(output, last)
 
         handle = decoder.register_forward_hook(grab)
         try:
-            self.model(**inputs, **kwargs)
+            out = self.model(**inputs, **kwargs)
         finally:
             handle.remove()
-        return got[-1]
+        passed = getattr(out, "hidden_states", None)
+        return passed[-1] if passed else got[-1]  # a model that drops it: the hooked tensor (unwrapped models)
 
     def _decoder(self) -> nn.Module | None:
         """``decoder_of`` the model the chain calls now (the trainer swaps it per step), cached."""
@@ -419,10 +493,19 @@ class AgentChain(nn.Module):
                     f"on {device}: a trace lives where the layers that wrote it run. Keep one device_map (and do "
                     "not move the model) between stage 1 and stage 2, or rebuild the trace with stage1()")
 
+    def _rng_anchors(self) -> list[torch.Tensor]:
+        """One empty tensor on each device a layer runs on, passed to ``checkpoint`` as arguments: torch
+        restores, for the recompute, the RNG state of the devices of its tensor arguments only (the input ids'),
+        so with layers on a second GPU their dropout (LoRA's) would draw other masks in backward than in forward,
+        and the gradients would silently be another step's."""
+        return [torch.empty(0, device=d) for d in dict.fromkeys(self._layer_devices().values())]
+
     def _layer_devices(self) -> dict[int, torch.device]:
         model = self.model
         if getattr(self, "_devices_for", None) is not model:
-            self._devices_cache = distributed.layer_devices(model)
+            # the trainer's wrapper registers no submodule: its layers are the model's inside
+            self._devices_cache = distributed.layer_devices(model.inner if isinstance(model, distributed.CallThrough)
+                                                            else model)
             object.__setattr__(self, "_devices_for", model)  # a reference, not a registered submodule
         return self._devices_cache
 
@@ -438,9 +521,11 @@ class AgentChain(nn.Module):
         input_ids, mask = self._right_pad(rows)
         width, lengths = mask.shape[1], mask.sum(-1)
         cols = width if keep <= 0 else min(width, keep + width - int(lengths.min()))
-        out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
-                         position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True,
-                         logits_to_keep=cols)
+        layerwise = self.config.checkpoint_final and torch.is_grad_enabled()
+        with _checkpoint_layers(self.model, self._rng_anchors()) if layerwise else nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=trace.full_mask(mask),
+                             position_ids=trace.positions(mask), cache=trace.cache(), use_cache=True,
+                             logits_to_keep=cols)
         return out.logits, lengths - (width - cols)
 
     def prefill(self, trace: LatentTrace, rows: list[list[int]]) -> tuple[LatentTrace, torch.Tensor]:

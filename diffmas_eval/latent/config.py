@@ -113,6 +113,8 @@ class LatentConfig:
     ``stage1_grad``: ``none`` runs stage 1 without autograd (cheaper; no learning to communicate).
     ``max_trace_tokens``: refuse (before any compute) a stage-1 trace longer than this.
     ``checkpoint_agents``: recompute each agent's forward in backward (activation checkpointing).
+    ``checkpoint_final``: recompute the final agent's forward in backward too, one decoder layer at a time (a
+    long completion's activations are the largest of a step; its layers' outputs are kept, their insides not).
     ``latent_dtype``: ``model`` runs stage 1 in the model's dtype; ``float32`` runs a half-precision
     model's stage 1 (prompts, latent steps, realignment, feedback) with its weights upcast to float32,
     then casts the trace to the model's dtype for stage 2: the latent loop can amplify bf16 rounding
@@ -121,8 +123,8 @@ class LatentConfig:
 
     The fields declared with ``option`` are the user-facing ones (``chain_options``); the others are set by
     code: ``roles`` from ``agents``/``topology`` (or a roles file), ``checkpoint_agents`` by the trainer from
-    ``gradient_checkpointing``, ``realign_lambda`` is the paper's constant, ``realign_target`` comes from a
-    saved chain.
+    ``gradient_checkpointing``, ``checkpoint_final`` by a caller of the trainer (``diffmas_config``),
+    ``realign_lambda`` is the paper's constant, ``realign_target`` comes from a saved chain.
     """
 
     roles: list[str] = field(default_factory=lambda: default_roles(DEFAULT_AGENTS))
@@ -138,6 +140,7 @@ class LatentConfig:
                               fronts=("sft",))
     max_trace_tokens: int | None = option(None, "refuse a latent trace longer than this")
     checkpoint_agents: bool = False
+    checkpoint_final: bool = False
     realign_lambda: float = 1e-5
     realign_target: str = field(default="embedding_output", metadata={"saved": True})
     enable_thinking: bool | None = option(None, "passed to every agent's chat template (Qwen3; as with hf, needs "
@@ -202,7 +205,7 @@ def chain_options(config_class: type[LatentConfig] = LatentConfig, front: str | 
     User-facing today: agents and latent_steps everywhere; realign, trace, topology, max_trace_tokens
     wherever a chain is built (lm-eval, ask, SFT); stage1_grad for SFT only (evaluation runs without
     autograd); enable_thinking and latent_dtype for lm-eval only. Not user-facing: roles, checkpoint_agents,
-    realign_lambda, realign_target.
+    checkpoint_final, realign_lambda, realign_target.
     """
     hints = typing.get_type_hints(config_class)
     options = [ChainOption("agents", int, DEFAULT_AGENTS, None, AGENTS_HELP, FRONT_ENDS)]

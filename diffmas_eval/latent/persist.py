@@ -46,7 +46,7 @@ def save_chain_config(directory: Path, config: LatentConfig, chain: AgentChain,
 
     directory.mkdir(parents=True, exist_ok=True)
     data = config.to_dict()
-    data["checkpoint_agents"] = False  # a training-time choice, not part of the model
+    data["checkpoint_agents"] = data["checkpoint_final"] = False  # training-time choices, not part of the model
     data["trained_realign"] = chain.realigner.weight.requires_grad
     if training:
         data["training"] = training

@@ -130,6 +130,24 @@ def write_loss_curve(directory: Path, log_history: list[dict]) -> list[dict]:
     return rows
 
 
+def refuse_offloaded(model: torch.nn.Module) -> None:
+    """Refuse, before any compute, a model with offloaded weights: a ``device_map`` that puts modules on
+    ``disk`` (or on ``cpu`` beside GPUs, which accelerate offloads too) leaves their parameters on ``meta`` and
+    loads them for each forward only, so neither their LoRA adapters nor backward can use them (the step fails
+    in backward: "expected device meta"). A model split over GPUs only (every parameter on a real device)
+    trains, stage 1 with autograd included: each layer's trace lives on its device."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        placed = getattr(model, "hf_device_map", None) or getattr(getattr(model, "base_model", None),
+                                                                   "hf_device_map", None)
+        where = f" (hf_device_map: {placed})" if placed else ""
+        raise ValueError(
+            f"{len(offloaded)} parameters of the model are offloaded (on meta, loaded per forward; first: "
+            f"{offloaded[0]}){where}: DiffMAS training needs every weight on a device it runs on, for its "
+            "adapters and for backward through the chain. Fit the model on the GPUs: a device_map over GPUs "
+            "only, or 4-bit QLoRA (--load_in_4bit --use_peft); offloading is for evaluation")
+
+
 def _name(choice) -> str:
     """An enum option of TrainingArguments (or a plain string) as its name."""
     return str(getattr(choice, "value", choice))
@@ -152,6 +170,8 @@ class DiffMASSFTTrainer(SFTTrainer):
             args.gradient_checkpointing = False
             if hasattr(args, "activation_checkpointing"):  # its name from transformers 5.2x on
                 args.activation_checkpointing = False
+        if not isinstance(model, str):
+            refuse_offloaded(model)
         if processing_class is None:
             from transformers import AutoTokenizer
 
