@@ -7,6 +7,7 @@ so their hashes) and a ``RunOptions`` (how and where they run: nothing of it cha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -187,7 +188,7 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
     if server is not None:
         print(f"\n{len(served)} of {len(todo)} cells to run decode on vLLM (--serve vllm); the rest in process",
               flush=True)
-    with server if server is not None else _nothing():
+    with server if server is not None else contextlib.nullcontext():
         if server is not None:
             _preflight(server, settings, [c for c in served], device)  # before any cell: the server can serve them
         if todo and wants_ray(resources(run, output, work)):
@@ -232,14 +233,6 @@ def score_cell(settings: Settings, method: str, task: str, runs: Path, work: Pat
           flush=True)
     return cells.score(settings, method, task, runs, work, batch_size, device, adapter,
                        server.target(method, task, adapter))
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _served_run(settings: Settings, run: RunOptions, python, device: str, work: Path) -> ServedRun:

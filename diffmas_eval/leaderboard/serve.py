@@ -237,7 +237,7 @@ def flag_names(args: list[str]) -> set[str]:
 def server_args(settings: Settings, dtype: str, user: str) -> list[str]:
     """The server's options: ours, then ``--vllm-args`` (a flag given there replaces ours)."""
     ours = ["--dtype", dtype, "--enable-prompt-embeds", "--enable-lora", "--max-lora-rank", str(lora_rank(settings)),
-            "--max-loras", "4", "--seed", str(settings.seed)]
+            "--max-loras", "4"]
     context = model_context(settings.model)
     if context:
         ours += ["--max-model-len", str(context)]
