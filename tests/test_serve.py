@@ -92,6 +92,24 @@ def test_no_reachable_vllm_names_how_to_install_it(tmp_path):
     assert not out.exists()
 
 
+def test_a_port_in_use_is_named_or_replaced(tmp_path):
+    import socket
+
+    from diffmas_eval.serving.vllm_cpu import ServerError, VLLMServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerError, match=rf"port {port} is in use"):  # the caller's port: named, not replaced
+            VLLMServer("m", port=port, python=Path(sys.executable), log=tmp_path / "a.log").start()
+        server = VLLMServer("m", python=Path(sys.executable), log=tmp_path / "b.log", ready_timeout=60)
+        server.port = port  # as if another program took the free port before the server bound it
+        with pytest.raises(ServerError, match=r"exited with 1 before it was ready: .*No module named 'vllm'"):
+            server.start()  # this environment has no vLLM: the server's own words, at once
+        assert server.port != port
+
+
 def test_request_seeds_give_each_sample_its_own_reproducible_seed():
     a = request_seeds(1234, ["p", "q", "p", "p"])
     assert a == request_seeds(1234, ["p", "q", "p", "p"]) and len(set(a)) == 4  # each repeat its own
