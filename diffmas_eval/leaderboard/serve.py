@@ -351,9 +351,11 @@ class ServedRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        try:
+            self.stop()
+        finally:  # whatever stopping did, SIGTERM means what it meant before
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
 
     def stop(self) -> None:
         if self.server is not None:
