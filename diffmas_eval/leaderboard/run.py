@@ -190,7 +190,7 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
               flush=True)
     with server if server is not None else contextlib.nullcontext():
         if server is not None:
-            _preflight(server, settings, [c for c in served], device)  # before any cell: the server can serve them
+            _preflight(server, settings, served, device)  # before any cell: the server can serve them
         if todo and wants_ray(resources(run, output, work)):
             endpoint = server.endpoint() if server is not None else None
             with _gpus_left_to_ray(server, run):
