@@ -26,6 +26,8 @@ space := $(subst ,, )
 MC_TASKS = $(subst $(comma), ,$(shell $(PY) -m diffmas_eval.tasks.registry multiple_choice $(TASKS)))
 LIMITS = $(LIMIT)$(subst $(space),,$(foreach t,$(MC_TASKS),$(comma)$(t)=$(MC_LIMIT)))
 LEADERBOARD_ARGS ?=
+# SERVE=vllm: one vLLM server decodes the generative cells (diffmas-eval leaderboard --serve vllm; docs/vllm.md)
+SERVE ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -53,7 +55,7 @@ test: $(STAMP)
 leaderboard: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMITS) \
 		--tasks $(TASKS) --methods $(METHODS) $(if $(JOBS),--jobs $(JOBS)) $(if $(THREADS),--threads $(THREADS)) \
-		$(LEADERBOARD_ARGS)
+		$(if $(SERVE),--serve $(SERVE)) $(LEADERBOARD_ARGS)
 	$(VENV)/bin/diffmas-eval leaderboard --readme docs/leaderboard.md
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
@@ -63,7 +65,7 @@ leaderboard: $(STAMP)
 ABLATE_ARGS ?=
 ablations: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval ablate --model $(MODEL) --jobs $(JOBS) \
-		$(if $(THREADS),--threads $(THREADS)) $(ABLATE_ARGS)
+		$(if $(THREADS),--threads $(THREADS)) $(if $(SERVE),--serve $(SERVE)) $(ABLATE_ARGS)
 	$(VENV)/bin/diffmas-eval ablate --readme docs/ablations.md
 
 # every generated section from what made it (running it twice changes nothing): the results of README.md and
@@ -104,6 +106,8 @@ performance: $(STAMP)
 		> benchmarks/results/trace_layout.md
 	$(BENCH_ENV) $(PY) benchmarks/vllm.py --questions 8 --new-tokens 32 --batch 8 --json benchmarks/results/vllm.json \
 		> benchmarks/results/vllm.md
+	$(BENCH_ENV) $(PY) benchmarks/serve.py --limit 8 --max-gen-toks 64 --threads 1 --json benchmarks/results/serve.json \
+		> benchmarks/results/serve.md
 	$(PY) benchmarks/precision.py --threads 1 --json benchmarks/results/precision.json > benchmarks/results/precision.md
 	$(PY) benchmarks/readme.py docs/performance.md benchmarks/results
 

@@ -23,6 +23,7 @@ ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)
          ("training", "Training (`benchmarks/training.py`)"),
          ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)"),
          ("vllm", "vLLM against in process (`benchmarks/vllm.py`)"),
+         ("serve", "The leaderboard's generative cells served against in process (`benchmarks/serve.py`)"),
          ("precision", "Precision of the latent loop: bf16 / float16 against float32, float32 against float64 "
                        "(`benchmarks/precision.py`)")]
 

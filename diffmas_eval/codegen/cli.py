@@ -16,6 +16,9 @@ from .. import DEFAULT_MODEL
 
 MAS_MODELS = ("diffmas", "textmas")  # models with agent roles: they get the code-family roles
 SECRET_ARGS = ("api_key",)
+# where a server is and how it is asked (a leaderboard's vLLM restarts on another port): not part of what the samples
+# depend on, so a run resumes against the same server anywhere
+CONNECTION_ARGS = ("base_url", "timeout", "max_retries", "num_concurrent")
 
 
 def add_codegen_parser(sub) -> None:
@@ -132,7 +135,8 @@ def run_codegen(model: str, model_args: str | Mapping[str, Any], dataset: str, *
         raise ValueError(f"--limit {limit} is out of range: {data.name} ({data.path}) has "
                          f"{len(data.lines)} tasks; use 1..{len(data.lines)} or drop --limit")
     user_args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args)
-    config = {"model": model, "model_args": redact(user_args), "dataset": dataset,
+    config = {"model": model, "model_args": redact({k: v for k, v in user_args.items() if k not in CONNECTION_ARGS}),
+              "dataset": dataset,
               "dataset_sha256": data.sha256, "n_samples": n_samples, "temperature": temperature,
               "max_new_tokens": max_new_tokens, "seed": seed, "prompt": "evalplus-instruct"}
     if model in MAS_MODELS:

@@ -43,7 +43,7 @@ from ..models import bnb_config, require_bitsandbytes, resolve_pretrained
 from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, with_note
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
-from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
+from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options, request_seeds
 from ..serving.stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stability import served_record
 from ..stopping import eos_ids
@@ -65,6 +65,8 @@ RUN_OPTIONS = {
     "served_model": "stage2=vllm: model name sent to the server (default: pretrained as given; with peft, the "
                     "adapter's --lora-modules name)",
     **client_options("stage2=vllm"),
+    "seed": "stage2=vllm with sampling (do_sample): each request's seed derives from it, its prompt and its sample "
+            "index (serving.client.request_seeds), so a sampled served run is reproducible",
 }
 
 
@@ -128,7 +130,7 @@ class DiffMASLM(HFLM):
                  family: str | None = None, device: str | None = None, batch_size: int | str = 1,
                  stage2: str = "hf", base_url: str | None = None, served_model: str | None = None,
                  timeout: float = TIMEOUT_S, max_retries: int = MAX_RETRIES, num_concurrent: int = NUM_CONCURRENT,
-                 **kwargs) -> None:
+                 seed: int | None = None, **kwargs) -> None:
         """``kwargs``: the chain options (``OPTIONS``; ``None`` means not given) and every ``hf`` model_arg."""
         schema = chain_options(self.config_class, front="lm_eval")
         given = {o.name: o.parse(kwargs.pop(o.name)) for o in schema if o.name in kwargs}
@@ -156,6 +158,7 @@ class DiffMASLM(HFLM):
         self._preamble = final_preamble(config.upstream)
         self._chat_questions: dict[str, str] = {}
         self.accounting = Accounting("diffmas")
+        self.seed = None if seed in (None, "") else int(seed)
         self.stage2_server: PromptEmbedsBackend | None = None  # stage2=vllm: the server the final agent decodes on
         if stage2 == "vllm":
             served = resolve_pretrained(served_model) if served_model.startswith("bundled:") else served_model
@@ -405,6 +408,8 @@ class DiffMASLM(HFLM):
                             temperature=float(kwargs.get("temperature") or 1.0),
                             top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0))
             contexts = [requests[i].args[0] for i in indices]
+            served_seed = self.seed if sampling["do_sample"] and self.stage2_server is not None else None
+            seed_of = dict(zip(indices, request_seeds(served_seed, contexts)))  # a prompt's k samples: k seeds
             questions = [self._question(c) for c in contexts]
             finals = [self._final_ids(c, self.tok_encode(c)) for c in contexts]
             need = [len(f) + max_gen for f in finals]
@@ -415,7 +420,8 @@ class DiffMASLM(HFLM):
                     trace = self.chain.stage1([questions[r] for r in rows], final_tokens=[need[r] for r in rows],
                                               record_inputs=self.stage2_server is not None)
                 if self.stage2_server is not None:  # the final agent decodes on the vLLM server
-                    gens = self._remote_generate(trace, [finals[r] for r in rows], max_gen, until, sampling)
+                    gens = self._remote_generate(trace, [finals[r] for r in rows], max_gen, until, sampling,
+                                                 [seed_of[i] for i in batch])
                 else:
                     with self._precision():
                         gens = self.chain.generate(trace, [finals[r] for r in rows], max_new_tokens=max_gen,
@@ -430,10 +436,11 @@ class DiffMASLM(HFLM):
         return results
 
     def _remote_generate(self, trace, finals: list[list[int]], max_gen: int, until: list[str],
-                         sampling: dict) -> list[Completion]:
-        """``stage2=vllm``: each row's trace and final prompt as prompt embeddings, decoded by the server."""
+                         sampling: dict, seeds: list[int | None] | None = None) -> list[Completion]:
+        """``stage2=vllm``: each row's trace and final prompt as prompt embeddings, decoded by the server (a sampled
+        row with its own seed)."""
         rows = trace_embeddings(self.model, trace, finals)
-        return self.stage2_server.generate_embeds(rows, max_gen, until, Sampling(**sampling))
+        return self.stage2_server.generate_embeds(rows, max_gen, until, Sampling(**sampling), seeds)
 
     def _finish(self, gen: Generation | Completion, until: list[str]) -> tuple[str, int, dict | None]:
         """The answer (after the thinking part if ``think_end_token`` is set, exactly as ``hf``), its generated

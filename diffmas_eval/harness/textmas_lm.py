@@ -35,7 +35,7 @@ from ..latent.config import chain_options
 from ..models import resolve_pretrained
 from ..prompts import ROLE_OPTIONS, last_user_turn, resolve_roles
 from ..protocol import check_gen_kwargs
-from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options
+from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options, request_seeds
 from ..stability import AnswerStats, StepRecorder, served_record
 from ..stopping import ending, eos_ids, stop_hit
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
@@ -49,6 +49,8 @@ OPTIONS = {
     "model": "backend=openai: model name sent to the server (default: pretrained; bundled:NAME its local path)",
     "tokenizer": "tokenizer for the chat template (default: pretrained); backend=hf: HFLM's tokenizer",
     "api_key": "backend=openai: API key (default EMPTY; or $OPENAI_API_KEY)",
+    "seed": "backend=openai with sampling (do_sample): each request's seed derives from it, its prompt and its "
+            "sample index (serving.client.request_seeds), so a sampled served run is reproducible",
     **client_options("backend=openai"),
     # the chain's shape means the same here as in diffmas: its help is the schema's
     **{o.name: o.describe() for o in chain_options() if o.name in ("agents", "topology")},
@@ -111,6 +113,17 @@ def _answer_stats(row: list[int], logps: list[float], ents: list[float], steps: 
     return AnswerStats(logps[:len(row)], ents[:len(row)], how)
 
 
+def _sampling_payload(kwargs: dict) -> dict:
+    """lm-eval's sampling gen_kwargs as completions-API fields (``top_k``: vLLM's extension); greedy: none (the
+    client sends temperature 0)."""
+    if not kwargs.get("do_sample"):
+        return {}
+    out: dict = {"temperature": float(kwargs.get("temperature") or 1.0), "top_p": float(kwargs.get("top_p") or 1.0)}
+    if int(kwargs.get("top_k") or 0) > 0:
+        out["extra_body"] = {"top_k": int(kwargs["top_k"])}
+    return out
+
+
 @dataclass
 class _Req:
     """What ``HFLM`` reads from a request."""
@@ -133,7 +146,7 @@ class TextMASLM(TemplateLM):
     def __init__(self, pretrained: str = DEFAULT_MODEL, backend: str = "hf",
                  base_url: str | None = None, model: str | None = None, tokenizer: str | None = None,
                  api_key: str | None = None, timeout: float = TIMEOUT_S, max_retries: int = MAX_RETRIES,
-                 num_concurrent: int = NUM_CONCURRENT,
+                 num_concurrent: int = NUM_CONCURRENT, seed: int | None = None,
                  agents: int | None = None, topology: str = "sequential", agent_max_tokens: int = 512,
                  roles: str | None = None, family: str | None = None, dtype: str = "auto", device: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = 64, max_length: int | None = None,
@@ -151,6 +164,7 @@ class TextMASLM(TemplateLM):
         self.backend = "causal"  # TemplateLM's tokenization mode (decoder-only)
         self.backend_kind = backend
         self.enable_thinking = enable_thinking
+        self.seed = None if seed in (None, "") else int(seed)
         if backend == "hf":
             import torch
 
@@ -267,8 +281,10 @@ class TextMASLM(TemplateLM):
             kwargs = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = kwargs.pop("max_gen_toks")
-            if self.final_hflm is None and kwargs.get("do_sample"):
-                raise ValueError("textmas backend=openai decodes greedily; drop do_sample from gen_kwargs")
+            sampling = _sampling_payload(kwargs) if self.final_hflm is None else {}
+            # over the whole group, so a prompt's k samples get k seeds whichever chunk each falls in
+            seed_of = dict(zip(indices, request_seeds(self.seed if sampling else None,
+                                                      [requests[i].args[0] for i in indices])))
             for c0 in range(0, len(indices), self._chunk):
                 chunk = indices[c0:c0 + self._chunk]
                 args = [requests[i].args for i in chunk]
@@ -284,7 +300,8 @@ class TextMASLM(TemplateLM):
                         self.final_hflm.generated.pop(f, None)
                         self.final_hflm.stats.pop(f, None)
                 else:  # stability metrics from the server's sampled-token logprobs (vLLM; absent where none)
-                    outs = self.agent_backend.generate(finals, max_gen, stop=until, logprobs=0)
+                    outs = self.agent_backend.generate(finals, max_gen, stop=until, seeds=[seed_of[i] for i in chunk],
+                                                       logprobs=0, **sampling)
                     eos_ids = {self.tokenizer.eos_token_id, self.eot_token_id}
                     texts, tokens = [o.text for o in outs], [o.tokens for o in outs]
                     stats = [served_record(o, eos_ids, self.tokenizer) for o in outs]

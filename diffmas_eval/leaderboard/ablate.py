@@ -30,6 +30,7 @@ trace exceeds ``--max-trace-tokens`` or the model's context is refused, naming t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -138,8 +139,10 @@ class Plan:
 
 
 def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: Path, work: Path, device: str,
-         batch: int | str) -> Plan:
+         batch: int | str, endpoint=None) -> Plan:
+    """The jobs; ``endpoint``: the run's vLLM server (``--serve vllm``), which the served cells decode on."""
     from . import cells, train
+    from .run import cell_job
     from .scheduler import Job
 
     grid_cells, probes, logs = cells_of(opts, base), runs / "probes", work / "logs"
@@ -159,8 +162,8 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
         label = f"{v.name} seed {seed}"
         todo = []
         if not cells.done(runs, s, v.method, opts.task):
-            todo.append((f"score {short_hash(s.cell(v.method, opts.task))}", cells.score,
-                         (s, v.method, opts.task, runs, work, batch, device)))
+            todo.append((f"score {short_hash(s.cell(v.method, opts.task))}", cell_job,
+                         (s, v.method, opts.task, runs, work, batch, device, endpoint)))
         if v.trained:
             step0 = probe_path(s, family, data, opts.probe_rows, probes, False)
             if not step0.exists():  # the base model: the same for every seed
@@ -180,7 +183,7 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
 
 def run_ablation(opts: AblationOptions) -> list[dict]:
     """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
-    from . import train
+    from . import cells, train
     from .ablate_report import publish
     from .run import run_environment
     from .scheduler import Resources, run_jobs
@@ -207,17 +210,30 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     data, bounds, base.sft_sources[family] = train.sft_set(family, None, work, opts.data_dir)
     train.check_disjoint(family, bounds, [opts.task], opts.limit)
     t0 = time.perf_counter()
-    p = plan(opts, base, family, data, runs, work, device, batch)
-    print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to run, "
-          f"{opts.jobs} at a time", flush=True)
-    if p.jobs:
-        run_jobs(p.jobs, Resources(jobs=opts.jobs, threads=opts.threads, store=output.parent.resolve()))
+    server = None
+    if opts.serve:  # before any hash is read: the served cells' hashes hold the server's version and arguments
+        from .serve import ServedRun, ServeOptions, describe
+
+        serve = ServeOptions(backend=opts.serve, vllm_python=opts.vllm_python, vllm_args=opts.vllm_args,
+                             ready_timeout=opts.vllm_ready_timeout, concurrency=opts.vllm_concurrency)
+        base.serving, python = describe(base, serve, device)
+        if any(s.served(v.method, opts.task) and not cells.done(runs, s, v.method, opts.task)
+               for v, _, s in cells_of(opts, base)):
+            server = ServedRun(base, serve, python, device, work / "logs")
+    with server if server is not None else contextlib.nullcontext():
+        p = plan(opts, base, family, data, runs, work, device, batch, server.endpoint() if server else None)
+        print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to "
+              f"run, {opts.jobs} at a time", flush=True)
+        if p.jobs:
+            run_jobs(p.jobs, Resources(jobs=opts.jobs, threads=opts.threads, store=output.parent.resolve()))
     print(f"== ablate: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return publish(p, opts, output)
 
 
 # -- CLI -------------------------------------------------------------------------------------------
 def add_ablate_parser(sub) -> None:
+    from .cli import add_serve_flags
+
     d = AblationOptions()
     p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
                                       "realignment) as leaderboard cells; CSV, charts, docs/ablations.md section",
@@ -250,6 +266,7 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
     p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
     p.add_argument("--device", default=None)
+    add_serve_flags(p)
     p.add_argument("--readme", default=None, metavar="PAGE.md",
                    help="only regenerate the ablations section (docs/ablations.md) from the CSVs beside --output")
     p.set_defaults(func=_cli)

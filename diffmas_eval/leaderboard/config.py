@@ -93,6 +93,17 @@ class Settings:
     # the latent chain's ablation overrides (``diffmas-eval ablate``; CHAIN_KEYS): e.g. {"trace": "overwrite"} or
     # {"stage1_grad": "none"}; they enter the latent methods' cell and adapter hashes only when set
     chain: dict = field(default_factory=dict)
+    # --serve vllm (``serve.describe``): the backend, the server's vLLM version and arguments; they enter the hash of
+    # every cell whose decoding goes to the server (``serve.route``), so served and in-process cells never mix
+    serving: dict = field(default_factory=dict)
+
+    def served(self, method: str, task: str) -> bool:
+        """Whether this cell's decoding goes to the run's server (``--serve``; ``serve.route`` decides)."""
+        if not self.serving:
+            return False
+        from .serve import route
+
+        return route(self, method, task) is None
 
     def family_of(self, task: str) -> str | None:
         return self.families.get(task) or FAMILY.get(task)
@@ -167,6 +178,8 @@ class Settings:
             spec.update(agent_max_tokens=self.agent_max_tokens, textmas_args=self.textmas_args)
         if method in TRAINED:
             spec["training"] = self.training(method, self.family_of(task))
+        if self.served(method, task):  # in-process cells keep their hashes
+            spec["serving"] = self.serving
         return spec
 
     def as_dict(self) -> dict:
@@ -191,23 +204,29 @@ CHAIN_KEYS = ("trace", "stage1_grad", "train_realign")
 
 def method_model_args(method: str, pretrained: str, agents: int, latent_steps: int, agent_max_tokens: int = 512,
                       textmas_args: str = "", adapter: str | None = None,
-                      chain: dict | None = None) -> tuple[str, str]:
+                      chain: dict | None = None, served=None, seed: int | None = None) -> tuple[str, str]:
     """The lm-eval model name and ``model_args`` of a leaderboard method (``adapter``: its trained LoRA;
-    ``chain``: ``Settings.chain``, of which only ``trace`` is a scoring option)."""
+    ``chain``: ``Settings.chain``, of which only ``trace`` is a scoring option; ``served``: a ``serve.Served``, the
+    server its decoding goes to (``--serve``), with ``seed`` each sampled request's seed derives from)."""
     if method in TRAINED and not adapter:
         raise ValueError(f"method {method!r} needs its trained adapter")
+    text_server = (f",backend=openai,base_url={served.url},model={served.model},num_concurrent={served.concurrency}"
+                   + (f",seed={seed}" if seed is not None else "")) if served else ""
     if method in ("single", "single-sft"):  # textmas at agents=1: lm-eval's hf exactly, plus stability metrics
-        peft = f",peft={adapter}" if method == "single-sft" else ""
-        return "textmas", f"pretrained={pretrained},agents=1{peft}"
+        peft = f",peft={adapter}" if method == "single-sft" and not served else ""  # served: the LoRA's name
+        return "textmas", f"pretrained={pretrained},agents=1{peft}{text_server}"
     if method in LAYOUT:
-        peft = f",peft={adapter}" if method in TRAINED else ""
+        peft = f",peft={adapter}" if method in TRAINED else ""  # stage 1 runs in process, served or not
         layout = {"trace": "concat", **LAYOUT[method], **{k: v for k, v in (chain or {}).items() if k == "trace"}}
+        stage2 = (f",stage2=vllm,base_url={served.url},served_model={served.model},num_concurrent="
+                  f"{served.concurrency}" + (f",seed={seed}" if seed is not None else "")) if served else ""
         return "diffmas", (f"pretrained={pretrained},agents={agents},latent_steps={latent_steps},realign=ridge,"
-                           + ",".join(f"{k}={v}" for k, v in layout.items()) + peft)
+                           + ",".join(f"{k}={v}" for k, v in layout.items()) + peft + stage2)
     if method in TEXT_METHODS:
         extra = f",{textmas_args}" if textmas_args else ""
-        peft = f",peft={adapter}" if method == "textmas-sft" else ""
-        return "textmas", f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}{peft}"
+        peft = f",peft={adapter}" if method == "textmas-sft" and not served else ""
+        return "textmas", (f"pretrained={pretrained},agents={agents},agent_max_tokens={agent_max_tokens}{extra}{peft}"
+                           + text_server)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 

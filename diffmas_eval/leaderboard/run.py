@@ -7,6 +7,7 @@ so their hashes) and a ``RunOptions`` (how and where they run: nothing of it cha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ from .config import (
     parse_list,
     short_hash,
 )
+from .serve import ServeOptions
 
 if TYPE_CHECKING:
     from .scheduler import Resources
+    from .serve import Endpoint, ServedRun
 
 
 @dataclass
@@ -39,8 +42,9 @@ class RunOptions:
     in this process on a machine without GPUs, else as many as the resources allow); ``data_dir``: the local
     benchmark data (default ``$DIFFMAS_DATA_DIR``, else the hub); ``work_dir``: SFT sets, adapters, caches
     (default: beside the output); ``ray_address``: a running Ray (default ``$RAY_ADDRESS``, else a local one);
-    ``gpus_per_cell`` / ``gpus_per_training``: None = 1 where the cluster has GPUs, else 0. Nothing here enters a
-    cell's hash."""
+    ``gpus_per_cell`` / ``gpus_per_training``: None = 1 where the cluster has GPUs, else 0; ``serve``: the vLLM
+    server that decodes the generative cells (``--serve vllm``, ``serve.py``; its backend, version and arguments
+    enter the served cells' hashes through ``Settings.serving``). Nothing else here enters a cell's hash."""
 
     methods: str = ",".join(DEFAULT_METHODS)
     tasks: str = ",".join(TASKS)
@@ -55,6 +59,7 @@ class RunOptions:
     gpus_per_cell: float | None = None
     gpus_per_training: int | None = None
     plan: bool = False
+    serve: ServeOptions = field(default_factory=ServeOptions)
 
 
 def run_leaderboard(settings: Settings, run: RunOptions, output: Path) -> list[dict]:
@@ -140,6 +145,11 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
     device, batch_size = run_environment(run.device, run.batch_size, run.data_dir, run.threads)
     runs = output.parent / "runs"
     work = Path(run.work_dir) if run.work_dir else output.parent / "cache"
+    vllm_python = None
+    if run.serve.backend:  # before any hash is read: the served cells' hashes hold the server's version and arguments
+        from .serve import describe
+
+        settings.serving, vllm_python = describe(settings, run.serve, device)
     t_start = time.perf_counter()
 
     # 1. adapters: one per trained method and task family (the SFT set of that family)
@@ -177,28 +187,107 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
             print(f"[cell {k}/{len(order)}] {method} x {task}: done ({path})", flush=True)
     from .scheduler import wants_ray
 
-    if todo and wants_ray(resources(run, output, work)):
-        _run_ray(settings, run, todo, need, sets, work, runs, batch_size, output)
-        print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
-        return paths
-    for k, (method, task) in enumerate(order, 1):
-        if (method, task) not in todo:
-            continue
-        adapter = None
-        if method in TRAINED:
-            family = settings.family_of(task)
-            if (method, family) not in adapters:
-                done_n = sum(1 for x in need if x in adapters) + 1
-                print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "
-                      f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
-                adapters[method, family] = train.adapter(settings, method, family, sets[family], work,
-                                                            device == "cuda", run.threads)
-            adapter = adapters[method, family]
-        print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
+    served = [c for c in todo if settings.served(*c)]
+    server = _served_run(settings, run, vllm_python, device, work) if served else None
+    if server is not None:
+        print(f"\n{len(served)} of {len(todo)} cells to run decode on vLLM (--serve vllm); the rest in process",
               flush=True)
-        cells.score(settings, method, task, runs, work, batch_size, device, adapter)
+    with server if server is not None else contextlib.nullcontext():
+        if server is not None:
+            _preflight(server, settings, served, device)  # before any cell: the server can serve them
+        if todo and wants_ray(resources(run, output, work)):
+            endpoint = server.endpoint() if server is not None else None
+            with _gpus_left_to_ray(server, run):
+                _run_ray(settings, run, todo, need, sets, work, runs, batch_size, output, endpoint)
+            print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
+            return paths
+        for k, (method, task) in enumerate(order, 1):
+            if (method, task) not in todo:
+                continue
+            adapter = None
+            if method in TRAINED:
+                family = settings.family_of(task)
+                if (method, family) not in adapters:
+                    done_n = sum(1 for x in need if x in adapters) + 1
+                    print(f"\n[train {done_n}/{len(need)}] {method} on the {family} SFT set "
+                          f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
+                    adapters[method, family] = train.adapter(settings, method, family, sets[family], work,
+                                                                device == "cuda", run.threads)
+                adapter = adapters[method, family]
+            print(f"\n[cell {k}/{len(order)}] {method} x {task} ({time.perf_counter() - t_start:.0f} s so far)",
+                  flush=True)
+            score_cell(settings, method, task, runs, work, batch_size, device, adapter, server)
     print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
     return paths
+
+
+def score_cell(settings: Settings, method: str, task: str, runs: Path, work: Path, batch_size: int | str,
+               device: str, adapter: Path | None, server: ServedRun | None) -> Path:
+    """One cell in this process; a served cell whose server died is rerun once on a restarted server, resuming
+    from lm-eval's request cache (``ServedRun.restart``)."""
+    from . import cells
+
+    target = server.target(method, task, adapter) if server is not None else None
+    try:
+        return cells.score(settings, method, task, runs, work, batch_size, device, adapter, target)
+    except Exception:
+        if target is None or not server.restart():
+            raise
+    print(f"   {method} x {task}: again on the restarted server (lm-eval's request cache keeps what was answered)",
+          flush=True)
+    return cells.score(settings, method, task, runs, work, batch_size, device, adapter,
+                       server.target(method, task, adapter))
+
+
+def _served_run(settings: Settings, run: RunOptions, python, device: str, work: Path) -> ServedRun:
+    from .serve import ServedRun
+
+    logs = Path(run.serve.log_dir) if run.serve.log_dir else work / "logs"
+    return ServedRun(settings, run.serve, python, device, logs)
+
+
+def _preflight(server: ServedRun, settings: Settings, served: list[tuple[str, str]], device: str) -> None:
+    """The server started, and for a served latent cell the stage-2 preflight run once on the base model: a model
+    or layout vLLM cannot serve fails here, with the server's or the preflight's message, before any cell."""
+    from .config import LAYOUT
+
+    endpoint = server.endpoint()
+    if not any(m in LAYOUT for m, _ in served):
+        return
+    from ..models import load_model
+    from ..serving.stage2_vllm import PromptEmbedsBackend
+    from ..stopping import eos_ids
+
+    model, tokenizer = load_model(settings.model, device=device)
+    try:
+        PromptEmbedsBackend(endpoint.url, endpoint.model).preflight(model, tokenizer, eos=eos_ids(model, tokenizer))
+    finally:
+        del model
+
+
+class _gpus_left_to_ray:
+    """A local Ray started for this run sees the GPUs the server does not take (``serve.split_gpus``)."""
+
+    def __init__(self, server: ServedRun | None, run: RunOptions):
+        self.server, self.run, self.saved = server, run, None
+
+    def __enter__(self):
+        from .serve import parallel_size, split_gpus, visible_gpus
+
+        if self.server is None or self.run.ray_address or os.environ.get("RAY_ADDRESS"):
+            return self
+        visible = visible_gpus()
+        if visible:
+            _, rest = split_gpus(visible, parallel_size(self.server.args))
+            self.saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(rest)
+            print(f"== Ray gets GPU(s) {','.join(rest)}; vLLM has {self.server.gpu_env()['CUDA_VISIBLE_DEVICES']}",
+                  flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.saved
 
 
 def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs: Path, batch_size: int | str,
@@ -271,15 +360,17 @@ def train_job(settings: Settings, method: str, family: str, data: Path, work: Pa
 
 
 def cell_job(settings: Settings, method: str, task: str, runs: Path, work: Path, batch_size: int | str,
-             device: str | None, adapter: Path | None = None) -> Path:
-    """One cell as a job, on the device of the node it landed on."""
+             device: str | None, endpoint: Endpoint | None = None, adapter: Path | None = None) -> Path:
+    """One cell as a job, on the device of the node it landed on; ``endpoint``: the run's vLLM server (its adapter
+    registered with it here, by HTTP, once the training job has made it)."""
     from . import cells
 
-    return cells.score(settings, method, task, runs, work, batch_size, worker_device(device), adapter)
+    served = endpoint.target(settings, method, task, adapter) if endpoint is not None else None
+    return cells.score(settings, method, task, runs, work, batch_size, worker_device(device), adapter, served)
 
 
 def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: dict, work: Path,
-             runs: Path, batch_size: int | str, output: Path) -> None:
+             runs: Path, batch_size: int | str, output: Path, endpoint: Endpoint | None = None) -> None:
     """The missing adapters and cells as Ray tasks (``scheduler.run_jobs``), the longest cells first; every path
     absolute, since a job may run on another node (the store is shared) or in another directory."""
     from .scheduler import Job, run_jobs
@@ -295,7 +386,8 @@ def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: 
     longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] in TEXT_METHODS else 1))
     for method, task in longest:
         after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
-        jobs.append(Job(f"{method} x {task}", cell_job, (settings, method, task, runs, work, batch_size, run.device),
+        jobs.append(Job(f"{method} x {task}", cell_job,
+                        (settings, method, task, runs, work, batch_size, run.device, endpoint),
                         logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log", after))
     res = resources(run, output, work)
     res.fits = _fits(settings, need, todo, runs, batch_size, run.threads)

@@ -171,3 +171,21 @@ class OpenAIClient:
         except (AttributeError, IndexError, TypeError, ValueError) as err:
             raise BackendError(f"{self._where()} returned no token-id log-probabilities for logprobs={k} "
                                "(return_tokens_as_token_ids; vLLM answers it)") from err
+
+
+def request_seeds(seed: int | None, keys: list[str]) -> list[int | None]:
+    """A sampled request's seed on a server (the completions API's ``seed``), so a served cell is reproducible: from
+    the run's ``seed``, the request's prompt and how many times that prompt came before it in ``keys`` (lm-eval's
+    ``repeats: k`` sends one prompt k times in a row; each sample gets its own seed). The same run asks the same
+    seeds whatever the order, concurrency or batching; ``seed=None``: no seed (the server's own randomness)."""
+    import hashlib
+
+    if seed is None:
+        return [None] * len(keys)
+    seen: dict[str, int] = {}
+    out = []
+    for key in keys:
+        k = seen[key] = seen.get(key, -1) + 1
+        digest = hashlib.sha256(f"{seed}\0{k}\0{key}".encode()).digest()
+        out.append(int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+    return out

@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,11 +111,14 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    seed: int | None = None  # sampled: the request's seed (``client.request_seeds``), for a reproducible answer
 
     def payload(self) -> dict:
         if not self.do_sample:
             return {"temperature": 0.0}
         out: dict = {"temperature": self.temperature, "top_p": self.top_p}
+        if self.seed is not None:
+            out["seed"] = self.seed
         if self.top_k > 0:
             out["extra_body"] = {"top_k": self.top_k}  # a vLLM extension of the completions API
         return out
@@ -181,9 +184,14 @@ class PromptEmbedsBackend(OpenAIClient):
         return Completion(text, out.tokens, out.finish_reason, out.logprobs, out.token_texts, out.stop_reason)
 
     def generate_embeds(self, rows: list[torch.Tensor], max_tokens: int, stop: list[str] | None = None,
-                        sampling: Sampling | None = None) -> list[Completion]:
-        """One request per row, ``num_concurrent`` in flight, answers in row order."""
-        return self.map(lambda embeds: self.complete_embeds(embeds, max_tokens, stop, sampling), rows)
+                        sampling: Sampling | None = None,
+                        seeds: list[int | None] | None = None) -> list[Completion]:
+        """One request per row, ``num_concurrent`` in flight, answers in row order; ``seeds``: each row's seed
+        (sampled decoding)."""
+        sampling = sampling or Sampling()
+        per_row = [replace(sampling, seed=s) for s in (seeds or [sampling.seed] * len(rows))]
+        return self.map(lambda pair: self.complete_embeds(pair[0], max_tokens, stop, pair[1]),
+                        list(zip(rows, per_row)))
 
     @torch.no_grad()
     def preflight(self, model, tokenizer, tolerance: float | None = None, eos: set[int] | None = None) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,52 +65,107 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerError(RuntimeError):
+    """A vLLM server that could not be started: it exited (its own message quoted: a rejected argument, a model it
+    cannot serve), or it was not ready in time (the tail of its log)."""
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def server_message(log: str) -> str:
+    """The lines of a server's log that say why it stopped: argparse's ``error:`` line, or the last exception."""
+    lines = [x.strip() for x in log.splitlines() if x.strip()]
+    said = [x for x in lines if x.startswith(("error:", "api_server.py: error:")) or ": error:" in x
+            or re.match(r"^[A-Za-z_.]*(Error|Exception)\b", x)]
+    return said[-1] if said else (lines[-1] if lines else "(empty log)")
+
+
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server --model DIR ...`` on 127.0.0.1, as a context manager.
 
     ``url`` is the OpenAI API root (``http://127.0.0.1:PORT/v1``); the server's output goes to ``log``.
-    Runtime LoRA loading is on (``load_lora``), so one server can serve adapters trained after it started."""
+    Runtime LoRA loading is on (``load_lora``), so one server can serve adapters trained after it started.
+    ``eager``: ``--enforce-eager`` (the CPU build: no torch.compile warm-up; on a GPU, leave it off for CUDA
+    graphs). ``env``: more environment for the server (e.g. its ``CUDA_VISIBLE_DEVICES``). A port in use (taken
+    by another process between ``free_port`` and the server's bind) is replaced by a free one, once; a port the
+    caller named is an error naming it."""
 
     def __init__(self, model: str | Path, args: list[str] = (), log: Path | None = None, port: int | None = None,
-                 python: Path | None = None, kv_cache_gib: int = 2, ready_timeout: float = 900.0):
-        self.model, self.args, self.port = str(model), list(args), port or free_port()
+                 python: Path | None = None, kv_cache_gib: int = 2, ready_timeout: float = 900.0,
+                 eager: bool = True, env: dict[str, str] | None = None):
+        self.model, self.args, self.chosen_port = str(model), list(args), port
+        self.port = port or free_port()
         self.python = python or vllm_python()
         self.log = Path(log) if log else cache_dir() / "vllm-logs" / f"vllm-{self.port}.log"
-        self.kv_cache_gib, self.ready_timeout = kv_cache_gib, ready_timeout
+        self.kv_cache_gib, self.ready_timeout, self.eager = kv_cache_gib, ready_timeout, eager
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
+        self.loras: dict[str, str] = {}  # name -> path, registered since the last start
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def command(self) -> list[str]:
+        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--host", "127.0.0.1", "--port", str(self.port), *(["--enforce-eager"] if self.eager else []),
+                *self.args]
+
     def start(self) -> VLLMServer:
+        if not port_free(self.port):
+            if self.chosen_port:
+                raise ServerError(f"port {self.port} is in use: another vLLM or another program listens there; "
+                                  "stop it or choose another port")
+            self.port = free_port()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
-               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1"}
+               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("PYTHONPATH", None)  # nothing of this package's environment leaks into vLLM's
-        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-               "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager", *self.args]
+        self.loras = {}
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
-        self._wait_ready()
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            self._wait_ready()
+        except ServerError:
+            if "address already in use" in self.tail().lower() and not self.chosen_port:
+                self.port = free_port()  # lost a race for the port: once more on another
+                return self.start()
+            raise
         return self
 
     def _wait_ready(self) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < self.ready_timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        self.ready_s = time.monotonic() - t0
-                        return
-            except OSError:
-                pass
+                raise ServerError(f"vLLM exited with {self.proc.returncode} before it was ready: "
+                                  f"{server_message(self.tail(20000))}\n`{' '.join(self.command())}`; its log "
+                                  f"({self.log}) ends:\n{self.tail()}")
+            if self.ready():
+                self.ready_s = time.monotonic() - t0
+                return
             time.sleep(2)
         self.stop()
-        raise RuntimeError(f"vLLM was not ready within {self.ready_timeout:.0f} s:\n{self.tail()}")
+        raise ServerError(f"vLLM was not ready within {self.ready_timeout:.0f} s (stopped; raise the ready timeout "
+                          f"if the machine is slow); its log ({self.log}) ends:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        """Whether it answers ``/v1/models`` now."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/models", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
@@ -119,21 +175,24 @@ class VLLMServer:
         return self.log.read_text(errors="replace").count('"POST /v1/completions HTTP/1.1" 200')
 
     def load_lora(self, name: str, path: str | Path) -> None:
-        """Serve a LoRA adapter under ``name`` from now on (vLLM's runtime ``/v1/load_lora_adapter``)."""
-        import json
-
-        body = json.dumps({"lora_name": name, "lora_path": str(path)}).encode()
-        req = urllib.request.Request(f"{self.url}/load_lora_adapter", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"vLLM refused LoRA {name}={path}: {resp.read()[:500]!r}")
+        """Serve a LoRA adapter under ``name`` from now on (vLLM's runtime ``/v1/load_lora_adapter``); a name
+        already registered with this server since it started is not sent again."""
+        if self.loras.get(name) == str(path):
+            return
+        load_lora(self.url, name, path)
+        self.loras[name] = str(path)
 
     def kill(self) -> None:
-        """SIGKILL the server and its engine processes (a crash, for fault tests)."""
+        """SIGKILL the server and its engine processes (a crash, for fault tests; a server that ignored SIGTERM)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(120)  # a starved machine can take long to reap it; never raise from a cleanup
+            except subprocess.TimeoutExpired:
+                pass
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -149,3 +208,34 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def served_models(url: str) -> list[str]:
+    """The names a server at ``url`` (its ``/v1`` root) answers to."""
+    import json
+
+    with urllib.request.urlopen(f"{url}/models", timeout=30) as resp:
+        return [m["id"] for m in json.loads(resp.read())["data"]]
+
+
+def load_lora(url: str, name: str, path: str | Path) -> None:
+    """Register a LoRA adapter under ``name`` on the vLLM server at ``url`` (runtime loading: the server was
+    started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); nothing if it serves ``name``
+    already. Any process that reaches the server can call it (a Ray job registers its cell's adapter)."""
+    import json
+    import urllib.error
+
+    if name in served_models(url):
+        return
+    body = json.dumps({"lora_name": name, "lora_path": str(path)}).encode()
+    req = urllib.request.Request(f"{url}/load_lora_adapter", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            if resp.status == 200:
+                return
+            said = resp.read()[:800]
+    except urllib.error.HTTPError as err:
+        said = err.read()[:800]
+    raise ServerError(f"vLLM at {url} refused LoRA {name}={path}: {said.decode(errors='replace')} (it needs "
+                      "--enable-lora, --max-lora-rank at least the adapter's rank and runtime LoRA loading, "
+                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")

@@ -67,7 +67,12 @@ class OpenAIBackend(OpenAIClient):
     name = "openai"
 
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str] | None = None,
-                 **payload) -> list[Completion]:
+                 seeds: list[int | None] | None = None, **payload) -> list[Completion]:
         """``payload``: more request fields, e.g. ``logprobs=0`` (vLLM answers it; ``transformers serve``
-        accepts and ignores it)."""
-        return self.map(lambda p: self.complete(p, max_tokens, stop, **payload), prompts)
+        accepts and ignores it), or sampling's ``temperature``/``top_p``; ``seeds``: each prompt's ``seed``
+        (sampled decoding, ``client.request_seeds``; None: none sent)."""
+        def one(pair: tuple[str, int | None]) -> Completion:
+            prompt, seed = pair
+            return self.complete(prompt, max_tokens, stop, **payload, **({} if seed is None else {"seed": seed}))
+
+        return self.map(one, list(zip(prompts, seeds or [None] * len(prompts))))
