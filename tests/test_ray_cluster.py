@@ -55,15 +55,16 @@ def two_nodes(tmp_path_factory):
     if blind:
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                f'mount -t tmpfs none "{hidden}" && exec "$@"', "sh", *cmd]
-    node = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path_factory.mktemp("node") / "node.log"
+    node = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a few seconds on an idle machine
         while len(cluster()) < 2 and time.time() < deadline and node.poll() is None:
             time.sleep(0.5)
         nodes = cluster()
         if len(nodes) < 2:
             node.kill()
-            pytest.fail(f"the second node did not join: {node.communicate(timeout=30)[0][-3000:]}")
+            pytest.fail(f"the second node did not join: {log.read_text()[-3000:]}")
         assert {n["ip"] for n in nodes} == {"127.0.0.1"} and [n["gpus"] for n in nodes] == [1, 1]
         yield SimpleNamespace(address=address, nodes=nodes, hidden=hidden if blind else None, head_id=head_id)
     finally:
