@@ -60,11 +60,12 @@ leaderboard: $(STAMP)
 	$(VENV)/bin/diffmas-eval leaderboard --readme README.md
 
 # the paper's ablations (diffmas-eval ablate, into leaderboards/ablations/): the CPU default grid on the bundled model,
-# JOBS at a time (docs/ablations.md states what it runs and how long it took); at the paper's scale, e.g.
-# make ablations MODEL=Qwen/Qwen3-8B JOBS=1 THREADS= ABLATE_ARGS="--latent-steps 0,10,40,100,200 --agents 2,3,4,5,6 ..."
+# JOBS at a time (docs/ablations.md states what it runs and how long it took); at the paper's scale on a GPU node
+# (JOBS= : one job per GPU, as the leaderboard), e.g.
+# make ablations MODEL=Qwen/Qwen3-8B JOBS= THREADS= ABLATE_ARGS="--latent-steps 0,10,40,100,200 --agents 2,3,4,5,6 ..."
 ABLATE_ARGS ?=
 ablations: $(STAMP)
-	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval ablate --model $(MODEL) --jobs $(JOBS) \
+	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval ablate --model $(MODEL) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(THREADS),--threads $(THREADS)) $(if $(SERVE),--serve $(SERVE)) $(ABLATE_ARGS)
 	$(VENV)/bin/diffmas-eval ablate --readme docs/ablations.md
 

@@ -152,6 +152,12 @@ def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_p
     t0 = time.perf_counter()
     assert leaderboard(tiny_path, tmp_path, "--ray-address", "127.0.0.1:9") == 2
     assert "cannot reach Ray at 127.0.0.1:9" in capsys.readouterr().err
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:10"  # the variable, as `RAY_ADDRESS=... make leaderboard` sets it
+    try:
+        assert leaderboard(tiny_path, tmp_path) == 2
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    assert "cannot reach Ray at 127.0.0.1:10" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30
     with pytest.raises(PlacementError, match=r"/no/such/store: not visible from node\(s\) "):
         check_store(Path("/no/such/store"), nodes())
@@ -165,10 +171,64 @@ def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tin
     printed = capsys.readouterr().out
     assert "plan: 1 training(s), 3 cell(s) to run on " in printed and "2 GPU / 3 CPU" in printed
     assert re.search(r"\n  single x diffmas_arc_challenge +1 GPU 1 CPU  peak ~", printed)
-    assert "GPU-h" in printed and "for the 3 cell(s) with a measured rate" in printed  # the earlier run's rates
+    assert "GPU-h" in printed and "for the 3 cell(s) with a measured per-token rate" in printed  # earlier rates
     assert sorted(p.name for p in (on_ray / "runs").rglob("*.json")) == before
     with pytest.raises(ValueError, match=r"single x gsm8k: needs about 2.0 KiB .* \(H100, 1,000 B\)"):
         check_fit([JobPlan("single x gsm8k", "cell", 1, 1, 1024, 1024)], ("H100", 1000))
+
+
+def test_a_job_no_gpu_can_hold_is_refused_before_anything_runs(cluster, tiny_path, tmp_path, capsys):
+    """Declared GPUs have no memory to ask; ``--gpu-memory`` gives it, and the run refuses the first job whose
+    estimate exceeds it, naming the job, the estimate and the GPU, before any training or cell."""
+    assert leaderboard(tiny_path, tmp_path, "--jobs", "2", "--gpu-memory", "0.000001") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"train diffmas \(commonsense\): needs about [\d.]+ [KM]iB of accelerator memory \(weights "
+                     r"[\d.]+ [KM]iB \+ cache [\d.]+ [KM]iB\), more than the largest GPU has \(GPU of "
+                     r"--gpu-memory, 1.0 KiB\)", err), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache" / "adapters").exists()
+
+
+# -- diffmas-eval ablate on the same Ray: one latent-steps value, untrained and trained, one seed -----------------
+ABLATE = ["ablate", "--axes", "latent_steps", "--latent-steps", "0", "--ref-agents", "2", "--ref-steps", "0",
+          "--seeds", "1", "--train-steps", "2", "--limit", "2", "--probe-rows", "1", "--train-max-length", "2048",
+          "--batch-size", "2", "--threads", "1"]
+
+
+def ablate(model: Path, out: Path, *extra: str) -> int:
+    return main([*ABLATE, "--model", str(model), "--output", str(out / "ablations.csv"), *extra])
+
+
+@pytest.fixture(scope="module")
+def ablated(cluster, tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate")
+    assert ablate(tiny_path, out, "--jobs", "3", "--gpus-per-training", "0") == 0
+    return out
+
+
+def test_ablate_runs_its_jobs_on_the_declared_gpus(ablated):
+    meta = cell_meta(ablated)
+    assert set(meta) == {"latentmas", "diffmas"}
+    for m in meta.values():  # each cell asked for one GPU (the default where the cluster has GPUs)
+        assert m["placement"]["gpu_ids"] in (["0"], ["1"]) and m["placement"]["device"] == "cpu"
+    adapter = next((ablated / "cache" / "adapters").glob("diffmas-*"))
+    assert json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]["gpu_ids"] == []
+    assert meta["diffmas"]["started"] >= (adapter / "leaderboard-adapter.json").stat().st_mtime - 0.5
+    assert len(list((ablated / "runs" / "probes").glob("probe-*.json"))) == 2  # step 0 and after training
+    assert {r["method"] for r in csv.DictReader(open(ablated / "ablations.csv", newline=""))} == {
+        "latentmas", "diffmas"}
+
+
+def test_ablate_plans_and_refuses_as_the_leaderboard_does(cluster, tiny_path, tmp_path, capsys):
+    assert ablate(tiny_path, tmp_path, "--plan", "--gpus-per-training", "0") == 0
+    printed = capsys.readouterr().out
+    assert "plan: 1 training(s), 2 cell(s), 2 gradient probe(s) to run on " in printed and "2 GPU / 3 CPU" in printed
+    assert re.search(r"\n  train latent_steps=0 \(trained\) seed 1 \[\w+\] +0 GPU 1 CPU  peak ~", printed)
+    assert not (tmp_path / "runs").exists()
+    assert ablate(tiny_path, tmp_path, "--plan", "--gpu-memory", "0.000001") == 2
+    assert "more than the largest GPU has (GPU of --gpu-memory, 1.0 KiB)" in capsys.readouterr().err
+    assert ablate(tiny_path, tmp_path, "--gpus-per-cell", "3") == 2
+    assert "--gpus-per-cell 3: no node has that many GPUs (the most on one node: 2; " in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache" / "adapters").exists()
 
 
 def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path):

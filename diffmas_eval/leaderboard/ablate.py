@@ -3,8 +3,9 @@
 Each variant of the chain is a leaderboard ``Settings`` (agents, latent steps, seed, and ``chain``: the trace
 layout, ``stage1_grad``, a trained realignment) scored as the ``latentmas`` (untrained) or ``diffmas`` (trained)
 method on the same items of one task. So it is trained by the leaderboard's ``accelerate launch``, scored by its
-lm-eval call, keyed by its hashes (a rerun reuses every finished cell, adapter and probe), and run by its job
-pool: one mechanism, not a second pipeline.
+lm-eval call, keyed by its hashes (a rerun reuses every finished cell, adapter and probe), and run as its Ray
+jobs, with its placement flags (``--jobs``, ``--gpus-per-cell``, ``--ray-address``, ``--plan``, ...): one
+mechanism, not a second pipeline.
 
 The axes, each varied alone around the reference chain (``--ref-agents`` agents, ``--ref-steps`` latent steps,
 concatenated trace, stage 1 trained through, fixed ridge realignment):
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from .ablate_grid import AXES, AblationOptions, Variant, cells_of, probe_path
 from .config import CODE_TASKS, Settings, short_hash
+from .placement import add_placement_flags
 
 
 # -- bad input, before anything runs ---------------------------------------------------------------
@@ -91,14 +93,17 @@ def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions
 
 
 # -- gradient probes ------------------------------------------------------------------------------------
-def probe(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, device: str,
+def probe(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, device: str | None,
           adapter: Path | None = None) -> Path:
     """Per-agent ``||d loss / d segment||`` of the chain of ``settings`` (with ``adapter``: the trained chain,
     ``latent.persist.load_trained_chain``), averaged over the first ``n_rows`` SFT rows, each laid out exactly as
-    the trainer trains it (``training.trainer.training_row``)."""
+    the trainer trains it (``training.trainer.training_row``); on ``device``, else the one of the node it runs on."""
     from ..latent.persist import load_trained_chain
     from ..models import load_model
     from ..training.trainer import question_of, training_row
+    from .run import worker_device
+
+    device = worker_device(device)
 
     out = probe_path(settings, family, rows, n_rows, out_dir, adapter is not None)
     if out.exists():
@@ -138,23 +143,26 @@ class Plan:
     jobs: list
 
 
-def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: Path, work: Path, device: str,
-         batch: int | str, endpoint=None) -> Plan:
-    """The jobs; ``endpoint``: the run's vLLM server (``--serve vllm``), which the served cells decode on."""
-    from . import cells, train
-    from .run import cell_job
+def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: Path, work: Path,
+         device: str | None, batch: int | str, endpoint=None) -> Plan:
+    """The jobs, each on ``device`` if given, else on the device of the node it lands on; every path absolute, as
+    a job may run on another node (the store is shared) or in another directory. ``endpoint``: the run's vLLM
+    server (``--serve vllm``), which the served cells decode on."""
+    from . import cells
+    from .run import cell_job, train_job
     from .scheduler import Job
 
+    data, runs, work = data.resolve(), runs.resolve(), work.resolve()
     grid_cells, probes, logs = cells_of(opts, base), runs / "probes", work / "logs"
     first, trained, names = [], [], {}  # names: a job's key (what it computes, by hash) -> its job's name
 
-    def add(into: list, key: str, label: str, fn, args: tuple, after: str | None = None) -> str:
+    def add(into: list, key: str, label: str, fn, args: tuple, what: tuple, after: str | None = None) -> str:
         """One job per key: the reference chain is every axis's anchor, but it is trained and scored once."""
         if key not in names:
             kind, digest = key.split(" ", 1)
             names[key] = f"{kind} {label} [{digest.removeprefix('probe-')}]"
             into.append(Job(names[key], fn, args, logs / f"{key.replace(' ', '-')}.log", after and names[after],
-                            kind="train" if fn is train.adapter else "cell"))
+                            kind="train" if what[0] == "train" else "cell", what=what))
         return key
 
     for v, seed, s in grid_cells:
@@ -163,21 +171,23 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
         todo = []
         if not cells.done(runs, s, v.method, opts.task):
             todo.append((f"score {short_hash(s.cell(v.method, opts.task))}", cell_job,
-                         (s, v.method, opts.task, runs, work, batch, device, endpoint)))
+                         (s, v.method, opts.task, runs, work, batch, device, endpoint),
+                         ("cell", s, v.method, opts.task)))
         if v.trained:
             step0 = probe_path(s, family, data, opts.probe_rows, probes, False)
             if not step0.exists():  # the base model: the same for every seed
                 add(first, f"probe {step0.stem}", f"step 0 {v.name}", probe,
-                    (s, family, data, opts.probe_rows, probes, device))
+                    (s, family, data, opts.probe_rows, probes, device), ("probe", s))
             after = probe_path(s, family, data, opts.probe_rows, probes, True)
             if not after.exists():
-                todo.append((f"probe {after.stem}", probe, (s, family, data, opts.probe_rows, probes, device)))
+                todo.append((f"probe {after.stem}", probe, (s, family, data, opts.probe_rows, probes, device),
+                             ("probe", s)))
         adapter = None
         if todo and v.trained:
-            adapter = add(trained, f"train {short_hash(s.training(v.method, family))}", label, train.adapter,
-                          (s, v.method, family, data, work, device == "cuda", opts.threads))
-        for key, fn, args in todo:
-            add(trained if adapter else first, key, label, fn, args, adapter)
+            adapter = add(trained, f"train {short_hash(s.training(v.method, family))}", label, train_job,
+                          (s, v.method, family, data, work, device, opts.threads), ("train", s))
+        for key, fn, args, what in todo:
+            add(trained if adapter else first, key, label, fn, args, what, adapter)
     return Plan(grid_cells, family, data, runs, probes, first + trained)
 
 
@@ -185,16 +195,16 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
     from . import cells, train
     from .ablate_report import publish
+    from .placement import resources_of
+    from .plan import fit_check, plans_of, show
     from .run import run_environment
-    from .scheduler import Resources, run_jobs
+    from .scheduler import run_jobs
 
     if opts.task in CODE_TASKS:
         raise ValueError(f"{opts.task}: ablations score lm-eval tasks (their per-item scores pair the cells); "
                          "choose e.g. diffmas_arc_challenge, diffmas_commonsense_qa or diffmas_gsm8k")
     if not opts.seeds:
         raise ValueError("--seeds is empty")
-    if opts.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
     if opts.limit < 1:
         raise ValueError(f"--limit must be >= 1 (the same first items for every cell), got {opts.limit}")
     base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps, train_budgets={},
@@ -203,10 +213,11 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     if family is None:
         raise ValueError(f"no SFT family for task {opts.task}; ablations train on the task's family: choose a task "
                          "the leaderboard maps (e.g. diffmas_arc_challenge, diffmas_gsm8k)")
-    check_fits(cells_of(opts, base), opts)  # before any compute
-    device, batch = run_environment(opts.device, opts.batch_size, opts.data_dir, opts.threads)
     output = Path(opts.output)
     runs, work = output.parent / "runs", Path(opts.work_dir) if opts.work_dir else output.parent / "cache"
+    res = resources_of(opts, output, work)  # the placement flags' own checks
+    check_fits(cells_of(opts, base), opts)  # before any compute
+    device, batch = run_environment(opts.device, opts.batch_size, opts.data_dir, opts.threads)
     data, bounds, base.sft_sources[family] = train.sft_set(family, None, work, opts.data_dir)
     train.check_disjoint(family, bounds, [opts.task], opts.limit)
     t0 = time.perf_counter()
@@ -217,15 +228,23 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
         serve = ServeOptions(backend=opts.serve, vllm_python=opts.vllm_python, vllm_args=opts.vllm_args,
                              ready_timeout=opts.vllm_ready_timeout, concurrency=opts.vllm_concurrency)
         base.serving, python = describe(base, serve, device)
-        if any(s.served(v.method, opts.task) and not cells.done(runs, s, v.method, opts.task)
-               for v, _, s in cells_of(opts, base)):
+        if not opts.plan and any(s.served(v.method, opts.task) and not cells.done(runs, s, v.method, opts.task)
+                                 for v, _, s in cells_of(opts, base)):
             server = ServedRun(base, serve, python, device, work / "logs")
     with server if server is not None else contextlib.nullcontext():
-        p = plan(opts, base, family, data, runs, work, device, batch, server.endpoint() if server else None)
+        p = plan(opts, base, family, data, runs, work, opts.device, batch, server.endpoint() if server else None)
+
+        def estimates(per_cell: float, per_training: int) -> list:
+            return plans_of(p.jobs, p.runs, batch, per_cell, per_training, opts.threads or 1)
+
+        if opts.plan:
+            show(estimates, res)
+            return []
         print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to "
-              f"run, {opts.jobs} at a time", flush=True)
+              f"run, {opts.jobs or 'as many as the resources allow'} at a time", flush=True)
         if p.jobs:
-            run_jobs(p.jobs, Resources(jobs=opts.jobs, threads=opts.threads, store=output.parent.resolve()))
+            res.fits = fit_check(estimates)
+            run_jobs(p.jobs, res)
     print(f"== ablate: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return publish(p, opts, output)
 
@@ -262,8 +281,7 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--work-dir", default=None, help="SFT set, adapters, request caches (default: OUTPUT_DIR/cache)")
     p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
                    help="local benchmark data; default $DIFFMAS_DATA_DIR, else the hub")
-    p.add_argument("--jobs", type=int, default=d.jobs, help="cells/trainings at once, one process each (%(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
+    add_placement_flags(p)  # the leaderboard's: --threads, --jobs, --ray-address, --gpus-per-*, --plan, ...
     p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
     p.add_argument("--device", default=None)
     add_serve_flags(p)

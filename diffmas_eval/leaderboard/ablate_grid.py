@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import DEFAULT_MODEL
 from .config import Settings, short_hash
+from .placement import Placement
 
 AXES = ("latent_steps", "agents", "trace", "stage1_grad", "realign")
 # axis -> the value of the reference chain on it (the other values are the ablation's variants)
@@ -82,8 +83,9 @@ def is_reference(v: Variant, ref_agents: int, ref_steps: int) -> bool:
 
 
 @dataclass
-class AblationOptions:
-    """What ``diffmas-eval ablate`` runs; every field is a flag of the same name (``--ref-agents``, ...)."""
+class AblationOptions(Placement):
+    """What ``diffmas-eval ablate`` runs; every field is a flag of the same name (``--ref-agents``, ...); where its
+    jobs run: ``Placement``'s fields, the leaderboard's flags."""
 
     model: str = DEFAULT_MODEL
     task: str = "diffmas_arc_challenge"
@@ -101,8 +103,6 @@ class AblationOptions:
     output: str = "leaderboards/ablations/ablations.csv"
     work_dir: str | None = None
     data_dir: str | None = None
-    jobs: int = 1
-    threads: int | None = None
     batch_size: str = "8"
     device: str | None = None
     # --serve vllm (leaderboard/serve.py): the latent cells' final agent decodes on a vLLM server
@@ -121,7 +121,6 @@ def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, 
     for _, _, s in out:
         s.check_chain()
     return out
-
 
 
 def probe_path(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, trained: bool) -> Path:

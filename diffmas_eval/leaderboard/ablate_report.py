@@ -80,7 +80,7 @@ def publish(plan, opts, output: Path) -> list[dict]:
                      "realign": "trained" if chain.get("train_realign") else "fixed", "task": opts.task,
                      "metric": metric, "value": results["results"][opts.task][f"{metric},none"],
                      "n": len(meta.get("per_item", {})), "config_hash": meta["config_hash"],
-                     "adapter": _relative(meta.get("adapter", "")), "source": str(path)})
+                     "adapter": _relative(meta.get("adapter", "")), "source": _relative(str(path))})
         if meta["config_hash"] not in seen:
             seen.add(meta["config_hash"])
             items += [{"config_hash": meta["config_hash"], "doc_id": k, "score": x}

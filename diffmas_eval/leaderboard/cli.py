@@ -13,6 +13,7 @@ from ..latent.config import chain_options
 from ..options import add_flags, count, parse_pairs
 from ..protocol import PROTOCOLS
 from .config import METHODS, RECIPES, Settings, chain_defaults
+from .placement import add_placement_flags, placement_of
 from .run import RunOptions
 from .serve import SERVE_BACKENDS, ServeOptions
 
@@ -79,28 +80,7 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--batch-size", default=str(r.batch_size),
                    help="scoring batch size (an integer or auto; %(default)s)")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch here and in training (default: torch's). On a CPU shared with other "
-                        "jobs, 1 avoids threads spin-waiting on each other (many times faster there)")
-    p.add_argument("--jobs", type=int, default=r.jobs,
-                   help="at most N cells and trainings at once, each a Ray task with --threads CPUs (default: one "
-                        "at a time in this process on a machine without GPUs; with GPUs or a cluster, as many as "
-                        "the resources allow). On a CPU, --jobs CORES --threads 1 is the fastest; each job logs to "
-                        "WORK_DIR/logs/")
-    g = p.add_argument_group("placement (Ray: every GPU of a node, or a cluster; docs/leaderboard.md, Scaling out)")
-    g.add_argument("--ray-address", default=r.ray_address, metavar="HOST:PORT",
-                   help="a running Ray cluster (default $RAY_ADDRESS; neither: a local Ray with this machine's CPUs "
-                        "and GPUs, shut down at the end)")
-    g.add_argument("--gpus-per-cell", type=float, default=r.gpus_per_cell, metavar="K",
-                   help="GPUs each cell asks for (default 1 where the cluster has GPUs, else 0; 0.5: two cells share "
-                        "a GPU)")
-    g.add_argument("--gpus-per-training", type=int, default=r.gpus_per_training, metavar="K",
-                   help="GPUs each adapter training asks for (default 1 where the cluster has GPUs, else 0; K > 1: "
-                        "DDP, accelerate launch --num_processes K)")
-    g.add_argument("--plan", action="store_true",
-                   help="print every training and cell to run with the GPUs and CPUs it asks, its estimated peak "
-                        "accelerator memory and (from an earlier run's cells) its GPU-hours, then stop; a job no "
-                        "GPU of the cluster can hold is refused")
+    add_placement_flags(p)  # --threads, --jobs, --ray-address, --gpus-per-*, --gpu-memory, --plan
     add_serve_flags(p)
     p.add_argument("--data-dir", default=r.data_dir,
                    help="local benchmark data (layout of shared/data); default $DIFFMAS_DATA_DIR, else the hub")
@@ -208,10 +188,9 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 
 def run_options_of(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(methods=args.methods, tasks=args.tasks, stability=args.stability, jobs=args.jobs,
-                      threads=args.threads, device=args.device, batch_size=args.batch_size, data_dir=args.data_dir,
-                      work_dir=args.work_dir, ray_address=args.ray_address, gpus_per_cell=args.gpus_per_cell,
-                      gpus_per_training=args.gpus_per_training, plan=args.plan, serve=serve_options_of(args))
+    return RunOptions(methods=args.methods, tasks=args.tasks, stability=args.stability, device=args.device,
+                      batch_size=args.batch_size, data_dir=args.data_dir, work_dir=args.work_dir,
+                      serve=serve_options_of(args), **placement_of(args))
 
 
 def run(args: argparse.Namespace) -> int:

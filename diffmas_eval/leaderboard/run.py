@@ -27,38 +27,30 @@ from .config import (
     parse_list,
     short_hash,
 )
+from .placement import Placement, resources_of
 from .serve import ServeOptions
 
 if TYPE_CHECKING:
-    from .scheduler import Resources
     from .serve import Endpoint, ServedRun
 
 
 @dataclass
-class RunOptions:
+class RunOptions(Placement):
     """Which cells, and how they run. ``methods``, ``tasks``, ``stability``: comma-separated (``config.METHODS``,
     lm-eval task names and the code tasks); ``stability``: the tasks whose stability metrics are kept (None:
-    every generative task); ``jobs``: at most this many at once, each with ``threads`` torch threads (None: one
-    in this process on a machine without GPUs, else as many as the resources allow); ``data_dir``: the local
-    benchmark data (default ``$DIFFMAS_DATA_DIR``, else the hub); ``work_dir``: SFT sets, adapters, caches
-    (default: beside the output); ``ray_address``: a running Ray (default ``$RAY_ADDRESS``, else a local one);
-    ``gpus_per_cell`` / ``gpus_per_training``: None = 1 where the cluster has GPUs, else 0; ``serve``: the vLLM
-    server that decodes the generative cells (``--serve vllm``, ``serve.py``; its backend, version and arguments
-    enter the served cells' hashes through ``Settings.serving``). Nothing else here enters a cell's hash."""
+    every generative task); ``data_dir``: the local benchmark data (default ``$DIFFMAS_DATA_DIR``, else the hub);
+    ``work_dir``: SFT sets, adapters, caches (default: beside the output); where the jobs run: ``Placement``'s
+    fields (``placement.py``); ``serve``: the vLLM server that decodes the generative cells (``--serve vllm``,
+    ``serve.py``; its backend, version and arguments enter the served cells' hashes through
+    ``Settings.serving``). Nothing else here enters a cell's hash."""
 
     methods: str = ",".join(DEFAULT_METHODS)
     tasks: str = ",".join(TASKS)
     stability: str | None = None
-    jobs: int | None = None
-    threads: int | None = None
     device: str | None = None
     batch_size: str | int = "8"
     data_dir: str | None = field(default_factory=lambda: os.environ.get("DIFFMAS_DATA_DIR"))
     work_dir: str | None = None
-    ray_address: str | None = None
-    gpus_per_cell: float | None = None
-    gpus_per_training: int | None = None
-    plan: bool = False
     serve: ServeOptions = field(default_factory=ServeOptions)
 
 
@@ -126,8 +118,7 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
     from . import cells, train
 
     methods, tasks = parse_list(run.methods, METHODS, "methods"), parse_list(run.tasks, None, "tasks")
-    if run.jobs is not None and run.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {run.jobs}")
+    resources_of(run, output, output.parent)  # the placement flags' own checks, before anything
     if settings.limit < 0:
         raise ValueError("--limit must be >= 0 (0 = every item)")
     protocol = settings.decoding()  # before any compute: k, temperature, top-p, the preset's name
@@ -167,7 +158,7 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
     if run.plan:  # before the SFT sets: nothing is written
         todo = [(m, t) for m in methods for t in tasks if not cells.done(runs, settings, m, t)]
         need = sorted({(m, settings.family_of(t)) for m, t in todo if m in TRAINED})
-        print(show_plan(settings, run, need, todo, runs, batch_size, output, work))
+        show_plan(settings, run, need, todo, runs, batch_size, output, work)
         return []
     sets: dict[str, Path] = {}
     for family in families if trained else []:  # before anything runs: no trained method sees a scored item
@@ -195,7 +186,7 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
     with server if server is not None else contextlib.nullcontext():
         if server is not None:
             _preflight(server, settings, served, device)  # before any cell: the server can serve them
-        if todo and wants_ray(resources(run, output, work)):
+        if todo and wants_ray(resources_of(run, output, work)):
             endpoint = server.endpoint() if server is not None else None
             with _gpus_left_to_ray(server, run):
                 _run_ray(settings, run, todo, need, sets, work, runs, batch_size, output, endpoint)
@@ -291,53 +282,12 @@ class _gpus_left_to_ray:
 
 
 def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs: Path, batch_size: int | str,
-              output: Path, work: Path) -> str:
+              output: Path, work: Path) -> None:
     """``--plan``: the jobs with their resources, memory and time, on the cluster this run would use."""
-    from .plan import check_fit, describe, plan_jobs
-    from .scheduler import cluster, connect, gpu_requests, largest_gpu, wants_ray
+    from .plan import plan_jobs, show
 
-    res = resources(run, output, work)
-    nodes, largest, started = [], None, False
-    per_cell, per_training = 0.0, 0
-    if wants_ray(res):
-        started = connect(res)
-        try:
-            nodes = cluster()
-            per_cell, per_training = gpu_requests(res, nodes)
-            largest = largest_gpu(nodes)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
-    plans = plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training, run.threads or 1)
-    text = describe(plans, nodes, largest)
-    check_fit(plans, largest)
-    return text
-
-
-def _fits(settings: Settings, need: list, todo: list, runs: Path, batch_size: int | str, threads: int | None):
-    """The memory check ``run_jobs`` makes once it knows the cluster's largest GPU."""
-    def fits(largest, per_cell, per_training) -> None:
-        if largest is not None:
-            from .plan import check_fit, plan_jobs
-
-            check_fit(plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training, threads or 1),
-                      largest)
-    return fits
-
-
-def resources(run: RunOptions, output: Path, work: Path) -> Resources:
-    from .scheduler import Resources
-
-    return Resources(address=run.ray_address, jobs=run.jobs, threads=run.threads, gpus_per_cell=run.gpus_per_cell,
-                     gpus_per_training=run.gpus_per_training, store=_store(output, work))
-
-
-def _store(output: Path, work: Path) -> Path:
-    """The directory every node must see: the output's, or the one holding both it and the work directory."""
-    a, b = output.parent.resolve(), work.resolve()
-    return a if b.is_relative_to(a) else Path(os.path.commonpath([a, b]))
+    show(lambda per_cell, per_training: plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training,
+                                                  run.threads or 1), resources_of(run, output, work))
 
 
 def worker_device(device: str | None) -> str:
@@ -373,6 +323,7 @@ def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: 
              runs: Path, batch_size: int | str, output: Path, endpoint: Endpoint | None = None) -> None:
     """The missing adapters and cells as Ray tasks (``scheduler.run_jobs``), the longest cells first; every path
     absolute, since a job may run on another node (the store is shared) or in another directory."""
+    from .plan import fit_check, plans_of
     from .scheduler import Job, run_jobs
 
     work, runs = work.resolve(), runs.resolve()
@@ -381,14 +332,16 @@ def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: 
     for method, family in need:
         jobs.append(Job(f"train {method} ({family})", train_job,
                         (settings, method, family, sets[family].resolve(), work, run.device, run.threads),
-                        logs / f"train-{method}-{family}.log", kind="train"))
+                        logs / f"train-{method}-{family}.log", kind="train", what=("train", settings, family)))
     # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
     longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] in TEXT_METHODS else 1))
     for method, task in longest:
         after = f"train {method} ({settings.family_of(task)})" if method in TRAINED else None
         jobs.append(Job(f"{method} x {task}", cell_job,
                         (settings, method, task, runs, work, batch_size, run.device, endpoint),
-                        logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log", after))
-    res = resources(run, output, work)
-    res.fits = _fits(settings, need, todo, runs, batch_size, run.threads)
+                        logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log", after,
+                        what=("cell", settings, method, task)))
+    res = resources_of(run, output, work)
+    res.fits = fit_check(lambda per_cell, per_training: plans_of(jobs, runs, batch_size, per_cell, per_training,
+                                                                 run.threads or 1))
     run_jobs(jobs, res)

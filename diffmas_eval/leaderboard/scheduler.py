@@ -49,6 +49,8 @@ class Job:
     log: Path
     after: str | None = None  # the job whose result is passed as the ``adapter`` keyword
     kind: str = "cell"  # "train" or "cell": which of --gpus-per-training / --gpus-per-cell it asks for
+    what: tuple = ()  # what it computes, for --plan's estimate (plan.plan_of): ("train" | "probe", settings) or
+    # ("cell", settings, method, task)
 
 
 @dataclass
@@ -56,7 +58,8 @@ class Resources:
     """How jobs are placed. ``address``: a running Ray (default ``$RAY_ADDRESS``; neither: a local Ray with this
     machine's CPUs and GPUs, shut down at the end); ``jobs``: at most this many at once (None: the resources
     decide); ``threads``: CPUs per job (default 1); ``gpus_per_cell`` / ``gpus_per_training``: None = 1 where the
-    cluster has GPUs, else 0; ``store``: the directory every node must see (checked at start-up)."""
+    cluster has GPUs, else 0; ``store``: the directory every node must see (checked at start-up); ``gpu_memory``:
+    bytes of the largest GPU, given (None: asked from each node's torch)."""
 
     address: str | None = None
     jobs: int | None = None
@@ -66,6 +69,7 @@ class Resources:
     max_retries: int = 2
     store: Path | None = None
     env: dict = field(default_factory=dict)
+    gpu_memory: int | None = None
     fits: Callable | None = None  # fits((gpu name, bytes) | None, per_cell, per_training): raises if a job cannot
 
 
@@ -204,7 +208,8 @@ def connect(res: Resources) -> bool:
 def start_local(**kwargs) -> None:
     """A Ray for this machine alone, on loopback: nothing outside it can reach it (a cluster is started with
     ``ray start``, docs/leaderboard.md). ``ray.init`` turns 127.0.0.1 into the machine's address unless Ray's
-    single-machine mode is on, so it is switched on for this call."""
+    single-machine mode is on, so it is switched on for this call; and ``address="local"``: a new one, even where
+    a ``ray start`` on this machine left its address file (``ray.init()`` would join that cluster instead)."""
     import ray
     from ray._private import ray_constants
 
@@ -214,25 +219,30 @@ def start_local(**kwargs) -> None:
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, **kwargs)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                 **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def cluster() -> list[dict]:
-    """The live nodes: ``{"node", "id", "cpus", "gpus"}`` each."""
+    """The live nodes: ``{"node", "id", "ip", "cpus", "gpus", "name"}`` each (``name``: how an error names it, the
+    hostname with the node's address and id, since several nodes may share a host)."""
     import ray
 
-    return [{"node": n.get("NodeManagerHostname", n["NodeID"]), "id": n["NodeID"],
-             "cpus": n["Resources"].get("CPU", 0), "gpus": n["Resources"].get("GPU", 0)}
-            for n in ray.nodes() if n.get("Alive")]
+    nodes = [{"node": n.get("NodeManagerHostname", n["NodeID"]), "id": n["NodeID"],
+              "ip": n.get("NodeManagerAddress", ""), "cpus": n["Resources"].get("CPU", 0),
+              "gpus": n["Resources"].get("GPU", 0)} for n in ray.nodes() if n.get("Alive")]
+    for n in nodes:
+        n["name"] = f"{n['node']} ({n['ip']}, node id {n['id'][:8]})"
+    return nodes
 
 
 def gpu_requests(res: Resources, nodes: list[dict]) -> tuple[float, int]:
     """GPUs per cell and per training, defaulted from the cluster and refused (with the numbers) when no node has
     that many, before anything runs."""
     most = max((n["gpus"] for n in nodes), default=0)
-    where = ", ".join(f"{n['node']}: {n['gpus']:g}" for n in nodes)
+    where = ", ".join(f"{n.get('name', n['node'])}: {n['gpus']:g}" for n in nodes)
     per_cell = res.gpus_per_cell if res.gpus_per_cell is not None else (1 if most else 0)
     per_training = res.gpus_per_training if res.gpus_per_training is not None else (1 if most else 0)
     if per_cell < 0 or per_training < 0:
@@ -255,8 +265,11 @@ def _gpu_here() -> tuple[str, int] | None:
     return props.name, props.total_memory
 
 
-def largest_gpu(nodes: list[dict]) -> tuple[str, int] | None:
-    """The name and memory of the largest GPU of the cluster (a task on one GPU of each node that has some)."""
+def largest_gpu(nodes: list[dict], given: int | None = None) -> tuple[str, int] | None:
+    """The name and memory of the largest GPU of the cluster: ``given`` (bytes, ``--gpu-memory``), else a task on
+    one GPU of each node that has some asks its torch (declared GPUs without a device answer nothing)."""
+    if given:
+        return "GPU of --gpu-memory", given
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -268,22 +281,47 @@ def largest_gpu(nodes: list[dict]) -> tuple[str, int] | None:
 
 
 def _can_see(path: str) -> tuple[str, bool]:
-    return socket.gethostname(), Path(path).is_dir()
+    """Run on one node: its Ray node id, and whether the path is a directory there."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), Path(path).is_dir()
 
 
-def check_store(store: Path, nodes: list[dict]) -> None:
+def check_store(store: Path, nodes: list[dict]) -> dict[str, bool]:
     """A task on each node looks for the store (cells, adapters, SFT sets, logs): on a cluster it must be a shared
-    filesystem, and a node that cannot see it would fail each of its jobs late."""
+    filesystem, and a node that cannot see it would fail each of its jobs late. Returns what each node (by the
+    id of the node the task ran on) saw."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(_can_see)
-    refs = {n["node"]: probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["id"], soft=False)).remote(str(store)) for n in nodes}
-    blind = [name for name, ref in refs.items() if not ray.get(ref, timeout=120)[1]]
+    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["id"], soft=False)).remote(str(store)) for n in nodes]
+    seen = dict(ray.get(refs, timeout=120))
+    blind = [n.get("name", n["node"]) for n in nodes if not seen.get(n["id"])]
     if blind:
         raise PlacementError(f"{store}: not visible from node(s) {', '.join(blind)}; on a cluster the output and "
-                                "work directories must be on a filesystem every node mounts at the same path")
+                             "work directories must be on a filesystem every node mounts at the same path")
+    return seen
+
+
+def survey(res: Resources) -> tuple[list[dict], float, int, tuple[str, int] | None]:
+    """What ``--plan`` shows of the cluster a run would use: its nodes, the GPUs each cell and training would ask
+    for, and its largest GPU (a Ray started for this is shut down again)."""
+    nodes: list[dict] = []
+    if wants_ray(res):
+        import ray
+
+        started = connect(res)
+        try:
+            nodes = cluster()
+            per_cell, per_training = gpu_requests(res, nodes)
+            return nodes, per_cell, per_training, largest_gpu(nodes, res.gpu_memory)
+        finally:
+            if started:
+                ray.shutdown()
+    per_cell, per_training = gpu_requests(res, nodes)
+    return nodes, per_cell, per_training, largest_gpu(nodes, res.gpu_memory)
 
 
 def wants_ray(res: Resources) -> bool:
@@ -324,7 +362,7 @@ def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
         nodes = cluster()
         per_cell, per_training = gpu_requests(res, nodes)
         if res.fits is not None:
-            res.fits(largest_gpu(nodes), per_cell, per_training)
+            res.fits(largest_gpu(nodes, res.gpu_memory), per_cell, per_training)
         if res.store is not None:
             res.store.mkdir(parents=True, exist_ok=True)  # made here, so only another node can miss it
             check_store(res.store, nodes)
