@@ -244,7 +244,10 @@ def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), *ARGS[:1], "diffmas",
            *ARGS[2:], "--train-steps", "200", "--jobs", "2", "--output", str(out / "leaderboard.csv")]
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background by a non-interactive shell (`... &`)
+    # runs with SIGINT ignored, which every child inherits, and then Python never raises KeyboardInterrupt
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         log, started = out / "cache" / "logs" / "train-diffmas-commonsense.log", []
         deadline = time.time() + 240

@@ -71,7 +71,10 @@ class ServerError(RuntimeError):
 
 
 def port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. With ``SO_REUSEADDR``, as uvicorn binds: the connections a
+    killed server leaves in TIME_WAIT do not hold the port, so a restarted server gets its old port (and URL) back."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
