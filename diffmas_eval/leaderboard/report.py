@@ -231,16 +231,18 @@ def noise(rows: list[dict], comparison_rows: list[dict] | None, short: bool = Fa
     return text
 
 
-def _sections(rows: list[dict]) -> tuple[list[str], list[str], str]:
-    """(multiple-choice tasks, the others, 'the first N items') of the rows: the results a CPU-sized leaderboard
-    can compare, and the pipeline check beside them."""
-    cells = primary(rows)
+def _items(cells: dict, tasks: list[str]) -> str:
+    """'150' or '5/150': the item counts of ``tasks``' cells, in numeric order."""
+    return "/".join(map(str, sorted({int(float(r["n"])) for (_, t), r in cells.items() if t in tasks
+                                     and _float(r["n"]) is not None})))
+
+
+def _sections(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(multiple-choice tasks, the others) of the rows: the results a CPU-sized leaderboard can compare, and the
+    pipeline check beside them."""
     tasks = methods_and_tasks(rows)[1]
     choice = choice_tasks(tasks)
-    rest = [t for t in tasks if t not in choice]
-    ns = lambda ts: sorted({int(float(r["n"])) for (_, t), r in cells.items() if t in ts  # noqa: E731
-                            and _float(r["n"]) is not None})
-    return choice, rest, "/".join(map(str, ns(rest)))
+    return choice, [t for t in tasks if t not in choice]
 
 
 def _charted_pairs(rows: list[dict], comparison_rows: list[dict] | None) -> list[dict]:
@@ -277,13 +279,13 @@ def results(rows: list[dict], comparison_rows: list[dict] | None, training_rows:
     from . import compare
     from .adapters import budgets as adapter_budgets
 
-    choice, rest, rest_n = _sections(rows)
+    choice, rest = _sections(rows)
     cells = primary(rows)
+    rest_n = _items(cells, rest)
     text = ""
     if choice:
-        n = "/".join(sorted({str(int(float(r["n"]))) for (_, t), r in cells.items() if t in choice}))
-        text += (f"**Multiple choice** (the first {n} items of each; accuracy with its 95% interval, value ± 1.96 "
-                 "stderr):\n\n" + markdown(rows, choice, intervals=True, costs=False) + "\n\n")
+        text += (f"**Multiple choice** (the first {_items(cells, choice)} items of each; accuracy with its 95% "
+                 "interval, value ± 1.96 stderr):\n\n" + markdown(rows, choice, intervals=True, costs=False) + "\n\n")
         paired = [r for r in comparison_rows or [] if full or r["task"] in choice]
         said = verdict(comparison_rows or [], choice)
         if said:
