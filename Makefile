@@ -50,7 +50,7 @@ lock: $(STAMP)
 		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 test: $(STAMP)
-	DIFFMAS_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q tests
+	DIFFMAS_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q --durations=25 tests
 
 leaderboard: $(STAMP)
 	DIFFMAS_DATA_DIR=$(DATA_DIR) $(VENV)/bin/diffmas-eval leaderboard --model $(MODEL) --limit $(LIMITS) \

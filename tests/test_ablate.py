@@ -21,8 +21,8 @@ AXES_RUN = "latent_steps,trace,stage1_grad,realign"
 
 def mini_args(model: Path, out: Path) -> list[str]:
     return ["ablate", "--model", str(model), "--axes", AXES_RUN, "--latent-steps", "0", "--ref-agents", "3",
-            "--ref-steps", "1", "--seeds", "1,2", "--train-steps", "2", "--limit", "3", "--probe-rows", "2",
-            "--train-max-length", "2048", "--batch-size", "3", "--jobs", "2", "--threads", "1",
+            "--ref-steps", "1", "--seeds", "1,2", "--train-steps", "2", "--train-batch-size", "1", "--limit", "3",
+            "--probe-rows", "2", "--train-max-length", "2048", "--batch-size", "3", "--jobs", "2", "--threads", "1",
             "--output", str(out / "ablations.csv")]
 
 
@@ -155,6 +155,10 @@ def test_miniature_ablation_writes_every_output(mini):
     assert all(0 < float(g["norm"]) < float("inf") for g in grads)
     step0 = {(g["variant"], g["agent"]): g["norm"] for g in grads if g["when"] == "step0"}
     assert step0["overwrite", "1"] != step0["concat", "1"]  # the layout changes what reaches the first agent
+    # the probes read the rows as the adapters were trained on them: the cells use the chat template, so chat rows
+    trained_on = {json.loads((Path(r["adapter"]) / "leaderboard-adapter.json").read_text())["data"] for r in trained}
+    probed = {json.loads(p.read_text())["rows"] for p in (mini / "runs" / "probes").glob("probe-*.json")}
+    assert {Path(d).name for d in trained_on} == probed == {"commonsense-chat.jsonl"}
     text = (mini / "ablations.md").read_text()
     assert "| trace | overwrite | yes | 2 |" in text and "seed-independent" in text
     for chart in ("ablation_latent_steps.png", "ablation_deltas.png", "ablation_gradients.png"):
@@ -184,7 +188,7 @@ def test_bad_grids_are_refused_before_anything_runs(data_dir, tmp_path, capsys, 
     monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
     small = save_tiny_model(tmp_path / "small", "llama", context=2048)
     out = tmp_path / "abl"
-    base = ["ablate", "--model", str(small), "--output", str(out / "ablations.csv")]
+    base = ["ablate", "--model", str(small), "--task", "diffmas_arc_challenge", "--output", str(out / "ablations.csv")]
     # a 2048-position context: ARC's longest question of the first 150 (its tiny tokenizer spells it out) fits 3
     # upstream agents with 10 latent steps each and the final agent, but not with 200 each (the final agent's prompt
     # is the trained one since issue 30, without the solver's instruction: a longer question makes the same point)

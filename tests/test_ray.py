@@ -190,8 +190,8 @@ def test_a_job_no_gpu_can_hold_is_refused_before_anything_runs(cluster, tiny_pat
 
 # -- diffmas-eval ablate on the same Ray: one latent-steps value, untrained and trained, one seed -----------------
 ABLATE = ["ablate", "--axes", "latent_steps", "--latent-steps", "0", "--ref-agents", "2", "--ref-steps", "0",
-          "--seeds", "1", "--train-steps", "2", "--limit", "2", "--probe-rows", "1", "--train-max-length", "2048",
-          "--batch-size", "2", "--threads", "1"]
+          "--seeds", "1", "--train-steps", "2", "--train-batch-size", "1", "--limit", "2", "--probe-rows", "1",
+          "--train-max-length", "2048", "--batch-size", "2", "--threads", "1"]
 
 
 def ablate(model: Path, out: Path, *extra: str) -> int:

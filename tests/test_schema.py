@@ -43,7 +43,8 @@ def test_the_front_ends_offer_the_schema_with_its_defaults():
     sft = {f.name: f.default for f in dataclasses.fields(DiffMASArguments)}
     defaults = LatentConfig()
     assert sft == {"agents": len(defaults.roles), "latent_steps": 10, "realign": "ridge", "trace": "concat",
-                   "topology": "sequential", "stage1_grad": "full", "max_trace_tokens": None, "train_realign": False}
+                   "topology": "sequential", "stage1_grad": "full", "max_trace_tokens": None,
+                   "checkpoint_final": False, "train_realign": False}
     assert all(sft[k] == getattr(defaults, k) for k in sft if k not in ("agents", "train_realign"))
     p = argparse.ArgumentParser()
     add_chain_args(p)
@@ -93,6 +94,15 @@ def test_a_new_option_reaches_trl(tmp_path):
     assert "an option only this test knows" in p.format_help()
     with pytest.raises(SystemExit):
         p.parse_args_and_config(["--output_dir", str(tmp_path), "--dummy_opt", "c"])
+
+
+def test_checkpoint_final_is_a_training_flag(tmp_path):
+    """``--checkpoint_final`` reaches the trainer's chain (its equivalence: test_chain.py); lm-eval never offers it."""
+    *_, dm = parser(DiffMASArguments).parse_args_and_config(["--output_dir", str(tmp_path), "--checkpoint_final"])
+    assert dm.to_config().checkpoint_final is True
+    *_, dm = parser(DiffMASArguments).parse_args_and_config(["--output_dir", str(tmp_path)])
+    assert dm.to_config().checkpoint_final is False
+    assert "checkpoint_final" not in OPTIONS
 
 
 def saved(tmp_path, config: LatentConfig):

@@ -123,8 +123,7 @@ class LatentConfig:
 
     The fields declared with ``option`` are the user-facing ones (``chain_options``); the others are set by
     code: ``roles`` from ``agents``/``topology`` (or a roles file), ``checkpoint_agents`` by the trainer from
-    ``gradient_checkpointing``, ``checkpoint_final`` by a caller of the trainer (``diffmas_config``),
-    ``realign_lambda`` is the paper's constant, ``realign_target`` comes from a saved chain.
+    ``gradient_checkpointing``, ``realign_lambda`` is the paper's constant, ``realign_target`` comes from a saved chain.
     """
 
     roles: list[str] = field(default_factory=lambda: default_roles(DEFAULT_AGENTS))
@@ -140,7 +139,8 @@ class LatentConfig:
                               fronts=("sft",))
     max_trace_tokens: int | None = option(None, "refuse a latent trace longer than this")
     checkpoint_agents: bool = False
-    checkpoint_final: bool = False
+    checkpoint_final: bool = option(False, "recompute the final agent's forward in backward, one decoder layer at a "
+                                    "time (a long completion's activations are a step's largest)", fronts=("sft",))
     realign_lambda: float = 1e-5
     realign_target: str = field(default="embedding_output", metadata={"saved": True})
     enable_thinking: bool | None = option(None, "passed to every agent's chat template (Qwen3; as with hf, needs "
@@ -203,9 +203,9 @@ def chain_options(config_class: type[LatentConfig] = LatentConfig, front: str | 
     ``front``: only those offered there (one of ``FRONT_ENDS``).
 
     User-facing today: agents and latent_steps everywhere; realign, trace, topology, max_trace_tokens
-    wherever a chain is built (lm-eval, ask, SFT); stage1_grad for SFT only (evaluation runs without
-    autograd); enable_thinking and latent_dtype for lm-eval only. Not user-facing: roles, checkpoint_agents,
-    checkpoint_final, realign_lambda, realign_target.
+    wherever a chain is built (lm-eval, ask, SFT); stage1_grad and checkpoint_final for SFT only (evaluation
+    runs without autograd); enable_thinking and latent_dtype for lm-eval only. Not user-facing: roles,
+    checkpoint_agents, realign_lambda, realign_target.
     """
     hints = typing.get_type_hints(config_class)
     options = [ChainOption("agents", int, DEFAULT_AGENTS, None, AGENTS_HELP, FRONT_ENDS)]

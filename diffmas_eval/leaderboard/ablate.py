@@ -125,7 +125,7 @@ def probe(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Pat
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"roles": config.upstream, "norms": norms, "agents": settings.agents,
                                "latent_steps": settings.latent_steps, "trace": config.trace,
-                               "adapter": str(adapter) if adapter else ""}, indent=1) + "\n")
+                               "adapter": str(adapter) if adapter else "", "rows": rows.name}, indent=1) + "\n")
     tmp.replace(out)
     return out
 
@@ -137,7 +137,7 @@ class Plan:
 
     cells: list
     family: str
-    data: Path
+    data: Path  # the SFT rows the probes read, in the adapters' training format
     runs: Path
     probes: Path
     jobs: list
@@ -151,9 +151,13 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
     from . import cells
     from .run import cell_job, train_job
     from .scheduler import Job
+    from .train import chat_set
 
     data, runs, work = data.resolve(), runs.resolve(), work.resolve()
     grid_cells, probes, logs = cells_of(opts, base), runs / "probes", work / "logs"
+    # the probe reads the rows as the adapters are trained on them: chat rows when the cells are scored with the
+    # chat template (the final agent's prompt then ends in the generation prompt the adapter learned to answer)
+    rows = chat_set(data) if base.sft_format(family) == "chat" else data
     first, trained, names = [], [], {}  # names: a job's key (what it computes, by hash) -> its job's name
 
     def add(into: list, key: str, label: str, fn, args: tuple, what: tuple, after: str | None = None) -> str:
@@ -174,13 +178,13 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
                          (s, v.method, opts.task, runs, work, batch, device, endpoint),
                          ("cell", s, v.method, opts.task)))
         if v.trained:
-            step0 = probe_path(s, family, data, opts.probe_rows, probes, False)
+            step0 = probe_path(s, family, rows, opts.probe_rows, probes, False)
             if not step0.exists():  # the base model: the same for every seed
                 add(first, f"probe {step0.stem}", f"step 0 {v.name}", probe,
-                    (s, family, data, opts.probe_rows, probes, device), ("probe", s))
-            after = probe_path(s, family, data, opts.probe_rows, probes, True)
+                    (s, family, rows, opts.probe_rows, probes, device), ("probe", s))
+            after = probe_path(s, family, rows, opts.probe_rows, probes, True)
             if not after.exists():
-                todo.append((f"probe {after.stem}", probe, (s, family, data, opts.probe_rows, probes, device),
+                todo.append((f"probe {after.stem}", probe, (s, family, rows, opts.probe_rows, probes, device),
                              ("probe", s)))
         adapter = None
         if todo and v.trained:
@@ -188,7 +192,7 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
                           (s, v.method, family, data, work, device, opts.threads), ("train", s))
         for key, fn, args, what in todo:
             add(trained if adapter else first, key, label, fn, args, what, adapter)
-    return Plan(grid_cells, family, data, runs, probes, first + trained)
+    return Plan(grid_cells, family, rows, runs, probes, first + trained)
 
 
 def run_ablation(opts: AblationOptions) -> list[dict]:
@@ -207,8 +211,8 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
         raise ValueError("--seeds is empty")
     if opts.limit < 1:
         raise ValueError(f"--limit must be >= 1 (the same first items for every cell), got {opts.limit}")
-    base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps, train_budgets={},
-                    train_max_length=opts.train_max_length)
+    base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps,
+                    train_batch_size=opts.train_batch_size, train_budgets={}, train_max_length=opts.train_max_length)
     family = base.family_of(opts.task)
     if family is None:
         raise ValueError(f"no SFT family for task {opts.task}; ablations train on the task's family: choose a task "
@@ -269,8 +273,10 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--ref-steps", type=int, default=d.ref_steps,
                    help="the reference chain's latent steps (%(default)s)")
     p.add_argument("--seeds", default=d.seeds, metavar="S,...",
-                   help="training seeds (default: 1234,1235,1236)")
+                   help="training seeds (default: 1234; the paper's protocol: three)")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps per adapter (%(default)s)")
+    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
+                   help="rows per optimizer step (%(default)s)")
     p.add_argument("--train-max-length", type=int, default=d.train_max_length,
                    help="tokens per training row (%(default)s)")
     p.add_argument("--probe-rows", type=int, default=d.probe_rows,

@@ -88,15 +88,16 @@ class AblationOptions(Placement):
     jobs run: ``Placement``'s fields, the leaderboard's flags."""
 
     model: str = DEFAULT_MODEL
-    task: str = "diffmas_arc_challenge"
-    limit: int = 20
+    task: str = "diffmas_commonsense_qa"
+    limit: int = 150
     axes: list[str] = field(default_factory=lambda: list(AXES))
     latent_steps: list[int] = field(default_factory=lambda: [0, 10, 40])
     agents: list[int] = field(default_factory=lambda: [2, 3, 4])
     ref_agents: int = 3
     ref_steps: int = 10
-    seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])
-    train_steps: int = 4
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    train_steps: int = 25
+    train_batch_size: int = 4
     train_max_length: int = 256
     probe_rows: int = 2
     max_trace_tokens: int | None = None

@@ -97,7 +97,7 @@ def publish(plan, opts, output: Path) -> list[dict]:
     _write(out / "ablation_items.csv", ITEM_FIELDS, items)
     _write(out / "gradients.csv", GRADIENT_FIELDS, grads)
     info = {k: getattr(opts, k) for k in ("model", "task", "limit", "axes", "latent_steps", "agents", "ref_agents",
-                                          "ref_steps", "seeds", "train_steps", "probe_rows")}
+                                          "ref_steps", "seeds", "train_steps", "train_batch_size", "probe_rows")}
     info["grid_hash"] = short_hash(info)
     (out / "ablations.json").write_text(json.dumps(info, indent=1) + "\n")
     for path in charts(rows, grads, out):
@@ -141,12 +141,32 @@ def summary(rows: list[dict], item_rows: list[dict]) -> list[dict]:
     return out
 
 
+def training_effects(rows: list[dict], item_rows: list[dict]) -> list[dict]:
+    """Per variant scored both ways (the latent_steps axis): trained minus untrained, the same chain on the same
+    items, with its paired interval: the method's claim that training the chain end to end helps."""
+    items: dict[str, dict[str, float]] = {}
+    for r in item_rows:
+        items.setdefault(r["config_hash"], {})[r["doc_id"]] = float(r["score"])
+    groups: dict[tuple, dict[bool, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["axis"], r["variant"]), {}).setdefault(str(r["trained"]) == "True", []).append(r)
+    out = []
+    for (axis, variant), by in groups.items():
+        if True in by and False in by:
+            delta, low, high, n = paired_bootstrap(_per_item(by[True], items), _per_item(by[False], items))
+            mean = {k: statistics.fmean(float(c["value"]) for c in by[k]) for k in (True, False)}
+            out.append({"axis": axis, "variant": variant, "untrained": mean[False], "trained": mean[True],
+                        "delta": delta, "ci_low": low, "ci_high": high, "paired_items": n})
+    return out
+
+
 # -- Markdown and charts ---------------------------------------------------------------------------------
 def document(rows: list[dict], item_rows: list[dict], grads: list[dict], info: dict, charts_dir: str | None) -> str:
     table = ["| axis | variant | trained | seeds | accuracy (mean ± std over seeds) | Δ vs reference [95% CI] |",
              "|---|---|---|---|---|---|"]
     for r in summary(rows, item_rows):
-        spread = f"{r['mean']:.3f} ± {r['std']:.3f}" if r["seeds"] > 1 else f"{r['mean']:.3f} (seed-independent)"
+        spread = (f"{r['mean']:.3f} ± {r['std']:.3f}" if r["seeds"] > 1 else
+                  f"{r['mean']:.3f} (one seed)" if r["trained"] else f"{r['mean']:.3f} (seed-independent)")
         delta = ("reference" if r["reference"] else
                  f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if "delta" in r else "")
         table.append(f"| {r['axis']} | {r['variant']} | {'yes' if r['trained'] else 'no'} | {r['seeds']} | {spread} "
@@ -154,9 +174,16 @@ def document(rows: list[dict], item_rows: list[dict], grads: list[dict], info: d
     head = (f"Model `{info['model']}`, task `{info['task']}` (first {info['limit']} items, the same for every cell), "
             f"reference chain: {info['ref_agents']} agents, {info['ref_steps']} latent steps, concatenated trace, "
             f"stage 1 trained through, fixed ridge realignment; each variant changes one axis. Trained variants: "
-            f"LoRA, {info['train_steps']} optimizer steps, seeds {', '.join(map(str, info['seeds']))}; untrained "
+            f"LoRA, {info['train_steps']} optimizer steps x batch {info.get('train_batch_size', 1)}, "
+            f"seeds {', '.join(map(str, info['seeds']))}; untrained "
             "ones decode greedily and do not depend on the seed (scored once). Δ: paired bootstrap over items "
             f"({BOOTSTRAP} resamples) of the seed-averaged per-item scores.")
+    effects = training_effects(rows, item_rows)
+    if effects:
+        table += ["", "What training adds: the same chain trained minus untrained, paired over the same items:", "",
+                  "| axis | variant | untrained | trained | Δ [95% CI] |", "|---|---|---|---|---|"]
+        table += [f"| {e['axis']} | {e['variant']} | {e['untrained']:.3f} | {e['trained']:.3f} | "
+                  f"{e['delta']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] |" for e in effects]
     text = head + "\n\n" + "\n".join(table) + "\n\n" + gradient_table(grads)
     if charts_dir is not None:
         text += "\n\n" + "\n".join(f"![{c[:-4]}]({charts_dir}{c})" for c in CHARTS)
