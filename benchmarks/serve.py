@@ -13,6 +13,7 @@ puts it into docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -65,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                         sft_examples={"math": 16})
 
     base = dict(methods=args.methods, tasks=TASK, threads=args.threads, batch_size=args.batch_size)
-    run_leaderboard(settings(), RunOptions(**base), out / "leaderboard.csv")
-    t0 = time.perf_counter()
-    serve = ServeOptions(backend="vllm", vllm_python=args.vllm_python, concurrency=args.concurrency)
-    run_leaderboard(settings(), RunOptions(**base, serve=serve), out / "leaderboard.csv")
-    served_total = time.perf_counter() - t0
+    with contextlib.redirect_stdout(sys.stderr):  # the runs' progress; stdout is the Markdown table alone
+        run_leaderboard(settings(), RunOptions(**base), out / "leaderboard.csv")
+        t0 = time.perf_counter()
+        serve = ServeOptions(backend="vllm", vllm_python=args.vllm_python, concurrency=args.concurrency)
+        run_leaderboard(settings(), RunOptions(**base, serve=serve), out / "leaderboard.csv")
+        served_total = time.perf_counter() - t0
     rows = []
     for method in methods:
         found = cells(out, method)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"{args.model}, {TASK}, first {args.limit} questions, greedy, answers capped at {args.max_gen_toks} tokens; "
           f"{args.agents} agents, {args.latent_steps} latent steps, {args.agent_max_tokens} tokens per upstream text "
-          f"agent; batch {args.batch_size} in process, {args.concurrency} requests in flight served. One run each; "
+          f"agent; batch {args.batch_size} in process, {args.concurrency} requests in flight served (1 for a trained "
+          "latent cell: `serve.cell_concurrency`). One run each; "
           f"the served run took {served_total:.0f} s in all, the server's start included.\n")
     print("| method | in process s | served s | in process tokens/s | served tokens/s | served / in process | "
           "same answers |")

@@ -21,6 +21,7 @@ from sqlitedict import SqliteDict
 from diffmas_eval.cli import main
 from diffmas_eval.leaderboard.config import Settings, method_model_args, short_hash
 from diffmas_eval.leaderboard.serve import (
+    Endpoint,
     Served,
     find_vllm,
     hashed_args,
@@ -65,6 +66,23 @@ def test_served_model_args_send_decoding_to_the_server_and_keep_stage_1_in_proce
     model, args = method_model_args("diffmas", "M", 3, 4, adapter="/a/d", served=to, seed=7)
     assert model == "diffmas" and "peft=/a/d" in args and "stage2=vllm" in args and args.endswith(",seed=7")
     assert "served_model=diffmas-math-abc" in args
+
+
+def test_a_trained_latent_cell_keeps_one_request_in_flight(monkeypatch):
+    """vLLM's worker dies on a batch that mixes a LoRA request's prompt embeddings with token ids
+    (``serve.cell_concurrency``; seen with ``benchmarks/serve.py``'s 8 questions on the real server); every other
+    served cell keeps ``--vllm-concurrency`` requests in flight. Registering the adapter is the server's part,
+    recorded here instead (the real registration: the vllm-marked tests below)."""
+    import diffmas_eval.serving.vllm_cpu as vllm_cpu
+
+    registered = []
+    monkeypatch.setattr(vllm_cpu, "load_lora", lambda url, name, path: registered.append(name))
+    end, s = Endpoint("http://127.0.0.1:9/v1", "base", 8), Settings()
+    task = "diffmas_gsm8k"
+    assert end.target(s, "diffmas", task, Path("/a/diffmas-math-x")) == Served(end.url, "diffmas-math-x", 1)
+    assert end.target(s, "latentmas", task, None).concurrency == 8  # prompt embeddings, no LoRA: batched
+    assert end.target(s, "single-sft", task, Path("/a/single-sft-math-y")).concurrency == 8  # LoRA, token ids only
+    assert registered == ["diffmas-math-x", "single-sft-math-y"]
 
 
 def test_server_arguments_lora_rank_and_what_is_hashed():

@@ -115,7 +115,17 @@ class Endpoint:
         if adapter is not None:
             name = Path(adapter).name
             load_lora(self.url, name, Path(adapter).resolve())
-        return Served(self.url, name, self.concurrency)
+        return Served(self.url, name, cell_concurrency(method, adapter, self.concurrency))
+
+
+def cell_concurrency(method: str, adapter: Path | None, concurrency: int) -> int:
+    """Requests a cell keeps in flight. One for a latent cell with an adapter: vLLM (0.32; its GPU model runner
+    too) embeds the token ids of a batch that mixes them with prompt embeddings through the LoRA embedding layer,
+    whose indices cover the whole batch, and the worker dies (``einsum(): subscript b has size N ... does not
+    broadcast``), taking the server with it. One request at a time never mixes them: a prefill is all embeddings,
+    a decode step all token ids. Found by ``benchmarks/serve.py`` at 8 requests in flight; the test's two
+    questions had not batched."""
+    return 1 if method in LAYOUT and adapter is not None else concurrency
 
 
 # -- which vLLM ---------------------------------------------------------------------------------------------------
