@@ -145,3 +145,34 @@ def test_the_saved_adapter_keeps_its_loss_curve(tiny_path, tmp_path):
     record = json.loads((tmp_path / "adapter" / "diffmas.json").read_text())["training"]
     assert (record["loss_first"], record["loss_last"], record["loss_steps"]) == (
         float(curve[0]["loss"]), float(curve[-1]["loss"]), 3)
+
+
+def _write_chat_many(source: str, out: str, times: int) -> None:
+    from pathlib import Path
+
+    from diffmas_eval.training.data import write_chat
+
+    for _ in range(times):
+        write_chat(Path(source), Path(out))
+
+
+def test_two_training_jobs_write_the_chat_set_at_once(tmp_path):
+    """Two trainings of a family (``make ablations``, ``JOBS=2``) both write its chat rows; with one shared
+    temporary file, one job's rename moved it away under the other (FileNotFoundError: the miniature ablation
+    failed that way in CI). Two real processes, many writes each: none fails, and the file is whole."""
+    import multiprocessing
+
+    from diffmas_eval.training.data import to_chat
+
+    rows = [{"prompt": f"Question: q{i}?\nAnswer:", "completion": f" a{i}"} for i in range(200)]
+    source, out = tmp_path / "commonsense.jsonl", tmp_path / "commonsense-chat.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [ctx.Process(target=_write_chat_many, args=(str(source), str(out), 300)) for _ in range(2)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(120)
+    assert [j.exitcode for j in jobs] == [0, 0]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [to_chat(r) for r in rows]
+    assert not list(tmp_path.glob("*.tmp"))

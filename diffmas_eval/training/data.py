@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 from ..tasks import utils as tasks
@@ -145,10 +146,12 @@ def to_chat(row: dict) -> dict:
 
 
 def write_chat(source: Path, out: Path) -> Path:
-    """``source``'s rows as chat rows (``to_chat``), written to ``out``."""
+    """``source``'s rows as chat rows (``to_chat``), written to ``out``. Every training job of a family writes the
+    same file, two at a time on a shared store: each through a temporary file of its own (a shared one was moved
+    away under the other job's rename), then an atomic replace of identical contents."""
     rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text("".join(json.dumps(to_chat(r)) + "\n" for r in rows))
     tmp.replace(out)
     return out
