@@ -117,12 +117,18 @@ def _per_item(rows: list[dict], items: dict[str, dict[str, float]]) -> dict[str,
     return {doc: statistics.fmean(xs) for doc, xs in scores.items()}
 
 
-def summary(rows: list[dict], item_rows: list[dict]) -> list[dict]:
-    """Per (axis, variant, trained): mean and std over seeds, and the paired interval against the axis's reference
-    of the same training."""
+def _by_cell(item_rows: list[dict]) -> dict[str, dict[str, float]]:
+    """``ablation_items.csv``'s rows as config_hash -> doc_id -> score."""
     items: dict[str, dict[str, float]] = {}
     for r in item_rows:
         items.setdefault(r["config_hash"], {})[r["doc_id"]] = float(r["score"])
+    return items
+
+
+def summary(rows: list[dict], item_rows: list[dict]) -> list[dict]:
+    """Per (axis, variant, trained): mean and std over seeds, and the paired interval against the axis's reference
+    of the same training."""
+    items = _by_cell(item_rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["axis"], r["variant"], str(r["trained"])), []).append(r)
@@ -144,9 +150,7 @@ def summary(rows: list[dict], item_rows: list[dict]) -> list[dict]:
 def training_effects(rows: list[dict], item_rows: list[dict]) -> list[dict]:
     """Per variant scored both ways (the latent_steps axis): trained minus untrained, the same chain on the same
     items, with its paired interval: the method's claim that training the chain end to end helps."""
-    items: dict[str, dict[str, float]] = {}
-    for r in item_rows:
-        items.setdefault(r["config_hash"], {})[r["doc_id"]] = float(r["score"])
+    items = _by_cell(item_rows)
     groups: dict[tuple, dict[bool, list[dict]]] = {}
     for r in rows:
         groups.setdefault((r["axis"], r["variant"]), {}).setdefault(str(r["trained"]) == "True", []).append(r)
