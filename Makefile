@@ -91,7 +91,7 @@ docs-serve: $(STAMP)
 	@$(PY) -c "import mkdocs, material" 2>/dev/null || { echo "make docs-serve: $(DOCS_MISSING)" >&2; exit 1; }
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
-# the performance tables of docs/performance.md: each benchmark prints Markdown into benchmarks/results/ (about 40 min here)
+# the performance tables of docs/performance.md: each benchmark prints Markdown into benchmarks/results/ (about 70 min here)
 BENCH_ENV := DIFFMAS_DATA_DIR=$(DATA_DIR)
 performance: $(STAMP)
 	mkdir -p benchmarks/results
@@ -103,6 +103,9 @@ performance: $(STAMP)
 		--json benchmarks/results/scaling.json > benchmarks/results/scaling.md
 	$(BENCH_ENV) $(PY) benchmarks/training.py --agents 1 2 4 6 --json benchmarks/results/training.json \
 		> benchmarks/results/training.md
+	$(BENCH_ENV) $(PY) benchmarks/decode.py --json benchmarks/results/decode.json > benchmarks/results/decode.md
+	$(BENCH_ENV) $(PY) benchmarks/stage1_memory.py --json benchmarks/results/stage1_memory.json \
+		> benchmarks/results/stage1_memory.md
 	$(BENCH_ENV) $(PY) benchmarks/trace_layout.py --baseline d8d0c75 --batch 1 4 --repeats 2 \
 		> benchmarks/results/trace_layout.md
 	$(BENCH_ENV) $(PY) benchmarks/vllm.py --questions 8 --new-tokens 32 --batch 8 --json benchmarks/results/vllm.json \

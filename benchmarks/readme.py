@@ -21,6 +21,9 @@ ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)
          ("multiple_choice", "Multiple-choice scoring (`benchmarks/multiple_choice.py`)"),
          ("scaling", "Scaling with agents and latent steps (`benchmarks/scaling.py`)"),
          ("training", "Training (`benchmarks/training.py`)"),
+         ("decode", "The decode loop against HF `generate`: host work per token, batching, long answers "
+                    "(`benchmarks/decode.py`)"),
+         ("stage1_memory", "Stage 1's peak memory (`benchmarks/stage1_memory.py`)"),
          ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)"),
          ("vllm", "vLLM against in process (`benchmarks/vllm.py`)"),
          ("serve", "The leaderboard's generative cells served against in process (`benchmarks/serve.py`)"),
