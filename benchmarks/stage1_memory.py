@@ -90,8 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--latent-steps", type=int, nargs="+", default=[0, 10],
-                        help="each value is measured: at 0 the prompt prefills set the peak, with latent steps the "
-                             "trace's copies can")
+                        help="each value is measured (0: the upstream agents' prompt prefills alone)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -114,8 +113,7 @@ def main() -> None:
             chain_module.decoder_of, chain_module._upcast = new_decoder, new_upcast
 
     rows = []
-    # the float32 change is about the latent steps' dtype: without latent steps both codes skip the cast
-    for what, steps in [(w, m) for w in ("hidden", "float32") for m in args.latent_steps if w == "hidden" or m]:
+    for what, steps in [(w, m) for w in ("hidden", "float32") for m in args.latent_steps]:
         if what == "float32":
             model.to(torch.bfloat16)
         peaks: dict[str, list[int]] = {"before": [], "after": []}
