@@ -67,8 +67,8 @@ def _sleep(seconds: float, adapter=None) -> float:
 def simulate(csv_path: Path, scale: float, train_seconds: float, gpus: int) -> dict:
     import ray
 
-    from diffmas_eval.leaderboard.config import FAMILY
-    from diffmas_eval.leaderboard.scheduler import Job, Resources, run_jobs, start_local
+    from diffmas_eval.leaderboard.grid.settings import FAMILY
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_jobs, start_local
 
     cells: dict[tuple[str, str], float] = {}
     with open(csv_path, newline="") as f:

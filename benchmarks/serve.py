@@ -23,9 +23,9 @@ from pathlib import Path
 from sqlitedict import SqliteDict
 
 from diffmas_eval import DEFAULT_MODEL
-from diffmas_eval.leaderboard.config import Settings
+from diffmas_eval.leaderboard.grid.settings import Settings
 from diffmas_eval.leaderboard.run import RunOptions, run_leaderboard
-from diffmas_eval.leaderboard.serve import ServeOptions
+from diffmas_eval.leaderboard.runner.serve import ServeOptions
 
 TASK = "diffmas_gsm8k"
 

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .codegen.cli import add_codegen_parser
     from .leaderboard import add_leaderboard_parser
-    from .leaderboard.ablate import add_ablate_parser
+    from .leaderboard.cli import add_ablate_parser
 
     add_leaderboard_parser(sub)
     add_ablate_parser(sub)

@@ -41,7 +41,7 @@ def options_reference(config_class: type[LatentConfig] | None = None) -> str:
     ``diffmas`` and ``textmas`` lm-eval models (one help line each, as their typo message lists them)."""
     from .harness import diffmas_lm, textmas_lm
     from .latent.config import FRONT_ENDS, LatentConfig, chain_options
-    from .leaderboard.config import chain_defaults
+    from .leaderboard.grid.settings import chain_defaults
 
     config_class = config_class or LatentConfig
     chain = chain_options(config_class)

@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 
 from diffmas_eval.cli import main
-from diffmas_eval.leaderboard.ablate_grid import AXES, Variant, grid, is_reference, reference_of
-from diffmas_eval.leaderboard.ablate_report import README_END, README_START, paired_bootstrap, summary, update_readme
-from diffmas_eval.leaderboard.config import Settings, short_hash
-from diffmas_eval.leaderboard.train import launch_command
+from diffmas_eval.leaderboard.grid.ablations import AXES, Variant, grid, is_reference, reference_of
+from diffmas_eval.leaderboard.grid.settings import Settings, short_hash
+from diffmas_eval.leaderboard.results.ablations import (
+    README_END,
+    README_START,
+    paired_bootstrap,
+    summary,
+    update_readme,
+)
+from diffmas_eval.leaderboard.runner.train import launch_command
 
 AXES_RUN = "latent_steps,trace,stage1_grad,realign"
 

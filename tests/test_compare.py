@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from diffmas_eval.cli import main
-from diffmas_eval.leaderboard import compare, report
+from diffmas_eval.leaderboard.results import compare, sections, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,11 @@ def test_the_committed_items_give_the_table_and_comparisons_csv(tmp_path):
     for name in ("leaderboard.csv", "leaderboard_items.csv"):
         shutil.copy(ROOT / "leaderboards" / name, tmp_path / name)
     doc = tmp_path / "page.md"
-    doc.write_text(f"{report.README_START}\n{report.README_END}\n")
+    doc.write_text(f"{sections.README_START}\n{sections.README_END}\n")
     assert main(["leaderboard", "--readme", str(doc), "--output", str(tmp_path / "leaderboard.csv")]) == 0
-    written = report.read_csv(tmp_path / compare.FILE)
+    written = tables.read_csv(tmp_path / compare.FILE)
     tasks = {r["task"] for r in written}
-    assert tasks and tasks <= {r["task"] for r in report.read_csv(tmp_path / "leaderboard_items.csv")}
+    assert tasks and tasks <= {r["task"] for r in tables.read_csv(tmp_path / "leaderboard_items.csv")}
     assert {(r["method"], r["reference"]) for r in written} >= {("diffmas", "single"), ("diffmas", "latentmas"),
                                                                  ("diffmas", "single-sft")}
     assert "| task | metric | method | vs | items |" in doc.read_text()

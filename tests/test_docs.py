@@ -410,8 +410,9 @@ def test_python_blocks_compile_and_their_imports_resolve():
 def _generated():
     """(page, section name, regenerate into a copy of the page: True if it changed, the command)."""
     from benchmarks.readme import section as bench_section
-    from diffmas_eval.leaderboard import ablate_report, report
     from diffmas_eval.leaderboard.ablate import AblationOptions
+    from diffmas_eval.leaderboard.results import ablations as ablate_report
+    from diffmas_eval.leaderboard.results import sections as report
     from diffmas_eval.readme import replace_section
     from diffmas_eval.reference import OPTIONS_COMMAND, STATUS_COMMAND, update_options
 

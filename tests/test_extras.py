@@ -72,7 +72,7 @@ def _message(module: str) -> str:
 
 
 def test_import_sites_name_the_extra(monkeypatch, tmp_path, capsys):
-    from diffmas_eval.leaderboard.report import charts
+    from diffmas_eval.leaderboard.results.charts import charts
     from diffmas_eval.models import resolve_pretrained
     from diffmas_eval.serving.client import OpenAIClient
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from diffmas_eval.cli import main
-from diffmas_eval.leaderboard.collect import collect
-from diffmas_eval.leaderboard.report import README_END, README_START, update_readme
-from diffmas_eval.leaderboard.train import check_disjoint
+from diffmas_eval.leaderboard.grid.trainings import check_disjoint
+from diffmas_eval.leaderboard.results.collect import collect
+from diffmas_eval.leaderboard.results.sections import README_END, README_START, update_readme
 
 TASKS = "diffmas_arc_challenge,humanevalplus"
 METHODS = "single,diffmas"
@@ -179,7 +179,8 @@ def test_duplicates_and_malformed_files(mini, tmp_path, capsys):
 def test_readme_section_round_trips(mini, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
-    from diffmas_eval.leaderboard import adapters, compare
+    from diffmas_eval.leaderboard.results import compare
+    from diffmas_eval.leaderboard.results import trainings as adapters
 
     rows = read_rows(mini / "leaderboard.csv")
     paired = compare.comparisons(compare.read_items(mini))  # what --readme adds, from leaderboard_items.csv
@@ -209,23 +210,24 @@ def test_trained_methods_never_score_their_training_items():
 
 
 def test_interrupted_training_restarts_cleanly_and_a_finished_adapter_is_reused(mini, tiny_path, data_dir, capsys):
-    from diffmas_eval.leaderboard import train
-    from diffmas_eval.leaderboard.config import Settings
+    from diffmas_eval.leaderboard.grid import trainings
+    from diffmas_eval.leaderboard.grid.settings import Settings
+    from diffmas_eval.leaderboard.runner.train import train_adapter
 
     settings = Settings(model=str(tiny_path), agents=2, latent_steps=2, train_steps=2, train_batch_size=1,
                         train_budgets={}, train_max_length=2048, sft_examples={"commonsense": 4})
     work = mini / "cache"
-    data, _, _ = train.sft_set("commonsense", 4, work, str(data_dir))
-    out = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
+    data, _, _ = trainings.sft_set("commonsense", 4, work, str(data_dir))
+    out = train_adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
     assert "reusing" in capsys.readouterr().out  # the mini leaderboard trained exactly this one
-    (out / train.MARKER).unlink()  # as if killed after a checkpoint that cannot be read
+    (out / trainings.MARKER).unlink()  # as if killed after a checkpoint that cannot be read
     (out / "checkpoint-1").mkdir()
     (out / "checkpoint-1" / "trainer_state.json").write_text("{not json")
-    assert not train.finished(out, out.name.rsplit("-", 1)[1])
-    again = train.adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
+    assert not trainings.finished(out, out.name.rsplit("-", 1)[1])
+    again = train_adapter(settings, "diffmas", "commonsense", data, work, cuda=False)
     printed = capsys.readouterr().out
     assert again == out and "resuming from checkpoint-1" in printed and "restarting" in printed
-    assert train.finished(out, out.name.rsplit("-", 1)[1]) and not list(out.glob("checkpoint-*"))
+    assert trainings.finished(out, out.name.rsplit("-", 1)[1]) and not list(out.glob("checkpoint-*"))
 
 
 def test_jobs_run_cells_side_by_side_with_the_same_numbers(mini, tiny_path, tmp_path, capsys):
@@ -261,7 +263,7 @@ def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, 
     trainer (diffmas.json), lm-eval's model_args and the collector; the notes are what textmas writes."""
     import torch
 
-    from diffmas_eval.leaderboard.config import Settings
+    from diffmas_eval.leaderboard.grid.settings import Settings
 
     monkeypatch.setenv("DIFFMAS_DATA_DIR", str(data_dir))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
@@ -304,7 +306,7 @@ def test_ablation_methods_train_and_score_their_own_layout(tiny_path, data_dir, 
 def test_results_put_the_multiple_choice_tasks_first_with_their_intervals():
     """The headline's order (issue 34): accuracy with its 95% interval on the multiple-choice tasks, their paired
     differences, then the generative tasks as a pipeline check that says it cannot rank the methods."""
-    from diffmas_eval.leaderboard.report import headline
+    from diffmas_eval.leaderboard.results.markdown import headline
 
     def row(method, task, metric, value, stderr, n):
         return {"model": "m", "method": method, "task": task, "metric": metric, "value": value, "stderr": stderr,
@@ -330,7 +332,8 @@ def test_results_put_the_multiple_choice_tasks_first_with_their_intervals():
 def test_the_four_charts_from_rows_with_stability_metrics(tmp_path):
     """accuracy, accuracy vs tokens, entropy along the answer and perplexity vs accuracy, from constructed rows
     (the mini leaderboard has no generative lm-eval task); each a PNG, the stability ones only with their data."""
-    from diffmas_eval.leaderboard.report import charts, write_curves
+    from diffmas_eval.leaderboard.results.charts import charts
+    from diffmas_eval.leaderboard.results.tables import write_curves
 
     def row(method, task, metric, value, stderr=0.05):
         return {"model": "m", "method": method, "task": task, "metric": metric, "value": value, "stderr": stderr,

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from diffmas_eval.leaderboard.cli import _limits, settings_of
-from diffmas_eval.leaderboard.config import Settings
+from diffmas_eval.leaderboard.grid.settings import Settings
 from diffmas_eval.options import count, parse_counts, parse_pairs
 
 
@@ -115,6 +115,6 @@ def test_train_budget_names_a_family_steps_and_batch(tmp_path, capsys):
 
 
 def _default_commonsense_budget():
-    from diffmas_eval.leaderboard.config import OFFLINE_BUDGETS
+    from diffmas_eval.leaderboard.grid.settings import OFFLINE_BUDGETS
 
     return OFFLINE_BUDGETS["commonsense"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from diffmas_eval.cli import build_parser
-from diffmas_eval.leaderboard.config import Settings
-from diffmas_eval.leaderboard.placement import FIELDS, GIB, Placement, resources_of
-from diffmas_eval.leaderboard.plan import JobPlan, cell_seconds, check_fit, token_budget
-from diffmas_eval.leaderboard.scheduler import largest_gpu
+from diffmas_eval.leaderboard.grid.plan import JobPlan, cell_seconds, check_fit, token_budget
+from diffmas_eval.leaderboard.grid.settings import Settings
+from diffmas_eval.leaderboard.runner.placement import FIELDS, GIB, Placement, resources_of
+from diffmas_eval.leaderboard.runner.scheduler import largest_gpu
 
 
 def earlier_cell(runs: Path, method: str, task: str, seconds: float, tokens: float) -> None:

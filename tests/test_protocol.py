@@ -7,8 +7,10 @@ import time
 import pytest
 
 from diffmas_eval.cli import main
-from diffmas_eval.leaderboard import cells, train
-from diffmas_eval.leaderboard.config import Settings, short_hash
+from diffmas_eval.leaderboard.grid.settings import Settings, short_hash
+from diffmas_eval.leaderboard.grid.trainings import sft_set
+from diffmas_eval.leaderboard.runner.score import score_lm_eval
+from diffmas_eval.leaderboard.runner.train import TRAINER, launch_command, train_adapter
 from diffmas_eval.protocol import PAPER_CAPS
 
 
@@ -17,7 +19,7 @@ def test_paper_protocol_reaches_lm_eval_and_the_config_hash(tiny_path, local_dat
     greedy = Settings(model=str(tiny_path), limit=1, max_gen_toks=4)
     assert short_hash(paper.cell("single", "diffmas_gsm8k")) != short_hash(greedy.cell("single", "diffmas_gsm8k"))
     assert "protocol" not in greedy.cell("single", "diffmas_gsm8k")  # greedy cells keep their earlier hashes
-    path = cells.score_lm_eval(paper, "single", "diffmas_gsm8k", None, tmp_path / "runs", tmp_path / "cache", 2, "cpu")
+    path = score_lm_eval(paper, "single", "diffmas_gsm8k", None, tmp_path / "runs", tmp_path / "cache", 2, "cpu")
     results = json.loads(path.read_text())
     task = results["configs"]["diffmas_gsm8k"]
     assert task["repeats"] == 4
@@ -39,8 +41,8 @@ def _sft_parser():
 
 def test_paper_recipe_reaches_the_trainer(tmp_path):
     spec = Settings(recipe="paper", train_batch_size=2).training("diffmas", "code")
-    cmd = train.launch_command(spec, tmp_path / "code.jsonl", tmp_path / "out", None, cuda=False)
-    argv = cmd[cmd.index(train.TRAINER) + 1:]
+    cmd = launch_command(spec, tmp_path / "code.jsonl", tmp_path / "out", None, cuda=False)
+    argv = cmd[cmd.index(TRAINER) + 1:]
     # `accelerate launch --cpu` tells the trainer it runs on a CPU; parsing alone needs it said
     script, args, model, dm = _sft_parser().parse_args_and_config([*argv, "--use_cpu", "true"])
     assert (args.learning_rate, args.lr_scheduler_type.value, args.gradient_accumulation_steps) == (5e-5, "cosine", 32)
@@ -116,10 +118,10 @@ def test_paper_recipe_read_back_from_the_trained_adapters_diffmas_json(tiny_path
     paper's code set: the last HumanEval problems): diffmas.json records the recipe as it ran."""
     settings = Settings(model=str(tiny_path), recipe="paper", agents=2, latent_steps=1, train_max_length=2048,
                         sft_examples={"code": 4})
-    data, bounds, used = train.sft_set("code", 4, tmp_path / "work", str(data_dir), "paper")
+    data, bounds, used = sft_set("code", 4, tmp_path / "work", str(data_dir), "paper")
     settings.sft_sources["code"] = used
     assert used.startswith("paper") and bounds == {"humanevalplus": 160}
-    out = train.adapter(settings, "diffmas", "code", data, tmp_path / "work", cuda=False, threads=1)
+    out = train_adapter(settings, "diffmas", "code", data, tmp_path / "work", cuda=False, threads=1)
     saved = json.loads((out / "diffmas.json").read_text())
     t = saved["training"]
     assert (t["learning_rate"], t["lr_scheduler_type"], t["optim"]) == (5e-5, "cosine", "adamw_torch")

@@ -37,7 +37,7 @@ def cluster(data_dir):
     mp.setenv("DIFFMAS_DATA_DIR", str(data_dir))
     mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
     mp.delenv("RAY_ADDRESS", raising=False)
-    from diffmas_eval.leaderboard.scheduler import start_local
+    from diffmas_eval.leaderboard.runner.scheduler import start_local
 
     start_local(num_gpus=2, num_cpus=3)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
@@ -57,11 +57,11 @@ def on_ray(cluster, tiny_path, tmp_path_factory):
 def in_order(on_ray, tiny_path, tmp_path_factory):
     """The same leaderboard one job at a time in this process, as it ran before Ray (Ray is left running: the
     sequential path is chosen by --jobs 1 with no GPU asked, so it is forced here by leaving Ray out)."""
-    import diffmas_eval.leaderboard.scheduler as scheduler
+    import diffmas_eval.leaderboard.run as run_module
 
     out = tmp_path_factory.mktemp("sequential")
     mp = pytest.MonkeyPatch()
-    mp.setattr(scheduler, "wants_ray", lambda res: False)
+    mp.setattr(run_module, "wants_ray", lambda res: False)
     try:
         assert leaderboard(tiny_path, out, "--jobs", "1") == 0
     finally:
@@ -140,8 +140,8 @@ def test_a_killed_worker_is_retried_with_the_same_numbers(on_ray, tiny_path, tmp
 
 
 def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_path, capsys):
-    from diffmas_eval.leaderboard.scheduler import PlacementError, check_store
-    from diffmas_eval.leaderboard.scheduler import cluster as nodes
+    from diffmas_eval.leaderboard.runner.scheduler import PlacementError, check_store
+    from diffmas_eval.leaderboard.runner.scheduler import cluster as nodes
 
     assert leaderboard(tiny_path, tmp_path, "--gpus-per-cell", "3") == 2
     assert "--gpus-per-cell 3: no node has that many GPUs (the most on one node: 2; GPUs per node: " in \
@@ -164,7 +164,7 @@ def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_p
 
 
 def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tiny_path, capsys):
-    from diffmas_eval.leaderboard.plan import JobPlan, check_fit
+    from diffmas_eval.leaderboard.grid.plan import JobPlan, check_fit
 
     before = sorted(p.name for p in (on_ray / "runs").rglob("*.json"))
     assert leaderboard(tiny_path, on_ray, "--plan", "--limit", "3", "--jobs", "3", "--gpus-per-training", "0") == 0

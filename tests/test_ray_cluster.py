@@ -39,7 +39,7 @@ def _can_hide(directory: Path) -> bool:
 def two_nodes(tmp_path_factory):
     from ray._private import ray_constants
 
-    from diffmas_eval.leaderboard.scheduler import cluster, start_local
+    from diffmas_eval.leaderboard.runner.scheduler import cluster, start_local
 
     mp = pytest.MonkeyPatch()
     mp.delenv("RAY_ADDRESS", raising=False)
@@ -78,7 +78,7 @@ def two_nodes(tmp_path_factory):
 
 
 def test_the_store_check_runs_a_task_on_each_node(two_nodes, tmp_path):
-    from diffmas_eval.leaderboard.scheduler import check_store
+    from diffmas_eval.leaderboard.runner.scheduler import check_store
 
     seen = check_store(tmp_path, two_nodes.nodes)
     assert seen == {n["id"]: True for n in two_nodes.nodes}  # each answer came from the node it was sent to
@@ -88,7 +88,7 @@ def test_a_node_that_cannot_see_the_store_is_named_before_anything_runs(two_node
                                                                         monkeypatch):
     if two_nodes.hidden is None:
         pytest.skip("no mount namespace here (unshare needs root or unprivileged user namespaces)")
-    from diffmas_eval.leaderboard.scheduler import PlacementError, check_store
+    from diffmas_eval.leaderboard.runner.scheduler import PlacementError, check_store
 
     other = next(n for n in two_nodes.nodes if n["id"] != two_nodes.head_id)
     store = two_nodes.hidden / "store"
@@ -107,7 +107,7 @@ def test_a_node_that_cannot_see_the_store_is_named_before_anything_runs(two_node
 
 
 def test_one_gpu_jobs_land_on_both_nodes(two_nodes, tmp_path):
-    from diffmas_eval.leaderboard.scheduler import Job, Resources, placement, run_jobs
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, placement, run_jobs
 
     jobs = [Job(f"job {k}", placement, (), tmp_path / f"job-{k}.log") for k in range(2)]
     done = run_jobs(jobs, Resources(address=two_nodes.address, gpus_per_cell=1, store=tmp_path))

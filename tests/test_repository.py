@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.leaderboard.ablate import AblationOptions, add_ablate_parser
-from diffmas_eval.leaderboard.cli import add_leaderboard_parser
+from diffmas_eval.leaderboard.ablate import AblationOptions
+from diffmas_eval.leaderboard.cli import add_ablate_parser, add_leaderboard_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARIES = ["leaderboards/leaderboard.csv", "leaderboards/leaderboard_items.csv", "leaderboards/leaderboard.md",

@@ -144,7 +144,7 @@ def test_leaderboard_and_memory_flags_are_the_schemas(capsys):
     from diffmas_eval.cli import main
     from diffmas_eval.latent.config import AGENTS_HELP
     from diffmas_eval.leaderboard import add_leaderboard_parser
-    from diffmas_eval.leaderboard.config import Settings
+    from diffmas_eval.leaderboard.grid.settings import Settings
 
     p = argparse.ArgumentParser()
     add_leaderboard_parser(p.add_subparsers())

@@ -19,14 +19,13 @@ import pytest
 from sqlitedict import SqliteDict
 
 from diffmas_eval.cli import main
-from diffmas_eval.leaderboard.config import Settings, method_model_args, short_hash
-from diffmas_eval.leaderboard.serve import (
+from diffmas_eval.leaderboard.grid.settings import Settings, method_model_args, route, short_hash
+from diffmas_eval.leaderboard.runner.serve import (
     Endpoint,
     Served,
     find_vllm,
     hashed_args,
     lora_rank,
-    route,
     server_args,
     split_gpus,
 )
@@ -73,10 +72,10 @@ def test_a_trained_latent_cell_keeps_one_request_in_flight(monkeypatch):
     (``serve.cell_concurrency``; seen with ``benchmarks/serve.py``'s 8 questions on the real server); every other
     served cell keeps ``--vllm-concurrency`` requests in flight. Registering the adapter is the server's part,
     recorded here instead (the real registration: the vllm-marked tests below)."""
-    import diffmas_eval.serving.vllm_cpu as vllm_cpu
+    import diffmas_eval.leaderboard.runner.serve as serve_module
 
     registered = []
-    monkeypatch.setattr(vllm_cpu, "load_lora", lambda url, name, path: registered.append(name))
+    monkeypatch.setattr(serve_module, "load_lora", lambda url, name, path: registered.append(name))
     end, s = Endpoint("http://127.0.0.1:9/v1", "base", 8), Settings()
     task = "diffmas_gsm8k"
     assert end.target(s, "diffmas", task, Path("/a/diffmas-math-x")) == Served(end.url, "diffmas-math-x", 1)
@@ -162,7 +161,7 @@ def boards(vllm_python, bundled_path, data_dir, tmp_path_factory):
     once right after the first textmas question's requests (inside the client, so the moment does not depend on
     the machine's speed): restarted, the cell resumed. Yields the directory and the prompts sent before the kill
     and after the restart."""
-    from diffmas_eval.leaderboard import serve
+    from diffmas_eval.leaderboard.runner import serve
     from diffmas_eval.serving import OpenAIClient
 
     mp = pytest.MonkeyPatch()

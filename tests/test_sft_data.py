@@ -46,8 +46,8 @@ def test_math_set_ends_with_a_boxed_answer_the_task_extracts(data_dir, tmp_path)
 def test_paper_sources_or_their_offline_fallback(data_dir, tmp_path, capsys):
     """``source="paper"``: the 50 last HumanEval problems (local), MATH's training split from the hub, or,
     where the hub is out of reach (this machine, CI), the offline rows, saying so and reporting it."""
-    from diffmas_eval.leaderboard.config import Settings
-    from diffmas_eval.leaderboard.train import check_disjoint
+    from diffmas_eval.leaderboard.grid.settings import Settings
+    from diffmas_eval.leaderboard.grid.trainings import check_disjoint
     from diffmas_eval.training.data import build_set
 
     bounds, used = build_set("code", tmp_path / "code.jsonl", data_dir=data_dir, source="paper")

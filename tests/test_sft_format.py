@@ -15,8 +15,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
-from diffmas_eval.leaderboard import train
-from diffmas_eval.leaderboard.config import Settings, method_model_args
+from diffmas_eval.leaderboard.grid import trainings as train
+from diffmas_eval.leaderboard.grid.settings import Settings, method_model_args
 from diffmas_eval.models import prepare_tokenizer
 from diffmas_eval.tasks import utils
 from diffmas_eval.training.data import choice_row
@@ -115,7 +115,7 @@ def test_the_commonsense_family_trains_on_its_budget_and_the_others_keep_their_a
     """The offline budget moves only the family it names: its adapters (single-sft and diffmas alike) train
     steps x batch of ``OFFLINE_BUDGETS``; math and code adapters are the ones ``--train-steps`` x
     ``--train-batch-size`` make, key for key (so their hashes, and cached adapters, are unchanged)."""
-    from diffmas_eval.leaderboard.config import OFFLINE_BUDGETS
+    from diffmas_eval.leaderboard.grid.settings import OFFLINE_BUDGETS
 
     steps, batch = OFFLINE_BUDGETS["commonsense"]
     settings, flat = Settings(), Settings(train_budgets={})

@@ -85,7 +85,7 @@ def test_ask_peft_runs_the_trained_chain(adapter, tiny_path, capsys):
 def test_the_probe_loads_the_trained_chain(adapter, tiny_path, tmp_path, monkeypatch):
     from diffmas_eval.latent import chain as chain_module
     from diffmas_eval.leaderboard.ablate import probe
-    from diffmas_eval.leaderboard.config import Settings
+    from diffmas_eval.leaderboard.grid.settings import Settings
 
     seen = []
     original = chain_module.AgentChain.gradient_probe

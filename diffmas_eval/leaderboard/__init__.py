@@ -9,15 +9,16 @@ anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``run`` (th
 same kind: the grid, its runner, its report; the runner imports both, the report only the grid).
 """
 
+from pathlib import Path
+
 from .cli import add_leaderboard_parser
-from .collect import FIELDS, collect, rows_from_lm_eval
-from .config import METHODS, Settings, method_model_args
+from .grid.settings import METHODS, Settings, method_model_args
+from .results.collect import FIELDS, collect, rows_from_lm_eval
 from .run import RunOptions, run_leaderboard
 
 
 def rows_from_results(results: dict, method: str, seconds: float | None = None) -> list[dict]:
     """Rows of one lm-eval results JSON for ``method`` (kept for callers of the first leaderboard)."""
-    from pathlib import Path
 
     return rows_from_lm_eval(results, Path("<memory>"), method)
 

@@ -30,25 +30,38 @@ trace exceeds ``--max-trace-tokens`` or the model's context is refused, naming t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ablate_grid import AXES, AblationOptions, Variant, cells_of, probe_path
-from .config import CODE_TASKS, Settings, short_hash
-from .placement import add_placement_flags
+from transformers import AutoConfig, AutoTokenizer
+
+from .. import DEFAULT_MODEL
+from ..latent.chain import TraceTooLongError, check_budget, upstream_prompt_ids
+from ..latent.config import LatentConfig
+from ..latent.persist import load_trained_chain
+from ..models import load_model, prepare_tokenizer, resolve_pretrained
+from ..prompts import TEXT_ROLES, final_prompt_ids, question_prompt
+from ..training.trainer import question_of, training_row
+from .grid.ablations import AXES, Variant, grid, probe_path
+from .grid.cells import done
+from .grid.plan import fit_check, plans_of
+from .grid.settings import CODE_TASKS, Settings, short_hash
+from .grid.trainings import chat_set, check_disjoint, sft_set
+from .results.ablations import publish
+from .runner.jobs import cell_job, run_environment, show, train_job, worker_device
+from .runner.placement import Placement, resources_of
+from .runner.scheduler import Job, run_jobs
+from .runner.serve import ServedRun, ServeOptions, describe
 
 
 # -- bad input, before anything runs ---------------------------------------------------------------
 def _longest_item(task: str, limit: int, tokenizer) -> tuple[str, int | None]:
     """The longest question among the task's scored items (lm-eval's own docs), and the longest choice's tokens
     (None: a generative task, whose answer takes its token cap)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager, get_task_dict  # start-up time: lm_eval builds its task index at import
 
     t = get_task_dict([task], TaskManager())[task]
     docs = list(t.eval_docs)[:limit or None]
@@ -64,12 +77,7 @@ def _longest_item(task: str, limit: int, tokenizer) -> tuple[str, int | None]:
 def check_fits(cells: list[tuple[Variant, int, Settings]], opts: AblationOptions) -> None:
     """Refuse a grid with a cell whose trace (or whole chain) would not fit: the chain's own budget check on the
     task's longest item, laid out by each cell's chain from the tokenizer alone (no model is loaded)."""
-    from transformers import AutoConfig, AutoTokenizer
 
-    from ..latent.chain import TraceTooLongError, check_budget, upstream_prompt_ids
-    from ..latent.config import LatentConfig
-    from ..models import prepare_tokenizer, resolve_pretrained
-    from ..prompts import TEXT_ROLES, final_prompt_ids, question_prompt
 
     path = resolve_pretrained(opts.model)
     tok = AutoTokenizer.from_pretrained(path)
@@ -98,10 +106,6 @@ def probe(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Pat
     """Per-agent ``||d loss / d segment||`` of the chain of ``settings`` (with ``adapter``: the trained chain,
     ``latent.persist.load_trained_chain``), averaged over the first ``n_rows`` SFT rows, each laid out exactly as
     the trainer trains it (``training.trainer.training_row``); on ``device``, else the one of the node it runs on."""
-    from ..latent.persist import load_trained_chain
-    from ..models import load_model
-    from ..training.trainer import question_of, training_row
-    from .run import worker_device
 
     device = worker_device(device)
 
@@ -148,10 +152,6 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
     """The jobs, each on ``device`` if given, else on the device of the node it lands on; every path absolute, as
     a job may run on another node (the store is shared) or in another directory. ``endpoint``: the run's vLLM
     server (``--serve vllm``), which the served cells decode on."""
-    from . import cells
-    from .run import cell_job, train_job
-    from .scheduler import Job
-    from .train import chat_set
 
     data, runs, work = data.resolve(), runs.resolve(), work.resolve()
     grid_cells, probes, logs = cells_of(opts, base), runs / "probes", work / "logs"
@@ -173,7 +173,7 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
         s.sft_sources = dict(base.sft_sources)
         label = f"{v.name} seed {seed}"
         todo = []
-        if not cells.done(runs, s, v.method, opts.task):
+        if not done(runs, s, v.method, opts.task):
             todo.append((f"score {short_hash(s.cell(v.method, opts.task))}", cell_job,
                          (s, v.method, opts.task, runs, work, batch, device, endpoint),
                          ("cell", s, v.method, opts.task)))
@@ -195,14 +195,14 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
     return Plan(grid_cells, family, rows, runs, probes, first + trained)
 
 
+def base_settings(opts: AblationOptions) -> Settings:
+    """The leaderboard ``Settings`` every variant starts from (``Variant.settings`` changes only its own axis)."""
+    return Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps,
+                    train_batch_size=opts.train_batch_size, train_budgets={}, train_max_length=opts.train_max_length)
+
+
 def run_ablation(opts: AblationOptions) -> list[dict]:
     """Train, score and probe what is missing; write the CSVs, charts and Markdown; return the cells' rows."""
-    from . import cells, train
-    from .ablate_report import publish
-    from .placement import resources_of
-    from .plan import fit_check, plans_of, show
-    from .run import run_environment
-    from .scheduler import run_jobs
 
     if opts.task in CODE_TASKS:
         raise ValueError(f"{opts.task}: ablations score lm-eval tasks (their per-item scores pair the cells); "
@@ -211,8 +211,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
         raise ValueError("--seeds is empty")
     if opts.limit < 1:
         raise ValueError(f"--limit must be >= 1 (the same first items for every cell), got {opts.limit}")
-    base = Settings(model=opts.model, limit=opts.limit, train_steps=opts.train_steps,
-                    train_batch_size=opts.train_batch_size, train_budgets={}, train_max_length=opts.train_max_length)
+    base = base_settings(opts)
     family = base.family_of(opts.task)
     if family is None:
         raise ValueError(f"no SFT family for task {opts.task}; ablations train on the task's family: choose a task "
@@ -222,17 +221,15 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     res = resources_of(opts, output, work)  # the placement flags' own checks
     check_fits(cells_of(opts, base), opts)  # before any compute
     device, batch = run_environment(opts.device, opts.batch_size, opts.data_dir, opts.threads)
-    data, bounds, base.sft_sources[family] = train.sft_set(family, None, work, opts.data_dir)
-    train.check_disjoint(family, bounds, [opts.task], opts.limit)
+    data, bounds, base.sft_sources[family] = sft_set(family, None, work, opts.data_dir)
+    check_disjoint(family, bounds, [opts.task], opts.limit)
     t0 = time.perf_counter()
     server = None
     if opts.serve:  # before any hash is read: the served cells' hashes hold the server's version and arguments
-        from .serve import ServedRun, ServeOptions, describe
-
         serve = ServeOptions(backend=opts.serve, vllm_python=opts.vllm_python, vllm_args=opts.vllm_args,
                              ready_timeout=opts.vllm_ready_timeout, concurrency=opts.vllm_concurrency)
         base.serving, python = describe(base, serve, device)
-        if not opts.plan and any(s.served(v.method, opts.task) and not cells.done(runs, s, v.method, opts.task)
+        if not opts.plan and any(s.served(v.method, opts.task) and not done(runs, s, v.method, opts.task)
                                  for v, _, s in cells_of(opts, base)):
             server = ServedRun(base, serve, python, device, work / "logs")
     with server if server is not None else contextlib.nullcontext():
@@ -253,63 +250,47 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     return publish(p, opts, output)
 
 
-# -- CLI -------------------------------------------------------------------------------------------
-def add_ablate_parser(sub) -> None:
-    from .cli import add_serve_flags
-
-    d = AblationOptions()
-    p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
-                                      "realignment) as leaderboard cells; CSV, charts, docs/ablations.md section",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
-    p.add_argument("--task", default=d.task, help="one lm-eval task with an SFT family (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=d.limit, help="first N items, the same for every cell (%(default)s)")
-    p.add_argument("--axes", default=",".join(d.axes), help=f"comma-separated, from {', '.join(AXES)} (default: all)")
-    p.add_argument("--latent-steps", default=d.latent_steps, metavar="M,...",
-                   help="the latent_steps axis (default: 0,10,40; the paper's: 0,10,40,100,200)")
-    p.add_argument("--agents", default=d.agents, metavar="N,...",
-                   help="the agents axis (default: 2,3,4; the paper's range: 2,3,4,5,6)")
-    p.add_argument("--ref-agents", type=int, default=d.ref_agents, help="the reference chain's agents (%(default)s)")
-    p.add_argument("--ref-steps", type=int, default=d.ref_steps,
-                   help="the reference chain's latent steps (%(default)s)")
-    p.add_argument("--seeds", default=d.seeds, metavar="S,...",
-                   help="training seeds (default: 1234; the paper's protocol: three)")
-    p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps per adapter (%(default)s)")
-    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
-                   help="rows per optimizer step (%(default)s)")
-    p.add_argument("--train-max-length", type=int, default=d.train_max_length,
-                   help="tokens per training row (%(default)s)")
-    p.add_argument("--probe-rows", type=int, default=d.probe_rows,
-                   help="SFT rows the gradient probe averages over (%(default)s)")
-    p.add_argument("--max-trace-tokens", type=int, default=None,
-                   help="refuse a grid whose trace would exceed this many positions (default: the model's context)")
-    p.add_argument("--output", default=d.output, help="the cells' CSV; the rest goes beside it (%(default)s)")
-    p.add_argument("--work-dir", default=None, help="SFT set, adapters, request caches (default: OUTPUT_DIR/cache)")
-    p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
-                   help="local benchmark data; default $DIFFMAS_DATA_DIR, else the hub")
-    add_placement_flags(p)  # the leaderboard's: --threads, --jobs, --ray-address, --gpus-per-*, --plan, ...
-    p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
-    p.add_argument("--device", default=None)
-    add_serve_flags(p)
-    p.add_argument("--readme", default=None, metavar="PAGE.md",
-                   help="only regenerate the ablations section (docs/ablations.md) from the CSVs beside --output")
-    p.set_defaults(func=_cli)
 
 
-def _cli(args: argparse.Namespace) -> int:
-    from ..options import parse_counts
-    from .ablate_report import update_readme
-    from .config import parse_list
 
-    if args.readme:
-        changed = update_readme(Path(args.readme), Path(args.output))
-        print(f"{args.readme}: ablations section {'updated' if changed else 'already up to date'}")
-        return 0
-    names = {f.name for f in dataclasses.fields(AblationOptions)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["axes"] = parse_list(args.axes, AXES, "axes")
-    for key in ("latent_steps", "agents", "seeds"):  # flags given as text; defaults are lists already
-        if isinstance(values[key], str):
-            values[key] = parse_counts(values[key], "--" + key.replace("_", "-"))
-    run_ablation(AblationOptions(**values))
-    return 0
+
+@dataclass
+class AblationOptions(Placement):
+    """What ``diffmas-eval ablate`` runs; every field is a flag of the same name (``--ref-agents``, ...); where its
+    jobs run: ``Placement``'s fields, the leaderboard's flags."""
+
+    model: str = DEFAULT_MODEL
+    task: str = "diffmas_commonsense_qa"
+    limit: int = 150
+    axes: list[str] = field(default_factory=lambda: list(AXES))
+    latent_steps: list[int] = field(default_factory=lambda: [0, 10, 40])
+    agents: list[int] = field(default_factory=lambda: [2, 3, 4])
+    ref_agents: int = 3
+    ref_steps: int = 10
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    train_steps: int = 25
+    train_batch_size: int = 4
+    train_max_length: int = 256
+    probe_rows: int = 2
+    max_trace_tokens: int | None = None
+    output: str = "leaderboards/ablations/ablations.csv"
+    work_dir: str | None = None
+    data_dir: str | None = None
+    batch_size: str = "8"
+    device: str | None = None
+    # --serve vllm (leaderboard/serve.py): the latent cells' final agent decodes on a vLLM server
+    serve: str | None = None
+    vllm_python: str | None = None
+    vllm_args: str = ""
+    vllm_ready_timeout: float = 1800.0
+    vllm_concurrency: int = 8
+
+
+def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, Settings]]:
+    """Every (variant, seed) cell: trained variants once per seed, untrained ones once (module docstring)."""
+    out = [(v, seed, v.settings(base, seed))
+           for v in grid(opts.axes, opts.latent_steps, opts.agents, opts.ref_agents, opts.ref_steps)
+           for seed in (opts.seeds if v.trained else opts.seeds[:1])]
+    for _, _, s in out:
+        s.check_chain()
+    return out

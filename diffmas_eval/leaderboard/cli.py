@@ -6,16 +6,26 @@ Only flags: they are parsed into a ``Settings`` and a ``RunOptions``, and ``run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 from functools import partial
 from pathlib import Path
 
 from ..latent.config import chain_options
-from ..options import add_flags, count, parse_pairs
+from ..options import add_flags, count, parse_counts, parse_pairs
 from ..protocol import PROTOCOLS
-from .config import METHODS, RECIPES, Settings, chain_defaults
-from .placement import add_placement_flags, placement_of
-from .run import RunOptions
-from .serve import SERVE_BACKENDS, ServeOptions
+from ..tasks.registry import FAMILY
+from . import ablate
+from .ablate import AblationOptions, run_ablation
+from .grid.ablations import AXES
+from .grid.settings import METHODS, RECIPES, Settings, chain_defaults, parse_list
+from .results import compare
+from .results.ablations import update_readme
+from .results.collect import collect, curves, items
+from .results.sections import regenerate
+from .run import RunOptions, publish, run_leaderboard
+from .runner.placement import add_placement_flags, placement_of
+from .runner.serve import SERVE_BACKENDS, ServeOptions
 
 
 def add_leaderboard_parser(sub) -> None:
@@ -95,7 +105,7 @@ def add_leaderboard_parser(sub) -> None:
     p.add_argument("--readme", default=None, metavar="PAGE.md",
                    help="only regenerate the results sections from the CSV (--output): the full one of "
                         "docs/leaderboard.md, the short one of README.md")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_leaderboard_command)
 
 
 def budget(text: str) -> tuple[int, int]:
@@ -107,8 +117,6 @@ def budget(text: str) -> tuple[int, int]:
 
 
 def _budgets(text: str) -> dict:
-    from ..tasks.registry import FAMILY
-
     budgets = parse_pairs(text, "--train-budget", budget, form="FAMILY=STEPSxBATCH")
     families = sorted(set(FAMILY.values()))
     for family in budgets:
@@ -193,12 +201,7 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
                       serve=serve_options_of(args), **placement_of(args))
 
 
-def run(args: argparse.Namespace) -> int:
-    from . import compare
-    from .collect import collect, curves, items
-    from .report import regenerate
-    from .run import publish, run_leaderboard
-
+def run_leaderboard_command(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if args.readme:
         paired = compare.comparisons(compare.read_items(output.parent))  # from the committed per-item scores alone
@@ -214,4 +217,60 @@ def run(args: argparse.Namespace) -> int:
         publish(rows, output, curves(args.from_results), items(args.from_results))
         return 0
     run_leaderboard(settings_of(args), run_options_of(args), output)
+    return 0
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def add_ablate_parser(sub) -> None:
+    d = AblationOptions()
+    p = sub.add_parser("ablate", help="the paper's ablations (latent steps, agents, trace, stage-1 gradient, "
+                                      "realignment) as leaderboard cells; CSV, charts, docs/ablations.md section",
+                       description=ablate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model, help="hub id, local path or bundled:NAME (default: %(default)s)")
+    p.add_argument("--task", default=d.task, help="one lm-eval task with an SFT family (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=d.limit, help="first N items, the same for every cell (%(default)s)")
+    p.add_argument("--axes", default=",".join(d.axes), help=f"comma-separated, from {', '.join(AXES)} (default: all)")
+    p.add_argument("--latent-steps", default=d.latent_steps, metavar="M,...",
+                   help="the latent_steps axis (default: 0,10,40; the paper's: 0,10,40,100,200)")
+    p.add_argument("--agents", default=d.agents, metavar="N,...",
+                   help="the agents axis (default: 2,3,4; the paper's range: 2,3,4,5,6)")
+    p.add_argument("--ref-agents", type=int, default=d.ref_agents, help="the reference chain's agents (%(default)s)")
+    p.add_argument("--ref-steps", type=int, default=d.ref_steps,
+                   help="the reference chain's latent steps (%(default)s)")
+    p.add_argument("--seeds", default=d.seeds, metavar="S,...",
+                   help="training seeds (default: 1234; the paper's protocol: three)")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimizer steps per adapter (%(default)s)")
+    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
+                   help="rows per optimizer step (%(default)s)")
+    p.add_argument("--train-max-length", type=int, default=d.train_max_length,
+                   help="tokens per training row (%(default)s)")
+    p.add_argument("--probe-rows", type=int, default=d.probe_rows,
+                   help="SFT rows the gradient probe averages over (%(default)s)")
+    p.add_argument("--max-trace-tokens", type=int, default=None,
+                   help="refuse a grid whose trace would exceed this many positions (default: the model's context)")
+    p.add_argument("--output", default=d.output, help="the cells' CSV; the rest goes beside it (%(default)s)")
+    p.add_argument("--work-dir", default=None, help="SFT set, adapters, request caches (default: OUTPUT_DIR/cache)")
+    p.add_argument("--data-dir", default=os.environ.get("DIFFMAS_DATA_DIR"),
+                   help="local benchmark data; default $DIFFMAS_DATA_DIR, else the hub")
+    add_placement_flags(p)  # the leaderboard's: --threads, --jobs, --ray-address, --gpus-per-*, --plan, ...
+    p.add_argument("--batch-size", default=d.batch_size, help="scoring batch size (%(default)s)")
+    p.add_argument("--device", default=None)
+    add_serve_flags(p)
+    p.add_argument("--readme", default=None, metavar="PAGE.md",
+                   help="only regenerate the ablations section (docs/ablations.md) from the CSVs beside --output")
+    p.set_defaults(func=run_ablate)
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    if args.readme:
+        changed = update_readme(Path(args.readme), Path(args.output))
+        print(f"{args.readme}: ablations section {'updated' if changed else 'already up to date'}")
+        return 0
+    names = {f.name for f in dataclasses.fields(AblationOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["axes"] = parse_list(args.axes, AXES, "axes")
+    for key in ("latent_steps", "agents", "seeds"):  # flags given as text; defaults are lists already
+        if isinstance(values[key], str):
+            values[key] = parse_counts(values[key], "--" + key.replace("_", "-"))
+    run_ablation(AblationOptions(**values))
     return 0

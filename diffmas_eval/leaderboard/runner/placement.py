@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .scheduler import Resources
+
 if TYPE_CHECKING:
     from .scheduler import Resources
 
@@ -74,7 +76,6 @@ def placement_of(args: argparse.Namespace) -> dict:
 
 def resources_of(opts: Placement, output: Path, work: Path) -> Resources:
     """The scheduler's view of ``opts``; the store is the directory holding the output and the work directory."""
-    from .scheduler import Resources
 
     if opts.jobs is not None and opts.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")

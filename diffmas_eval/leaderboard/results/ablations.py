@@ -20,9 +20,14 @@ import json
 import statistics
 from pathlib import Path
 
-from ..extras import require
-from ..readme import end_marker, replace_section, start_marker
-from .stats import BOOTSTRAP, paired_bootstrap  # noqa: F401  (re-exported: its home before stats.py)
+from ...extras import require
+from ...readme import end_marker, replace_section, start_marker
+from ..grid.ablations import is_reference, probe_path
+from ..grid.cells import META, result_path
+from ..grid.settings import primary_metric, short_hash
+from .charts import save_figure
+from .stats import BOOTSTRAP, paired_bootstrap
+from .tables import read_csv
 
 CELL_FIELDS = ["axis", "variant", "method", "trained", "reference", "seed", "agents", "latent_steps", "trace",
                "stage1_grad", "realign", "task", "metric", "value", "n", "config_hash", "adapter", "source"]
@@ -45,8 +50,6 @@ def _write(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def _read(path: Path) -> list[dict]:
-    from .report import read_csv
-
     return read_csv(path, "diffmas-eval ablate")
 
 
@@ -62,9 +65,6 @@ def _relative(path: str) -> str:
 def publish(plan, opts, output: Path) -> list[dict]:
     """The CSVs, charts and Markdown of a finished grid (``ablate.Plan``, read by its fields); returns the cells'
     rows."""
-    from .ablate_grid import is_reference, probe_path
-    from .cells import META, result_path
-    from .config import primary_metric, short_hash
 
     metric = primary_metric(opts.task)
     rows, items, grads, seen = [], [], [], set()
@@ -218,9 +218,8 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
     """Accuracy vs latent steps; every variant's Δ with its interval; gradient norm vs depth (concat, overwrite)."""
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional extra: leaderboard
 
-    from .report import _save
 
     paths = []
     summ = summary(rows, _read(out / "ablation_items.csv")) if (out / "ablation_items.csv").exists() else []
@@ -237,7 +236,7 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("latent steps per upstream agent")
         ax.set_ylabel(f"{rows[0]['metric']} on {rows[0]['task']} (n={rows[0]['n']})")
         ax.set_title("Accuracy vs latent steps (error bars: std over seeds)")
-        paths.append(_save(fig, ax, out / CHARTS[0]))
+        paths.append(save_figure(fig, ax, out / CHARTS[0]))
     deltas = [r for r in summ if "delta" in r]
     if deltas:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(deltas) + 1.5))
@@ -250,7 +249,7 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
         ax.set_yticks(ys, labels, fontsize=8)
         ax.set_xlabel("accuracy difference")
         ax.set_ylim(-0.8, len(deltas) + 0.3)  # room above the first row for the legend
-        paths.append(_save(fig, ax, out / CHARTS[1], grid="x", fontsize=8, loc="upper right"))
+        paths.append(save_figure(fig, ax, out / CHARTS[1], grid="x", fontsize=8, loc="upper right"))
     trace = {k: v for k, v in _grad_groups(grads).items() if k[0] == "trace" and k[1] in ("concat", "overwrite")}
     if trace:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -265,7 +264,7 @@ def charts(rows: list[dict], grads: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("upstream agent (1 = farthest from the final agent)")
         ax.set_ylabel("‖∂loss/∂segment‖")
         ax.set_title("Gradient reaching each agent: concat vs overwrite")
-        paths.append(_save(fig, ax, out / CHARTS[2], fontsize=8))
+        paths.append(save_figure(fig, ax, out / CHARTS[2], fontsize=8))
     return paths
 
 

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .config import TEXT_METHODS, Settings
+import torch
+from transformers import AutoModelForCausalLM
+
+from ...memory import bytes_per_position, human, load_text_config
+from ...models import TRACE_DTYPES
+from .settings import TEXT_METHODS, Settings
 
 PROMPT_TOKENS = 256  # a question with its role prompt and chat template (the estimate's assumption)
 LATENT = ("latentmas", "diffmas", "latentmas-hier", "diffmas-hier", "stitchmas")
@@ -51,11 +56,7 @@ WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 @lru_cache(maxsize=8)
 def model_facts(model: str) -> tuple[int, str, int]:
     """Parameters (counted on the meta device), the dtype the model loads in, and the KV bytes per position."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from ..memory import bytes_per_position, load_text_config
-    from ..models import TRACE_DTYPES
 
     config = load_text_config(model)
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
@@ -164,7 +165,6 @@ def check_fit(plans: list[JobPlan], largest: tuple[str, int] | None) -> None:
     if largest is None:
         return
     name, total = largest
-    from ..memory import human
 
     for p in plans:
         if p.gpus and p.peak > total * max(1, int(p.gpus)):
@@ -183,20 +183,9 @@ def fit_check(plans: Callable[[float, int], list[JobPlan]]) -> Callable:
     return fits
 
 
-def show(plans: Callable[[float, int], list[JobPlan]], res) -> None:
-    """``--plan``: print the jobs with their resources, memory and time on the cluster the run would use, then
-    refuse any that no GPU of it can hold."""
-    from .scheduler import survey
-
-    nodes, per_cell, per_training, largest = survey(res)
-    jobs = plans(per_cell, per_training)
-    print(describe(jobs, nodes, largest), flush=True)
-    check_fit(jobs, largest)
 
 
 def describe(plans: list[JobPlan], nodes: list[dict], largest: tuple[str, int] | None) -> str:
-    from ..memory import human
-
     where = ", ".join(f"{n['node']}: {n['gpus']:g} GPU / {n['cpus']:g} CPU" for n in nodes) or "this machine"
     probes = sum(p.kind == "probe" for p in plans)
     lines = [f"plan: {sum(p.kind == 'train' for p in plans)} training(s), {sum(p.kind == 'cell' for p in plans)} "

@@ -29,6 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+import torch
+
+from ...extras import require
+
 PLACEMENT_ENV = "DIFFMAS_PLACEMENT"  # set in a worker for the job it runs; read by placement()
 # what a worker needs of the driver's environment to resolve the model, the data and its threads as the driver does
 FORWARDED = ("DIFFMAS_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -85,8 +90,6 @@ def placement() -> dict:
 
 
 def _device_name() -> str:
-    import torch
-
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
@@ -100,7 +103,6 @@ def forwarded_env(extra: dict | None = None) -> dict[str, str]:
 def _kill_children() -> None:
     """End the processes this worker started (``accelerate launch``, EvalPlus's pool): an interrupted job leaves
     none behind."""
-    import psutil
 
     children = psutil.Process().children(recursive=True)
     for child in children:
@@ -118,12 +120,11 @@ def _kill_children() -> None:
 
 def _run(fn: Callable, args: tuple, log: str, threads: int | None, stop: str, adapter=None):
     """One job in a Ray worker: its threads, its placement, its output in its log."""
-    import ray
+    import ray  # optional extra: leaderboard
 
     if Path(stop).exists():
         return SKIPPED
     if threads:
-        import torch
 
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the job's own subprocesses
         torch.set_num_threads(threads)
@@ -187,7 +188,6 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def connect(res: Resources) -> bool:
     """Connect to the cluster (or start a local Ray); return whether this call started Ray (then it is ours to shut
     down)."""
-    from ..extras import require
 
     ray = require("ray")
     address = res.address or os.environ.get("RAY_ADDRESS") or None
@@ -210,8 +210,8 @@ def start_local(**kwargs) -> None:
     ``ray start``, docs/leaderboard.md). ``ray.init`` turns 127.0.0.1 into the machine's address unless Ray's
     single-machine mode is on, so it is switched on for this call; and ``address="local"``: a new one, even where
     a ``ray start`` on this machine left its address file (``ray.init()`` would join that cluster instead)."""
-    import ray
-    from ray._private import ray_constants
+    import ray  # optional extra: leaderboard
+    from ray._private import ray_constants  # optional extra: leaderboard
 
     # Ray runs its workers at niceness 15, as if they were background work; here they are the work, and at 15 they
     # lose the CPU to anything else on the machine (a reduced grid took 1.48x the process pool's time here)
@@ -228,7 +228,7 @@ def start_local(**kwargs) -> None:
 def cluster() -> list[dict]:
     """The live nodes: ``{"node", "id", "ip", "cpus", "gpus", "name"}`` each (``name``: how an error names it, the
     hostname with the node's address and id, since several nodes may share a host)."""
-    import ray
+    import ray  # optional extra: leaderboard
 
     nodes = [{"node": n.get("NodeManagerHostname", n["NodeID"]), "id": n["NodeID"],
               "ip": n.get("NodeManagerAddress", ""), "cpus": n["Resources"].get("CPU", 0),
@@ -257,8 +257,6 @@ def gpu_requests(res: Resources, nodes: list[dict]) -> tuple[float, int]:
 
 
 def _gpu_here() -> tuple[str, int] | None:
-    import torch
-
     if not torch.cuda.is_available():
         return None  # declared GPUs (``ray start --num-gpus``) without a device behind them
     props = torch.cuda.get_device_properties(0)
@@ -270,8 +268,8 @@ def largest_gpu(nodes: list[dict], given: int | None = None) -> tuple[str, int] 
     one GPU of each node that has some asks its torch (declared GPUs without a device answer nothing)."""
     if given:
         return "GPU of --gpu-memory", given
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # optional extra: leaderboard
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional extra: leaderboard
 
     probe = ray.remote(_gpu_here)
     refs = [probe.options(num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -282,7 +280,7 @@ def largest_gpu(nodes: list[dict], given: int | None = None) -> tuple[str, int] 
 
 def _can_see(path: str) -> tuple[str, bool]:
     """Run on one node: its Ray node id, and whether the path is a directory there."""
-    import ray
+    import ray  # optional extra: leaderboard
 
     return ray.get_runtime_context().get_node_id(), Path(path).is_dir()
 
@@ -291,8 +289,8 @@ def check_store(store: Path, nodes: list[dict]) -> dict[str, bool]:
     """A task on each node looks for the store (cells, adapters, SFT sets, logs): on a cluster it must be a shared
     filesystem, and a node that cannot see it would fail each of its jobs late. Returns what each node (by the
     id of the node the task ran on) saw."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # optional extra: leaderboard
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional extra: leaderboard
 
     probe = ray.remote(_can_see)
     refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -310,7 +308,7 @@ def survey(res: Resources) -> tuple[list[dict], float, int, tuple[str, int] | No
     for, and its largest GPU (a Ray started for this is shut down again)."""
     nodes: list[dict] = []
     if wants_ray(res):
-        import ray
+        import ray  # optional extra: leaderboard
 
         started = connect(res)
         try:
@@ -327,7 +325,6 @@ def survey(res: Resources) -> tuple[list[dict], float, int, tuple[str, int] | No
 def wants_ray(res: Resources) -> bool:
     """Ray unless this is one job at a time on a machine without GPUs and no cluster is named: then the jobs run in
     this process, one after another, as they always did (no Ray to start, a debugger works)."""
-    import torch
 
     if res.jobs not in (None, 1) or res.address or os.environ.get("RAY_ADDRESS"):
         return True
@@ -350,7 +347,6 @@ def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
     """Run ``jobs`` as Ray tasks; return each job's result by name (a job that never started is absent)."""
     if not wants_ray(res):
         return run_in_order(jobs)
-    from ..extras import require
 
     ray = require("ray")
     names = {j.name for j in jobs}
@@ -374,7 +370,7 @@ def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
 
 def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: int,
               started_ray: bool) -> dict[str, object]:
-    import ray
+    import ray  # optional extra: leaderboard
 
     t0 = time.perf_counter()
     logs = {j.log.parent for j in jobs}
@@ -464,7 +460,7 @@ def _first_line(error: BaseException) -> str:
 
 def _cancel(refs: list, stop: Path) -> None:
     """Ctrl-C: nothing new starts, the running tasks are interrupted (and kill their children), then forced."""
-    import ray
+    import ray  # optional extra: leaderboard
 
     stop.touch()
     print(f"\ninterrupted: cancelling {len(refs)} job(s)", flush=True)

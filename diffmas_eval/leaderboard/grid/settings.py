@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Any
 
-from .. import DEFAULT_MODEL
-from ..tasks.registry import CODE_TASKS, DEFAULT_TASKS, FAMILY, PRIMARY
+from ... import DEFAULT_MODEL
+from ...latent.config import CHOICES, chain_options
+from ...protocol import get_protocol, is_generative
+from ...tasks.registry import CODE_TASKS, DEFAULT_TASKS, FAMILY, PRIMARY
+from ...training.data import CHAT_FAMILIES
 
 # the default five, then the paper's baselines and ablations (issue 22), on request (--methods)
 DEFAULT_METHODS = ("single", "single-sft", "textmas", "latentmas", "diffmas")
@@ -101,7 +105,6 @@ class Settings:
         """Whether this cell's decoding goes to the run's server (``--serve``; ``serve.route`` decides)."""
         if not self.serving:
             return False
-        from .serve import route
 
         return route(self, method, task) is None
 
@@ -118,7 +121,6 @@ class Settings:
 
     def decoding(self):
         """The checked ``protocol.Protocol`` of this leaderboard (errors name the valid choices)."""
-        from ..protocol import get_protocol
 
         return get_protocol(self.protocol, self.samples, self.temperature, self.top_p)
 
@@ -134,7 +136,6 @@ class Settings:
     def sft_format(self, family: str) -> str:
         """The SFT rows' format: the one the family's cells are scored in (chat rows when lm-eval applies the chat
         template; the code family is scored by EvalPlus's prompt and trains on plain rows, ``CHAT_FAMILIES``)."""
-        from ..training.data import CHAT_FAMILIES
 
         return "chat" if self.chat_template and family in CHAT_FAMILIES else "plain"
 
@@ -187,7 +188,6 @@ class Settings:
 
     def check_chain(self) -> None:
         """The ablation overrides name known options with valid values (errors list them)."""
-        from ..latent.config import CHOICES
 
         for key, value in self.chain.items():
             if key not in CHAIN_KEYS:
@@ -233,7 +233,6 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
 def chain_defaults() -> dict[str, Any]:
     """The leaderboard's own defaults for the chain options it offers (``chain_options(front="leaderboard")``):
     ``Settings``' CPU-sized chain, which its flags and README's option reference show."""
-    from ..latent.config import chain_options
 
     return {o.name: getattr(Settings(), o.name) for o in chain_options(front="leaderboard")}
 
@@ -248,3 +247,27 @@ def parse_list(text: str, allowed: tuple[str, ...] | None, what: str) -> list[st
         if bad:
             raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
     return items
+
+
+# -- what goes to a --serve server ------------------------------------------------------------------------------
+# -- what goes to the server --------------------------------------------------------------------------------------
+@cache
+def _generative(task: str) -> bool:
+    return is_generative(task)
+
+
+def route(settings: Settings, method: str, task: str) -> str | None:
+    """None when a cell's decoding goes to the server; otherwise why it stays in process."""
+    if not _generative(task):
+        return f"{task} is scored by log-likelihood, which stays in process"
+    if method in LAYOUT:
+        layout = {**LAYOUT[method], **settings.chain}
+        trace, topology = layout.get("trace", "concat"), layout.get("topology", "sequential")
+        if topology != "sequential" or trace != "concat":
+            what = "a hierarchical chain" if topology != "sequential" else f"the {trace} trace"
+            return (f"{method}: {what} is not one causal sequence of input embeddings (stage2=vllm needs trace=concat "
+                    "and topology=sequential), so its final agent decodes in process")
+        return None
+    if method in TEXT_METHODS or method in ("single", "single-sft"):
+        return None
+    return f"{method} has no served route"

@@ -16,7 +16,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .cells import META
+from ...extras import require
+from ..grid.cells import META
+from ..grid.settings import primary_metric
 
 FIELDS = ["model", "adapter", "method", "agents", "latent_steps", "agent_max_tokens", "max_gen_toks", "task", "metric",
           "value", "stderr", "n", "tokens_per_sample", "seconds_per_sample", "device", "date", "version", "config_hash",
@@ -139,7 +141,6 @@ def items(specs: list[str]) -> list[dict]:
     files need not be. lm-eval files carry them in our metadata (``per_item``: cells the leaderboard scored; files
     made elsewhere have none), EvalPlus files per task (pass@1 of that task's samples). A cell seen twice is kept
     once."""
-    from .config import primary_metric
 
     out, seen = [], set()
     for method, path in expand(specs):
@@ -164,7 +165,6 @@ def items(specs: list[str]) -> list[dict]:
 def _item_scores(data: dict, path: Path, method: str | None) -> tuple[dict, str, dict[str, float]] | None:
     """(the cell's identifying fields, its task, doc id -> score) of one results file; None if it has no items."""
     if "eval" in data:
-        from ..extras import require
 
         runs = data["eval"]
         if not isinstance(runs, dict) or not runs:
@@ -193,7 +193,6 @@ def rows_from_evalplus(results: dict, source: Path, method: str | None = None) -
     The stderr is lm-eval's for a mean, sqrt(p (1 - p) / (n - 1)), so it compares with the other columns.
     Method and model come from ``leaderboard.json``/``codegen.json`` beside it when ``diffmas-eval codegen`` made it.
     """
-    from ..extras import require
 
     PASS = require("evalplus.eval").PASS  # noqa: N806 (EvalPlus's name)
     runs = results.get("eval")

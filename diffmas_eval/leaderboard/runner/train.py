@@ -19,47 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..options import parse_pairs
-from .config import FAMILY, Settings, short_hash
+from ...options import parse_pairs
+from ...training.notes import write_notes_set
+from ..grid.settings import Settings, short_hash
+from ..grid.trainings import ADAPTER_FILES, MARKER, chat_set, finished
+from .scheduler import placement
 
 TRAINER = "diffmas_eval.training.sft"  # the module accelerate launches (trainers/sft.py is a thin file over it)
-MARKER = "leaderboard-adapter.json"
-# lm-eval's own tasks over the same source files the SFT sets take their last rows from (same item order)
-SAME_SOURCE = {"gsm8k": "diffmas_gsm8k", "gsm8k_cot": "diffmas_gsm8k", "arc_challenge": "diffmas_arc_challenge",
-               "commonsense_qa": "diffmas_commonsense_qa", "diffmas_arc_challenge_gen": "diffmas_arc_challenge",
-               "diffmas_commonsense_qa_gen": "diffmas_commonsense_qa", "mbpp": "mbppplus"}
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "diffmas.json")
-
-
-def sft_set(family: str, n: int | None, work: Path, data_dir: str | None,
-            source: str = "offline") -> tuple[Path, dict[str, int], str]:
-    """Write the family's SFT set (``diffmas-eval sft-data``); return it, its disjointness bounds and the source
-    its rows came from (``paper`` falls back to ``offline`` without the hub)."""
-    from ..training.data import build_set
-
-    path = work / "sft" / f"{family}{'' if source == 'offline' else '-' + source}{'' if n is None else f'-{n}'}.jsonl"
-    bounds, used = build_set(family, path, n, data_dir, source)
-    return path, bounds, used
-
-
-def check_disjoint(family: str, bounds: dict[str, int], tasks: list[str], limit: int) -> None:
-    """Refuse to score a trained method on items its SFT set contains (``--limit`` beyond the bound)."""
-    for task in tasks:
-        bound = bounds.get(SAME_SOURCE.get(task, task))
-        if bound is not None and (limit == 0 or limit > bound) and (FAMILY.get(task) in (family, None)):
-            raise ValueError(f"{task}: the {family} SFT set holds its last rows, so a trained method may score at "
-                             f"most its first {bound} items, but --limit is {limit or 'all'}; use --limit <= {bound} "
-                             f"or fewer SFT examples (--sft-examples {family}=N)")
-
-
-def finished(out: Path, digest: str) -> bool:
-    marker = out / MARKER
-    if not marker.exists() or not all((out / f).exists() for f in ADAPTER_FILES):
-        return False
-    try:
-        return json.loads(marker.read_text()).get("hash") == digest
-    except json.JSONDecodeError:
-        return False
 
 
 def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda: bool,
@@ -107,16 +73,8 @@ def _stream(cmd: list[str], log: Path) -> int:
         return proc.wait()
 
 
-def chat_set(data: Path) -> Path:
-    """``data`` (plain rows) as chat rows (``training.data.to_chat``), beside it."""
-    from ..training.data import write_chat
-
-    return write_chat(data, data.with_name(f"{data.stem}-chat.jsonl"))
-
-
 def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
     """``data`` with textmas's notes before each prompt (``training/notes.py``), named by what made them."""
-    from ..training.notes import write_notes_set
 
     notes = settings.notes()
     digest = short_hash({"data": hashlib.sha256(data.read_bytes()).hexdigest(), "model": settings.model, **notes})
@@ -131,7 +89,6 @@ def notes_set(settings: Settings, data: Path, work: Path, cuda: bool) -> Path:
 
 def record_placement(config: Path) -> None:
     """Where the adapter was trained, under the chain file's ``training`` provenance (which loading ignores)."""
-    from .scheduler import placement
 
     data = json.loads(config.read_text())
     data.setdefault("training", {})["placement"] = placement()
@@ -143,7 +100,7 @@ def _last_checkpoint(out: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def adapter(settings: Settings, method: str, family: str, data: Path, work: Path, cuda: bool,
+def train_adapter(settings: Settings, method: str, family: str, data: Path, work: Path, cuda: bool,
             threads: int | None = None, processes: int = 1) -> Path:
     """The finished adapter of ``method`` on ``family`` (trained now unless a finished one is there);
     ``processes`` > 1: DDP over that many GPUs (the same settings, so the same directory: placement is not

@@ -1,0 +1,45 @@
+"""The package's layout is a contract: the committed results are keyed by hashes that a reorganisation must not move.
+
+Every cell of the committed leaderboard and ablations is stored under ``short_hash`` of the settings that made it;
+a refactor that changed what a ``Settings`` hashes would silently orphan every cached cell and adapter users have.
+These tests rebuild the settings from the documented commands (``make leaderboard``, ``make ablations`` with their
+defaults) and recompute every committed ``config_hash``.
+"""
+
+from __future__ import annotations
+
+import csv
+import shlex
+import subprocess
+from pathlib import Path
+
+from diffmas_eval.cli import build_parser
+from diffmas_eval.leaderboard.ablate import AblationOptions, base_settings, cells_of
+from diffmas_eval.leaderboard.cli import settings_of
+from diffmas_eval.leaderboard.grid.settings import short_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documented_argv(target: str, command: str) -> list[str]:
+    """The ``diffmas-eval COMMAND ...`` arguments that ``make -n TARGET`` expands to, with the Makefile's defaults."""
+    lines = subprocess.run(["make", "-n", target, "VENV=.venv", "DATA_DIR="], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout
+    line = next(x for x in lines.replace("\\\n", " ").split("\n") if f"diffmas-eval {command} " in x)
+    words = shlex.split(line)
+    return words[words.index(command):]
+
+
+def test_every_committed_leaderboard_hash_is_what_the_code_computes():
+    settings = settings_of(build_parser().parse_args(documented_argv("leaderboard", "leaderboard")))
+    rows = list(csv.DictReader(open(ROOT / "leaderboards" / "leaderboard.csv")))
+    assert rows
+    assert {(r["method"], r["task"], short_hash(settings.cell(r["method"], r["task"]))) for r in rows} == {
+        (r["method"], r["task"], r["config_hash"]) for r in rows}
+
+
+def test_every_committed_ablation_hash_is_what_the_code_computes():
+    opts = AblationOptions()
+    computed = {short_hash(s.cell(v.method, opts.task)) for v, _, s in cells_of(opts, base_settings(opts))}
+    committed = {r["config_hash"] for r in csv.DictReader(open(ROOT / "leaderboards" / "ablations" / "ablations.csv"))}
+    assert committed and committed <= computed
