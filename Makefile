@@ -133,6 +133,7 @@ codegen-table: $(STAMP)
 # ruff from the dev extra; .ci/run runs it before the tests (a lint failure costs seconds, not the suite)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffmas_eval tests tasks trainers benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV)

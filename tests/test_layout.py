@@ -8,6 +8,7 @@ defaults) and recompute every committed ``config_hash``.
 
 from __future__ import annotations
 
+import ast
 import csv
 import shlex
 import subprocess
@@ -43,3 +44,41 @@ def test_every_committed_ablation_hash_is_what_the_code_computes():
     computed = {short_hash(s.cell(v.method, opts.task)) for v, _, s in cells_of(opts, base_settings(opts))}
     committed = {r["config_hash"] for r in csv.DictReader(open(ROOT / "leaderboards" / "ablations" / "ablations.csv"))}
     assert committed and committed <= computed
+
+
+def _modules() -> dict[str, ast.Module]:
+    package = ROOT / "diffmas_eval"
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts): ast.parse(p.read_text())
+            for p in package.rglob("*.py")}
+
+
+def test_no_module_imports_another_modules_private_name():
+    """A private name is its module's own business: importing one across modules (``report._save`` once) is how
+    files grew into each other; what two modules share is public."""
+    private = []
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("diffmas_eval")):
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private
+
+
+def test_imports_sit_at_the_top_of_modules():
+    """A module's top says what it depends on. Function-local imports are kept for optional extras and start-up
+    time only (each says which), at most a fifth of all imports: more, and a circle can hide behind them."""
+    total = local = 0
+    unexplained = []
+    for name, tree in _modules().items():
+        lines = (ROOT / (name.replace(".", "/") + ".py")).read_text().splitlines()
+        inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                total += 1
+                if id(node) in inside:
+                    local += 1
+                    if name.startswith("diffmas_eval.leaderboard") and "#" not in lines[node.end_lineno - 1]:
+                        unexplained.append(f"{name}:{node.lineno}")
+    assert local <= total / 5, f"{local} of {total} imports inside functions"
+    assert not unexplained, "function-local imports without a reason (optional extra or start-up time)"

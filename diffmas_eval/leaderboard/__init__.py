@@ -1,12 +1,11 @@
 """``diffmas-eval leaderboard``: every method (single, single-sft, textmas, latentmas, diffmas) trained and scored
 on the same items of every task; a tidy CSV, a Markdown table, charts, and README's results section.
 
-``config`` (methods, tasks, hashes) · ``train`` (SFT sets, adapters via ``accelerate launch trainers/sft.py``) ·
-``cells`` (one method x task through lm-eval or ``diffmas-eval codegen``) · ``collect`` (results files made
-anywhere into rows) · ``report`` (CSV, Markdown, charts, README) · ``run`` (the leaderboard as a function,
-``run_leaderboard``) · ``cli`` (its flags only) · ``scheduler`` (the jobs as Ray tasks) ·
-``ablate_grid`` / ``ablate`` / ``ablate_report`` (``diffmas-eval ablate``: the paper's ablation grid as cells of the
-same kind: the grid, its runner, its report; the runner imports both, the report only the grid).
+Three rooms, one per question: ``grid`` (what to run: methods, tasks, settings and their hashes, trainings, the
+ablation grid, the plan), ``runner`` (running it: Ray, placement, the vLLM server, one cell, one training) and
+``results`` (what it shows: collecting, statistics, tables, charts, the generated doc sections). Above them
+``run`` (``run_leaderboard``), ``ablate`` (``run_ablation``: the same machinery over the ablation grid) and ``cli``
+(the flags of both commands).
 """
 
 from pathlib import Path

@@ -51,7 +51,7 @@ from .grid.plan import fit_check, plans_of
 from .grid.settings import CODE_TASKS, Settings, short_hash
 from .grid.trainings import chat_set, check_disjoint, sft_set
 from .results.ablations import publish
-from .runner.jobs import cell_job, run_environment, show, train_job, worker_device
+from .runner.jobs import cell_job, print_plan, run_environment, train_job, worker_device
 from .runner.placement import Placement, resources_of
 from .runner.scheduler import Job, run_jobs
 from .runner.serve import ServedRun, ServeOptions, describe
@@ -239,7 +239,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
             return plans_of(p.jobs, p.runs, batch, per_cell, per_training, opts.threads or 1)
 
         if opts.plan:
-            show(estimates, res)
+            print_plan(estimates, res)
             return []
         print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to "
               f"run, {opts.jobs or 'as many as the resources allow'} at a time", flush=True)

@@ -143,7 +143,7 @@ def format_budgets(budgets: dict) -> str:
 
 
 def add_serve_flags(p) -> None:
-    """``--serve vllm`` and its options (``leaderboard`` and ``ablate``; ``serve.py``)."""
+    """``--serve vllm`` and its options (``leaderboard`` and ``ablate``; ``runner/serve.py``)."""
     o = ServeOptions()
     g = p.add_argument_group("serving (--serve vllm: one vLLM server decodes the generative cells; docs/vllm.md)")
     g.add_argument("--serve", default=None, choices=SERVE_BACKENDS,

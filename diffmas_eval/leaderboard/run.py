@@ -35,7 +35,16 @@ from .results.charts import charts
 from .results.collect import STABILITY_METRICS, collect, curves, items
 from .results.markdown import document, markdown
 from .results.tables import write_csv, write_curves, write_items
-from .runner.jobs import cell_job, gpus_left_to_ray, preflight, run_environment, score_cell, served_run, show, train_job
+from .runner.jobs import (
+    cell_job,
+    gpus_left_to_ray,
+    preflight,
+    print_plan,
+    run_environment,
+    score_cell,
+    served_run,
+    train_job,
+)
 from .runner.placement import Placement, resources_of
 from .runner.scheduler import Job, run_jobs, wants_ray
 from .runner.serve import ServeOptions, describe
@@ -51,8 +60,8 @@ class RunOptions(Placement):
     lm-eval task names and the code tasks); ``stability``: the tasks whose stability metrics are kept (None:
     every generative task); ``data_dir``: the local benchmark data (default ``$DIFFMAS_DATA_DIR``, else the hub);
     ``work_dir``: SFT sets, adapters, caches (default: beside the output); where the jobs run: ``Placement``'s
-    fields (``placement.py``); ``serve``: the vLLM server that decodes the generative cells (``--serve vllm``,
-    ``serve.py``; its backend, version and arguments enter the served cells' hashes through
+    fields (``runner/placement.py``); ``serve``: the vLLM server that decodes the generative cells (``--serve vllm``,
+    ``runner/serve.py``; its backend, version and arguments enter the served cells' hashes through
     ``Settings.serving``). Nothing else here enters a cell's hash."""
 
     methods: str = ",".join(DEFAULT_METHODS)
@@ -215,7 +224,7 @@ def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs:
               output: Path, work: Path) -> None:
     """``--plan``: the jobs with their resources, memory and time, on the cluster this run would use."""
 
-    show(lambda per_cell, per_training: plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training,
+    print_plan(lambda per_cell, per_training: plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training,
                                                   run.threads or 1), resources_of(run, output, work))
 
 

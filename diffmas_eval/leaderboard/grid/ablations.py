@@ -1,5 +1,5 @@
 """The ablations' grid (``diffmas-eval ablate``): its axes and variants, the options a grid runs with, its cells, and
-where each gradient probe is kept. Pure data: the runner (``ablate.py``) and the report (``ablate_report.py``) both
+where each gradient probe is kept. Pure data: the runner (``ablate.py``) and the report (``results/ablations.py``) both
 read it, and neither imports the other.
 """
 

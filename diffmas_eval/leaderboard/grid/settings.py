@@ -97,12 +97,13 @@ class Settings:
     # the latent chain's ablation overrides (``diffmas-eval ablate``; CHAIN_KEYS): e.g. {"trace": "overwrite"} or
     # {"stage1_grad": "none"}; they enter the latent methods' cell and adapter hashes only when set
     chain: dict = field(default_factory=dict)
-    # --serve vllm (``serve.describe``): the backend, the server's vLLM version and arguments; they enter the hash of
-    # every cell whose decoding goes to the server (``serve.route``), so served and in-process cells never mix
+    # --serve vllm (``runner.serve.describe``): the backend, the server's vLLM version and arguments; they enter
+    # the hash of
+    # every cell whose decoding goes to the server (``route`` below), so served and in-process cells never mix
     serving: dict = field(default_factory=dict)
 
     def served(self, method: str, task: str) -> bool:
-        """Whether this cell's decoding goes to the run's server (``--serve``; ``serve.route`` decides)."""
+        """Whether this cell's decoding goes to the run's server (``--serve``; ``route`` decides)."""
         if not self.serving:
             return False
 

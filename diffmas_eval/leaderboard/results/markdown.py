@@ -9,7 +9,6 @@ from pathlib import Path
 from ..grid.settings import LAYOUT, TEXT_METHODS, primary_metric
 from . import compare
 from .charts import CHART, CHARTS, DIFFERENCES_CHART, STABILITY_CHARTS, charted_pairs
-from .collect import items
 from .tables import as_float, choice_tasks, methods_and_tasks, primary
 from .trainings import budgets as adapter_budgets
 

@@ -4,14 +4,14 @@ an interval per method cannot)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 BOOTSTRAP = 2000
 
 
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], resamples: int = BOOTSTRAP, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float, float, int]:
     """Mean of ``a - b`` over their common items and its ``level`` percentile interval (resampling items)."""
-    import numpy as np
-
     common = sorted(set(a) & set(b), key=lambda k: (len(k), k))
     if not common:
         return float("nan"), float("nan"), float("nan"), 0

@@ -22,7 +22,7 @@ from .serve import Endpoint, ServedRun, ServeOptions, parallel_size, split_gpus,
 from .train import train_adapter
 
 
-def show(plans: Callable[[float, int], list[JobPlan]], res) -> None:
+def print_plan(plans: Callable[[float, int], list[JobPlan]], res) -> None:
     """``--plan``: print the jobs with their resources, memory and time on the cluster the run would use, then
     refuse any that no GPU of it can hold."""
 
