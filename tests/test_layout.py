@@ -14,10 +14,16 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from diffmas_eval.cli import build_parser
 from diffmas_eval.leaderboard.ablate import AblationOptions, base_settings, cells_of
 from diffmas_eval.leaderboard.cli import settings_of
 from diffmas_eval.leaderboard.grid.settings import short_hash
+from diffmas_eval.leaderboard.results import compare, trainings
+from diffmas_eval.leaderboard.results.charts import charts
+from diffmas_eval.leaderboard.results.markdown import document
+from diffmas_eval.leaderboard.results.tables import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +88,17 @@ def test_imports_sit_at_the_top_of_modules():
                         unexplained.append(f"{name}:{node.lineno}")
     assert local <= total / 5, f"{local} of {total} imports inside functions"
     assert not unexplained, "function-local imports without a reason (optional extra or start-up time)"
+
+
+def test_the_committed_leaderboard_page_and_charts_regenerate_byte_for_byte(tmp_path):
+    """``leaderboards/`` is a function of its CSVs: the page and every chart come back identical from them."""
+    pytest.importorskip("matplotlib")
+    out = ROOT / "leaderboards"
+    rows = read_csv(out / "leaderboard.csv")
+    paired = compare.comparisons(compare.read_items(out))
+    trained, losses = trainings.read(out)
+    assert "# Leaderboard\n\n" + document(rows, "", paired, trained) == (out / "leaderboard.md").read_text()
+    drawn = charts(rows, tmp_path, paired, losses)
+    assert drawn
+    for path in drawn:
+        assert path.read_bytes() == (out / path.name).read_bytes(), path.name

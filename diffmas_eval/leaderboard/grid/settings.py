@@ -98,8 +98,8 @@ class Settings:
     # {"stage1_grad": "none"}; they enter the latent methods' cell and adapter hashes only when set
     chain: dict = field(default_factory=dict)
     # --serve vllm (``runner.serve.describe``): the backend, the server's vLLM version and arguments; they enter
-    # the hash of
-    # every cell whose decoding goes to the server (``route`` below), so served and in-process cells never mix
+    # the hash of every cell whose decoding goes to the server (``route`` below), so served and in-process cells
+    # never mix
     serving: dict = field(default_factory=dict)
 
     def served(self, method: str, task: str) -> bool:
