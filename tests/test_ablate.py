@@ -88,7 +88,7 @@ def test_chain_overrides_reach_the_hashes_and_the_trainer_only_when_set():
         Settings(chain={"trace": "twisted"}).check_chain()
 
 
-HASHES = ("from diffmas_eval.leaderboard.config import Settings, short_hash\n"
+HASHES = ("from diffmas_eval.leaderboard.grid.settings import Settings, short_hash\n"
           "s = Settings(limit=5, limits={'diffmas_arc_challenge': 150}, chain={'trace': 'overwrite'})\n"
           "print(*[short_hash(s.cell(m, t)) for m in ('single', 'textmas', 'latentmas', 'diffmas')\n"
           "        for t in ('diffmas_arc_challenge', 'humanevalplus')], short_hash(s.training('diffmas', 'code')))")

