@@ -92,8 +92,14 @@ def cache_shapes(config, dtype: torch.dtype = torch.bfloat16, model_class=None) 
     def measure(build_dtype: torch.dtype) -> DynamicCache:
         cfg = copy.deepcopy(config)
         with torch.device("meta"):
-            if model_class is not None:
-                model = model_class._from_config(cfg, dtype=build_dtype, attn_implementation="eager")
+            if model_class is not None:  # the class's own constructor, in build_dtype; then eager attention
+                default = torch.get_default_dtype()
+                torch.set_default_dtype(build_dtype)
+                try:
+                    model = model_class(cfg)
+                finally:
+                    torch.set_default_dtype(default)
+                model.set_attn_implementation("eager")
             else:
                 model = AutoModelForCausalLM.from_config(cfg, dtype=build_dtype, attn_implementation="eager")
         cache = DynamicCache()

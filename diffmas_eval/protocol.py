@@ -102,12 +102,13 @@ def is_generative(task: str) -> bool:
 
 def _task_yaml(task: str) -> dict:
     from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from .compat.lm_eval import load_task_yaml
 
     entry = TaskManager().task_index.get(task)
     if entry is None or entry.yaml_path is None:
         raise ValueError(f"unknown lm-eval task {task!r} (not in lm-eval's index or this package's tasks/)")
-    return load_yaml(entry.yaml_path, resolve_func=True)
+    return load_task_yaml(entry.yaml_path)
 
 
 def check_stability_tasks(tasks: list[str]) -> None:

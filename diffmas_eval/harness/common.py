@@ -18,7 +18,7 @@
   Python caller that passes a model string to ``simple_evaluate`` has no model object either). Nothing
   is written onto lm-eval's objects: which requests were accounted is kept by the ``Accounting``.
   The summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
-- ``join_data_parallel`` / ``Accounting.gather``: ``accelerate launch -m lm_eval`` on any device.
+- ``DataParallel`` / ``Accounting.gather``: ``accelerate launch -m lm_eval`` on any device.
   HFLM shards requests by rank only when it sees more than one GPU; on CPU (gloo) or one shared GPU
   every process would score everything. Each rank's accounting is gathered to rank 0 at lm-eval's
   barrier after each request type, and lm-eval's padding copies (ranks get equal request counts)
@@ -226,15 +226,29 @@ class Accounting:
 LATEST: dict[str, dict] = {"by_sample": {}}
 
 
-def join_data_parallel(lm) -> None:
-    """Take the rank and world size of ``accelerate launch`` where HFLM did not (no GPU, or one GPU).
+class DataParallel:
+    """Mixin for our ``HFLM`` subclasses: the rank and world size of ``accelerate launch`` where HFLM did not take
+    them (no GPU, or one GPU).
 
     HFLM keeps its ``Accelerator`` whenever several processes run, but shards the requests only with
-    more than one GPU; with this, ``accelerate launch --cpu --num_processes N -m lm_eval`` splits them too.
+    more than one GPU; after ``join_data_parallel()``, ``accelerate launch --cpu --num_processes N -m lm_eval``
+    splits them too. lm-eval reads both through the public ``rank``/``world_size`` properties, overridden here.
     """
-    accelerator = getattr(lm, "accelerator", None)
-    if accelerator is not None and accelerator.num_processes > 1 and lm.world_size == 1:
-        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+
+    _joined: tuple[int, int] | None = None  # (rank, world size) taken from accelerate; None: HFLM's own
+
+    def join_data_parallel(self) -> None:
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+            self._joined = (accelerator.process_index, accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return super().rank if self._joined is None else self._joined[0]
+
+    @property
+    def world_size(self) -> int:
+        return super().world_size if self._joined is None else self._joined[1]
 
 
 def sample_key(task: str | None, context: str) -> tuple[str, str]:

@@ -54,7 +54,7 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 @contextmanager
-def _upcast(model: nn.Module):
+def upcast_modules(model: nn.Module):
     """``model``'s half-precision parameters and buffers in float32 inside, one module at a time: each module's
     own half tensors are cast as its forward starts and its original tensors put back as it returns, so the
     float32 copy held at any moment is one module's (Qwen3-8B: its 2.3 GiB ``lm_head``), not the whole model's
@@ -364,7 +364,7 @@ class AgentChain(nn.Module):
                              "autograd: train with latent_dtype=model (or stage1_grad=none), or load the model in "
                              "float32")
         longest = torch.zeros_like(trace.next_pos)  # independent segments: the final agent goes on after this
-        with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else nullcontext()):
+        with torch.set_grad_enabled(grad), (upcast_modules(self.model) if upcast else nullcontext()):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compat.accelerate import execution_device
+
 
 class CallThrough(nn.Module):
     """What the chain gets as its model under DDP/FSDP: calls go through ``wrapped`` (so the wrapper syncs
@@ -72,8 +74,7 @@ def layer_devices(model: nn.Module) -> dict[int, torch.device]:
     accelerate hook (``device_map``; offloaded weights sit elsewhere), else the device of its weights."""
     found: dict[int, torch.device] = {}
     for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
+        device = execution_device(module)
         if device is None:
             continue
         for sub in module.modules():

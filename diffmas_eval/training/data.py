@@ -56,7 +56,7 @@ def _math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
 
 
 def choice_row(doc: dict) -> dict:
-    """A multiple-choice item (``tasks._choice_rows``) as its task prompts it (``doc_to_text``) and scores its gold
+    """A multiple-choice item (``tasks.choice_rows``) as its task prompts it (``doc_to_text``) and scores its gold
     choice (lm-eval's target delimiter, a space, then the choice)."""
     return {"prompt": f"Question: {doc['question']}\nAnswer:", "completion": " " + doc["choices"][doc["label"]]}
 
@@ -67,7 +67,7 @@ def _commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
     for task, relative, k in (("diffmas_arc_challenge", "arc_challenge/test.jsonl", half),
                               ("diffmas_commonsense_qa", "commonsense_qa/validation.jsonl", n - half)):
         path = data_dir / relative
-        rows = tasks._choice_rows(path, tasks.read_jsonl(path, ("question", "choices", "answerKey")))[-k:]
+        rows = tasks.choice_rows(path, tasks.read_jsonl(path, ("question", "choices", "answerKey")))[-k:]
         out += [choice_row(r) for r in rows]
         bounds[task] = _count(path) - k
     return out, bounds
@@ -101,7 +101,7 @@ def _paper_math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
 def _paper_commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
     from datasets import load_dataset
 
-    rows = tasks._choice_rows(None, _sample(list(load_dataset(COMMONSENSE_HUB, split="train")), n))
+    rows = tasks.choice_rows(None, _sample(list(load_dataset(COMMONSENSE_HUB, split="train")), n))
     return [choice_row(r) for r in rows], {}
 
 

@@ -176,7 +176,7 @@ class DiffMASSFTTrainer(SFTTrainer):
             from transformers import AutoTokenizer
 
             processing_class = AutoTokenizer.from_pretrained(
-                model if isinstance(model, str) else model.config._name_or_path)
+                model if isinstance(model, str) else model.config.name_or_path)
         train_dataset = prepare_dataset(train_dataset, config, processing_class, args.max_length)
         eval_dataset = prepare_dataset(eval_dataset, config, processing_class, args.max_length)
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
