@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from jinja2 import TemplateError
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,6 @@ def takes_system(tokenizer) -> bool:
     alternate user/assistant), some drop it silently; both get the instructions folded into the user
     turn instead (``chat_messages``). One probe render per distinct template, cached.
     """
-    from jinja2 import TemplateError
-
     template = tokenizer.chat_template
     key = template if isinstance(template, str) else repr(template)
     if key not in _TAKES_SYSTEM:

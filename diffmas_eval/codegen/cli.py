@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
 
 from .. import DEFAULT_MODEL
 from ..extras import locate
@@ -188,6 +187,8 @@ def codegen(args: argparse.Namespace) -> int:
 
 def _build(model_cls, model: str, user_args: dict, batch_size: int, device: str | None, seed: int):
     """The lm-eval model, as ``lm_eval --model MODEL --model_args ... --batch_size B --device D`` builds it."""
+    from transformers import set_seed  # start-up time: transformers.set_seed imports peft and bitsandbytes
+
     model_args = dict(user_args)
     if model in MAS_MODELS:  # code-family roles for the agents (the final agent writes the program)
         model_args.setdefault("family", "code")

@@ -33,6 +33,11 @@ import statistics
 import weakref
 from collections import defaultdict
 
+from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import hash_string
+
+from ..stability import summarise
+
 ACCOUNTING_KEY = "diffmas_accounting"
 
 
@@ -59,8 +64,6 @@ FROM_PRETRAINED = {
 
 def hf_parameters() -> dict[str, object]:
     """``HFLM.__init__``'s named parameters and their defaults, read now (a newer lm-eval's come along)."""
-    from lm_eval.models.huggingface import HFLM
-
     params = inspect.signature(HFLM.__init__).parameters.values()
     return {p.name: p.default for p in params
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -214,8 +217,6 @@ class Accounting:
 
     def stability(self) -> dict:
         """Per task, the means of the generated answers' stability statistics (``stability.summarise``)."""
-        from ..stability import summarise
-
         by_task: dict[str, list[dict]] = defaultdict(list)
         for r in self.records:
             if r.get("stability") is not None:
@@ -254,8 +255,6 @@ class DataParallel:
 def sample_key(task: str | None, context: str) -> tuple[str, str]:
     """What identifies a sample in lm-eval's sample log: its task and ``prompt_hash`` (of the first
     request's context; all requests of a multiple-choice sample share it)."""
-    from lm_eval.utils import hash_string
-
     return str(task), hash_string(context)
 
 

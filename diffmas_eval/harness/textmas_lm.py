@@ -24,11 +24,12 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
-from transformers import LogitsProcessorList
+from transformers import AutoTokenizer, LogitsProcessorList
 
 from .. import DEFAULT_MODEL
 from ..latent.config import chain_options
@@ -166,8 +167,6 @@ class TextMASLM(TemplateLM):
         self.enable_thinking = enable_thinking
         self.seed = None if seed in (None, "") else int(seed)
         if backend == "hf":
-            import torch
-
             self.final_hflm = FinalAgentLM(
                 pretrained=resolve_pretrained(pretrained), dtype=dtype,
                 device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
@@ -181,8 +180,6 @@ class TextMASLM(TemplateLM):
         else:
             if not base_url:
                 raise ValueError("backend=openai needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1")
-            from transformers import AutoTokenizer
-
             self.final_hflm = None
             source = resolve_pretrained(tokenizer or pretrained)
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ..memory import trace_positions
@@ -94,8 +101,6 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     """The base model under the LM head (``get_decoder()`` of the first ``PreTrainedModel`` inside any wrapper:
     PEFT, DDP, FSDP2), whose ``last_hidden_state`` is the last layer's hidden state after the final norm; None
     if there is none."""
-    from transformers import PreTrainedModel
-
     if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
         model = model.inner
     for module in model.modules():
@@ -116,8 +121,6 @@ def _checkpoint_layers(model: nn.Module, anchors: list[torch.Tensor]):
     the layer found it, puts it back before the recompute, and after the call too (the forward's later layers
     read only their own cache layers, and the extended copy is not then held until backward). ``anchors``: a
     tensor per layer device, so each device's RNG (LoRA dropout) is restored for the recompute."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
         model = model.inner
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -15,6 +15,11 @@ from torch import nn
 
 from ..compat.accelerate import execution_device
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch without FSDP2
+    FSDPModule = None
+
 
 class CallThrough(nn.Module):
     """What the chain gets as its model under DDP/FSDP: calls go through ``wrapped`` (so the wrapper syncs
@@ -42,9 +47,7 @@ def sharded_layers(model: nn.Module) -> dict[int, nn.Module]:
 def fsdp_layers(model: nn.Module) -> dict[int, nn.Module]:
     """Decoder layers sharded by FSDP2 (``fully_shard``), by the ``layer_idx`` of their attention: each
     is the FSDP unit that owns the weights writing that layer's cache. Empty for an unsharded model."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
+    if FSDPModule is None:
         return {}
     found = {}
     for module in model.modules():

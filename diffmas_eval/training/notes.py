@@ -15,14 +15,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..harness.textmas_lm import TextMASLM
+from .trainer import question_of, with_note
+
 
 def write_notes_set(source: Path, out: Path, model_args: dict, batch_size: int = 8) -> Path:
     """``source``'s rows with the upstream notes before each prompt, written to ``out`` (kept if it is there:
     the caller names it by a hash of ``source`` and ``model_args``)."""
     if out.exists():
         return out
-    from ..harness.textmas_lm import TextMASLM
-    from .trainer import question_of, with_note
 
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), (str, list)) or not r["prompt"]]
