@@ -3,6 +3,7 @@
 import re
 
 import diffmas_eval.ask as ask_module
+from diffmas_eval import cli
 from diffmas_eval.ask import Answer, ask, build_chain, format_trace_table
 from diffmas_eval.cli import main
 from diffmas_eval.latent import AgentChain, LatentConfig, persist
@@ -36,6 +37,7 @@ def test_the_command_prints_what_the_functions_return(tiny_path, capsys, monkeyp
 
     monkeypatch.setattr(persist, "load_trained_chain", counted)
     monkeypatch.setattr(ask_module, "load_trained_chain", counted)
+    monkeypatch.setattr(cli, "load_trained_chain", counted)
     assert main(["ask", QUESTION, "--model", str(tiny_path), "--agents", "2", "--latent-steps", "3",
                  "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu", "--seed", "1"]) == 0
     assert len(loads) == 1
