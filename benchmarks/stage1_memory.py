@@ -5,7 +5,7 @@ Two changes, each against the code it replaced (restored here by a patch, not ke
 - ``hidden``: stage 1 reads the last layer's hidden state through a hook on the decoder instead of asking
   the model for every layer's (``output_hidden_states=True``, the old path: ``decoder_of`` patched to None);
 - ``float32``: ``latent_dtype=float32`` on a bfloat16 model casts module by module instead of casting the
-  whole model for all of stage 1 (the old ``_upcast``).
+  whole model for all of stage 1 (what ``upcast_modules``, then ``_upcast``, did before).
 
 Peak memory is the process's peak RSS above its RSS before each run (Linux: ``/proc/self/clear_refs`` resets
 the peak, so every variant is measured in this one process); each variant runs ``--repeats`` times in
@@ -98,7 +98,7 @@ def main() -> None:
     questions = [r["question"] for r in read_jsonl(data / "gsm8k" / "test.jsonl", ("question",))[:args.questions]]
     torch.set_grad_enabled(False)
     model, tok = load_model(DEFAULT_MODEL, device="cpu")  # float32 on CPU
-    new_decoder, new_upcast = chain_module.decoder_of, chain_module._upcast
+    new_decoder, new_upcast = chain_module.decoder_of, chain_module.upcast_modules
 
     def stage1(steps: int, latent_dtype: str = "model"):
         config = LatentConfig(latent_steps=steps, latent_dtype=latent_dtype)
@@ -106,11 +106,11 @@ def main() -> None:
 
     def variant(old: bool, what: str, steps: int):
         chain_module.decoder_of = (lambda m: None) if old and what == "hidden" else new_decoder
-        chain_module._upcast = whole_model_upcast if old and what == "float32" else new_upcast
+        chain_module.upcast_modules = whole_model_upcast if old and what == "float32" else new_upcast
         try:
             return peak_above_now(stage1(steps, "float32" if what == "float32" else "model"))
         finally:
-            chain_module.decoder_of, chain_module._upcast = new_decoder, new_upcast
+            chain_module.decoder_of, chain_module.upcast_modules = new_decoder, new_upcast
 
     rows = []
     for what, steps in [(w, m) for w in ("hidden", "float32") for m in args.latent_steps]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from . import DEFAULT_MODEL
-
-if TYPE_CHECKING:  # torch loads when a chain is built, not when the command line is parsed
-    from .latent import AgentChain, LatentConfig, LatentTrace
+from .latent import AgentChain, LatentConfig, LatentTrace
+from .latent.persist import TrainedChain, load_trained_chain
+from .models import load_model
 
 
 @dataclass
@@ -42,11 +43,6 @@ def build_chain(model: str = DEFAULT_MODEL, config: LatentConfig | None = None, 
     realignment still the trained one when the modes match). ``seed`` seeds torch before the model loads, as the
     command always has, so a run is reproducible.
     """
-    import torch
-
-    from .latent.persist import load_trained_chain
-    from .models import load_model
-
     if config is not None and options:
         raise ValueError(f"give a config or chain options, not both (got {sorted(options)})")
     if config is not None:
@@ -54,6 +50,14 @@ def build_chain(model: str = DEFAULT_MODEL, config: LatentConfig | None = None, 
         trained.config = config
     else:
         trained = load_trained_chain(peft, **options)
+    return build_trained(trained, model, dtype=dtype, device=device, seed=seed)
+
+
+def build_trained(trained: TrainedChain, model: str = DEFAULT_MODEL, *, dtype: str = "auto",
+                  device: str | None = None, seed: int = 0) -> AgentChain:
+    """The chain of an already loaded ``trained`` (``load_trained_chain``'s result) over ``model``, its adapter on
+    top: what ``build_chain`` does after loading it (``diffmas-eval ask`` loads it once, to check its options
+    before the model loads)."""
     torch.manual_seed(seed)
     model_, tokenizer = load_model(model, dtype=dtype, device=device, peft=trained.adapter)
     return trained.build(model_, tokenizer)
@@ -62,8 +66,6 @@ def build_chain(model: str = DEFAULT_MODEL, config: LatentConfig | None = None, 
 def ask(chain: AgentChain, question: str, max_new_tokens: int = 256) -> Answer:
     """Stage 1 over ``question`` (its budget checked with the final agent's prompt and ``max_new_tokens``
     before any compute), then the final agent's greedy answer."""
-    import torch
-
     final = chain.final_prompt(question)
     with torch.no_grad():
         t0 = time.perf_counter()

@@ -4,22 +4,27 @@ ablations; generate code for EvalPlus; print the option reference."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from . import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    from .latent.config import LatentConfig
+from .ask import ask as ask_chain
+from .ask import build_trained, format_trace_table
+from .codegen.cli import add_codegen_parser
+from .extras import MissingExtra
+from .latent.config import LatentConfig, chain_options
+from .latent.persist import load_trained_chain
+from .leaderboard import add_leaderboard_parser
+from .leaderboard.cli import add_ablate_parser
+from .memory import format_memory, trace_memory
+from .options import add_flags, given_options, parse_counts
 
 
 def add_chain_args(p: argparse.ArgumentParser, config_class: type[LatentConfig] | None = None) -> None:
     """The model flags, then one flag per chain option offered to ``ask`` (``latent.config.chain_options``:
     names, types, defaults, choices and help come from there; ``latent_steps`` is ``--latent-steps``).
     ``config_class``: a ``LatentConfig`` subclass whose extra options become flags too."""
-    from .latent.config import LatentConfig, chain_options
-    from .options import add_flags
-
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME (default: %(default)s)")
     p.add_argument("--peft", default=None, help="a PEFT adapter on top of the model: a folder (trainers/sft.py's "
                    "output_dir) or a Hub repo id; the chain it was trained with (diffmas.json) applies")
@@ -32,23 +37,15 @@ def add_chain_args(p: argparse.ArgumentParser, config_class: type[LatentConfig] 
 def chain_of(args: argparse.Namespace, config_class: type[LatentConfig] | None = None):
     """The chain the ``add_chain_args`` flags describe: the ``--peft`` adapter's trained chain (or the defaults), the
     flags given overriding it (``latent.persist.load_trained_chain``; its options checked before the model loads)."""
-    from .ask import build_chain
-    from .latent.config import LatentConfig, chain_options
-    from .latent.persist import load_trained_chain
-    from .options import given_options
-
     config_class = config_class or LatentConfig
     options = chain_options(config_class, front="ask")
     values = {o.name: getattr(args, o.name) for o in options}
     values.update(given_options(args, [o.name for o in options if o.saved or o.name == "agents"]))
-    config = load_trained_chain(args.peft, config_class=config_class, **values).config
-    return build_chain(args.model, config, peft=args.peft, dtype=args.dtype, device=args.device, seed=args.seed)
+    trained = load_trained_chain(args.peft, config_class=config_class, **values)  # once: options checked here
+    return build_trained(trained, args.model, dtype=args.dtype, device=args.device, seed=args.seed)
 
 
 def ask(args: argparse.Namespace) -> int:
-    from .ask import ask as ask_chain
-    from .ask import format_trace_table
-
     answer = ask_chain(chain_of(args), args.question, args.max_new_tokens)
     print(answer.text.strip())
     print()
@@ -59,7 +56,7 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def sft_data(args: argparse.Namespace) -> int:
-    from .training.data import build_set
+    from .training.data import build_set  # start-up time: datasets, for sft-data alone
 
     bounds, used = build_set(args.family, args.out, args.n, args.data_dir, args.source, args.format)
     held = ", ".join(f"{t} --limit <= {b}" for t, b in bounds.items()) or "nothing (a training split)"
@@ -68,11 +65,6 @@ def sft_data(args: argparse.Namespace) -> int:
 
 
 def memory(args: argparse.Namespace) -> int:
-    import json
-
-    from .memory import format_memory, trace_memory
-    from .options import parse_counts
-
     prompts = parse_counts(args.prompt_tokens, "--prompt-tokens")
     m = trace_memory(args.model, args.agents, args.latent_steps, prompts[0] if len(prompts) == 1 else prompts,
                      args.final_tokens, args.dtype)
@@ -81,9 +73,7 @@ def memory(args: argparse.Namespace) -> int:
 
 
 def options(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .reference import options_reference, update_options
+    from .reference import options_reference, update_options  # start-up time: lm_eval (the harness)
 
     if args.readme is None:
         print(options_reference(), end="")
@@ -120,9 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_data.set_defaults(func=sft_data)
 
     p_mem = sub.add_parser("memory", help="trace bytes per position and per question, from the model config only")
-    from .latent.config import chain_options
-    from .options import add_flags
-
     p_mem.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local path or bundled:NAME")
     add_flags(p_mem, chain_options(front="memory"))
     p_mem.add_argument("--prompt-tokens", default="200",
@@ -141,10 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of printing")
     p_opt.set_defaults(func=options)
 
-    from .codegen.cli import add_codegen_parser
-    from .leaderboard import add_leaderboard_parser
-    from .leaderboard.cli import add_ablate_parser
-
     add_leaderboard_parser(sub)
     add_ablate_parser(sub)
     add_codegen_parser(sub)
@@ -152,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .extras import MissingExtra
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

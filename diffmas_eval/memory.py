@@ -21,8 +21,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from .models import TRACE_DTYPES, torch_dtype
+from .models import TRACE_DTYPES, resolve_pretrained, torch_dtype
 
 
 def trace_positions(prompts: list[int], latent_steps: int, independent: bool = False) -> int:
@@ -55,10 +56,6 @@ class TraceMemory:
 
 def load_text_config(model: str):
     """The text model's config of a hub id or local path (multimodal configs hold it as a sub-config)."""
-    from transformers import AutoConfig
-
-    from .models import resolve_pretrained
-
     try:
         config = AutoConfig.from_pretrained(resolve_pretrained(model))
     except OSError as err:
@@ -80,8 +77,6 @@ def cache_shapes(config, dtype: torch.dtype = torch.bfloat16, model_class=None) 
     experts' grouped matmul accepts only bfloat16). Results are remembered per config (building a large
     model on ``meta`` takes a moment, and ``--batch_size auto:N`` asks N times).
     """
-    from transformers import AutoModelForCausalLM, DynamicCache
-
     try:
         key = (model_class, type(config), config.to_json_string(use_diff=False))
     except (TypeError, ValueError):  # a config value JSON cannot write: measure every time
@@ -92,8 +87,14 @@ def cache_shapes(config, dtype: torch.dtype = torch.bfloat16, model_class=None) 
     def measure(build_dtype: torch.dtype) -> DynamicCache:
         cfg = copy.deepcopy(config)
         with torch.device("meta"):
-            if model_class is not None:
-                model = model_class._from_config(cfg, dtype=build_dtype, attn_implementation="eager")
+            if model_class is not None:  # the class's own constructor, in build_dtype; then eager attention
+                default = torch.get_default_dtype()
+                torch.set_default_dtype(build_dtype)
+                try:
+                    model = model_class(cfg)
+                finally:
+                    torch.set_default_dtype(default)
+                model.set_attn_implementation("eager")
             else:
                 model = AutoModelForCausalLM.from_config(cfg, dtype=build_dtype, attn_implementation="eager")
         cache = DynamicCache()
@@ -131,8 +132,6 @@ def _shapes_bytes(shapes: list[tuple[int, int, int]], dtype: torch.dtype) -> int
 
 def _unwrap(model):
     """The ``PreTrainedModel`` inside PEFT, DDP or FSDP wrappers (its class and config are the model's)."""
-    from transformers import PreTrainedModel
-
     seen = set()
     while not isinstance(model, PreTrainedModel) and id(model) not in seen:
         seen.add(id(model))
@@ -162,7 +161,6 @@ def bytes_per_position(config_or_model, dtype: torch.dtype | str | None = None) 
         model = _unwrap(config_or_model)
         if dtype is None:
             dtype = next(config_or_model.parameters()).dtype
-        from transformers import PreTrainedModel
 
         if isinstance(model, PreTrainedModel):
             shapes = cache_shapes(model.config, _float(dtype), type(model))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from .extras import locate, require
 
@@ -100,7 +100,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=trust_remote_code)
     if peft:
-        from peft import PeftModel
+        from peft import PeftModel  # start-up time: peft takes seconds; diffmas-eval --help imports this module
 
         model = PeftModel.from_pretrained(model, peft)
     prepare_tokenizer(tokenizer)
@@ -135,7 +135,6 @@ def bnb_config(load_in_4bit: bool = False, load_in_8bit: bool = False, bnb_4bit_
         raise ValueError("load_in_4bit and load_in_8bit exclude each other; choose one")
     if not (load_in_4bit or load_in_8bit):
         return None
-    from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -155,7 +154,7 @@ def require_bitsandbytes(device: str | torch.device) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(f"load_in_4bit/load_in_8bit need bitsandbytes, which is not installed: {QUANT_INSTALL}")
     try:
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # optional extra: quant
 
         x = torch.ones(64, 64, device=device)
         packed, state = bnbf.quantize_4bit(x, quant_type="nf4")

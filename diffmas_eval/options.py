@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .latent.config import ChainOption
@@ -82,11 +82,18 @@ def flag(name: str) -> str:
 GIVEN = "given_options"  # the namespace attribute ``add_flags(trained=True)`` records the flags given in
 
 
-class _RecordGiven(argparse._StoreAction):
-    """Store the value, and record that the flag was given (its default alone does not say it)."""
+class ArgumentAdder(Protocol):
+    """A parser or an argument group of one (``parser.add_argument_group(...)``): what ``add_flags`` adds to."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
+
+
+class _RecordGiven(argparse.Action):
+    """Store the value (as ``action="store"``), and record that the flag was given (its default alone does not
+    say it)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, self.dest, values)
         given = set(getattr(namespace, GIVEN, None) or ())
         setattr(namespace, GIVEN, given | {self.dest})
 
@@ -98,7 +105,7 @@ def given_options(args: argparse.Namespace, names: Iterable[str]) -> dict[str, A
     return {n: getattr(args, n) if n in given else None for n in names}
 
 
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options: Iterable[ChainOption],
+def add_flags(parser: ArgumentAdder, options: Iterable[ChainOption],
               defaults: Mapping[str, Any] | None = None, notes: Mapping[str, str] | None = None,
               trained: bool = False) -> None:
     """One flag per option, its type, choices and help from the schema; ``defaults``: a command's own

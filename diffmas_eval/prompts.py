@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from jinja2 import TemplateError
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,6 @@ def takes_system(tokenizer) -> bool:
     alternate user/assistant), some drop it silently; both get the instructions folded into the user
     turn instead (``chat_messages``). One probe render per distinct template, cached.
     """
-    from jinja2 import TemplateError
-
     template = tokenizer.chat_template
     key = template if isinstance(template, str) else repr(template)
     if key not in _TAKES_SYSTEM:
@@ -195,15 +194,19 @@ def question_prompt(tokenizer, question: str) -> str | list[dict]:
 
 
 def final_prompt_ids(tokenizer, upstream: list[str], prompt: str | list[dict],
-                     enable_thinking: bool | None = None) -> list[int]:
+                     enable_thinking: bool | None = None, *, add_special_tokens: bool = True) -> list[int]:
     """The final agent's prompt tokens exactly as SFT trains them: the note before the task (``with_note``),
     tokenized as TRL tokenizes a prompt (a chat through the template with the generation prompt, text with the
     tokenizer's special tokens). No role instruction: the trainer never gave the final agent one, so neither
     do ``ask``, the gradient probe nor ``lm_eval --model diffmas`` (``tests/test_final_prompt.py`` holds all
-    four to the same ids)."""
+    four to the same ids). The note and a text prompt are tokenized as one string: apart, a BPE tokenizer may
+    cut the boundary differently (SmolLM2: "\n\n" is one token before "Question" alone, two together).
+
+    ``add_special_tokens=False`` (text prompts): without the tokenizer's special tokens, for a caller that
+    places its own BOS (``lm_eval --model diffmas`` keeps lm-eval's)."""
     prompt = with_note(prompt, final_preamble(upstream))
     if isinstance(prompt, str):
-        return list(tokenizer(text=prompt)["input_ids"])
+        return list(tokenizer(text=prompt, add_special_tokens=add_special_tokens)["input_ids"])
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True,
                                         **kwargs)["input_ids"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
+import yaml
+
 # the paper's per-task caps, the generative tasks scored per sample (their process_results take k samples;
 # tasks/utils.py) and the code tasks: from the one task registry
 from .tasks.registry import CODE_TASKS, PAPER_CAPS, SAMPLED_TASKS
@@ -101,13 +103,14 @@ def is_generative(task: str) -> bool:
 
 
 def _task_yaml(task: str) -> dict:
-    from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks import TaskManager  # start-up time: lm_eval (the command parsers import this module)
+
+    from .compat.lm_eval import load_task_yaml  # start-up time: lm_eval, as above
 
     entry = TaskManager().task_index.get(task)
     if entry is None or entry.yaml_path is None:
         raise ValueError(f"unknown lm-eval task {task!r} (not in lm-eval's index or this package's tasks/)")
-    return load_yaml(entry.yaml_path, resolve_func=True)
+    return load_task_yaml(entry.yaml_path)
 
 
 def check_stability_tasks(tasks: list[str]) -> None:
@@ -141,8 +144,6 @@ def paper_yaml(task: str) -> str:
     """``tasks/<task>_paper.yaml``: the paper protocol for the plain ``lm_eval`` CLI (``--tasks <task>_paper``,
     tag ``diffmas_paper_tasks``), the same settings as ``task_config(task, PROTOCOLS["paper"])``; a test keeps
     the shipped files equal to this."""
-    import yaml
-
     p = PROTOCOLS["paper"]
     kind, k = SAMPLED_TASKS[task], p.samples
     gen = {**_task_yaml(task).get("generation_kwargs", {}), **p.generation(task, None)}
@@ -160,7 +161,7 @@ def paper_yaml(task: str) -> str:
 
 
 def _with_samples(cfg: dict, k: int) -> dict:
-    from .tasks import utils
+    from .tasks import utils  # start-up time: datasets (tasks.utils imports it), as above
 
     kind = SAMPLED_TASKS[cfg["task"]]
     cfg["filter_list"] = [

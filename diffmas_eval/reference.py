@@ -9,13 +9,14 @@ It is a tool above the harness and the leaderboard (it reads both); ``readme.rep
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .harness import diffmas_lm, textmas_lm
+from .latent.config import FRONT_ENDS, LatentConfig, chain_options
+from .leaderboard.grid.settings import chain_defaults
+from .options import flag
 from .readme import replace_section
-
-if TYPE_CHECKING:
-    from .latent.config import LatentConfig
 
 OPTIONS_PAGE = "docs/options.md"  # the docs page that holds the option reference
 OPTIONS_COMMAND = f"diffmas-eval options --readme {OPTIONS_PAGE}"
@@ -27,8 +28,6 @@ FRONT_TITLES = {"lm_eval": "lm-eval `--model_args`", "ask": "`diffmas-eval ask`"
 def spelled(front: str, name: str) -> str:
     """How ``front`` spells option ``name``: a model_arg ``name=``, TRL's ``--name`` (underscores kept, as
     ``HfArgumentParser`` names fields), or a ``diffmas-eval`` flag (``options.flag``)."""
-    from .options import flag
-
     return f"{name}=" if front == "lm_eval" else f"--{name}" if front == "sft" else flag(name)
 
 
@@ -39,10 +38,6 @@ def _cell(text: str) -> str:
 def options_reference(config_class: type[LatentConfig] | None = None) -> str:
     """The option reference: the chain's options with where each is offered, then every other model_arg of the
     ``diffmas`` and ``textmas`` lm-eval models (one help line each, as their typo message lists them)."""
-    from .harness import diffmas_lm, textmas_lm
-    from .latent.config import FRONT_ENDS, LatentConfig, chain_options
-    from .leaderboard.grid.settings import chain_defaults
-
     config_class = config_class or LatentConfig
     chain = chain_options(config_class)
     own = {"leaderboard": chain_defaults()}
@@ -76,8 +71,6 @@ GPU_CHECKS = "benchmarks/gpu"  # committed device-check outputs: <dir>/gpu_check
 def gpu_runs(root: Path | str = GPU_CHECKS) -> list[dict]:
     """The committed device checks that ran on a GPU (``gpu_check.json`` under ``root``; the CPU rehearsal in
     ``example_cpu/`` and any other run with ``device`` "cpu" are left out), oldest first."""
-    import json
-
     runs = []
     for path in sorted(Path(root).glob("**/gpu_check.json")):
         run = json.loads(path.read_text())

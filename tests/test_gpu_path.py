@@ -151,7 +151,7 @@ def test_latent_dtype_float32_casts_module_by_module_as_the_whole_model_cast_did
         for t in tensors:
             t.data = t.data.to(torch.bfloat16)
 
-    monkeypatch.setattr(chain_module, "_upcast", whole_model)
+    monkeypatch.setattr(chain_module, "upcast_modules", whole_model)
     ref = AgentChain(model, tok, config).stage1(QUESTIONS, record_inputs=True)
     monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(ref.keys + ref.values, up.keys + up.values))
@@ -159,7 +159,7 @@ def test_latent_dtype_float32_casts_module_by_module_as_the_whole_model_cast_did
 
     largest = max(sum(t.numel() for t in m.parameters(recurse=False)) for m in model.modules()) * 4
     live = []
-    with chain_module._upcast(model):
+    with chain_module.upcast_modules(model):
         def watch(module, args, output):
             live.append(sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.float32))
         handles = [m.register_forward_hook(watch) for m in model.modules()]

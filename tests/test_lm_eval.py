@@ -44,7 +44,7 @@ def test_upstream_agents_get_the_bare_question_final_agent_the_chat_turn(tiny_pa
 
     lm = get_model("diffmas").create_from_arg_string(f"pretrained={tiny_path},agents=3,latent_steps=1")
     text = lm.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
-    assert lm._question(text) == "What is 2+2?"
+    assert lm.question(text) == "What is 2+2?"
     assert "Latent thoughts from the planner, critic agent(s)" in text and text.endswith("assistant\n")
     assert lm._final_ids(text, [7, 8]) == [7, 8]  # the note is already inside the chat turn
     context = lm.tok_encode("Question: x")

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffmas_eval import DEFAULT_MODEL, ask
+from diffmas_eval import DEFAULT_MODEL, cli
 from diffmas_eval.cli import add_chain_args, chain_of
 from diffmas_eval.harness.diffmas_lm import OPTIONS, DiffMASLM, model_options
 from diffmas_eval.latent.config import LatentConfig, chain_options, option
@@ -71,7 +71,7 @@ def test_a_new_option_reaches_the_ask_flags(monkeypatch):
     p = argparse.ArgumentParser()
     add_chain_args(p, DummyConfig)
     args = p.parse_args(["--dummy-opt", "b", "--latent-steps", "3", "--agents", "2"])
-    monkeypatch.setattr(ask, "build_chain", lambda model, config, **kw: config)
+    monkeypatch.setattr(cli, "build_trained", lambda trained, model, **kw: trained.config)
     config = chain_of(args, DummyConfig)
     assert isinstance(config, DummyConfig) and (config.dummy_opt, config.latent_steps, config.roles) == (
         "b", 3, ["planner", "solver"])

@@ -96,12 +96,12 @@ def test_sequential_agents_read_earlier_texts_hierarchical_agents_only_the_quest
 def test_text_trace_reaches_the_final_agent_in_its_chat_turn(tiny_path):
     lm = TextMASLM.create_from_arg_string(f"pretrained={tiny_path},agents=3,agent_max_tokens=4")
     text = lm.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
-    assert lm._question(text) == "What is 2+2?"
+    assert lm.question(text) == "What is 2+2?"
     trace = lm.chain.run(["What is 2+2?"])[0]
-    final = lm._final_context(text, trace)
+    final = lm.final_context(text, trace)
     assert final.endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert final.count("<|im_start|>user") == 1 and "[planner]" in final and "[critic]" in final
-    assert lm._final_context("Question: x\nAnswer:", trace).endswith("[End of notes.]\n\nQuestion: x\nAnswer:")
+    assert lm.final_context("Question: x\nAnswer:", trace).endswith("[End of notes.]\n\nQuestion: x\nAnswer:")
 
 
 # -- a real OpenAI-compatible server ------------------------------------------------------------------

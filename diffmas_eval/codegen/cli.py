@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import DEFAULT_MODEL
+from ..extras import locate
+from ..harness.plugin import install
+from ..models import resolve_pretrained
+from . import evaluate as evalplus
+from .data import configure_offline, load_dataset
+from .samples import SampleDir, summarise_accounting
 
 MAS_MODELS = ("diffmas", "textmas")  # models with agent roles: they get the code-family roles
 SECRET_ARGS = ("api_key",)
@@ -64,10 +72,8 @@ def slug(model: str, model_args: dict, n_samples: int, temperature: float, max_n
 
 
 def _model_class(name: str):
-    from ..harness.plugin import install
-
     install()  # registers diffmas/textmas with lm-eval's registry
-    from lm_eval.api.registry import get_model
+    from lm_eval.api.registry import get_model  # start-up time: lm_eval (diffmas-eval --help)
 
     try:
         return get_model(name)
@@ -113,16 +119,9 @@ def run_codegen(model: str, model_args: str | Mapping[str, Any], dataset: str, *
     ``gt_time_limit_factor`` are its options) and put pass@1 into the summary. ``log`` gets the progress
     lines the command prints (the evalplus command line before it runs, pass@1 after); None keeps quiet.
     """
-    from ..extras import locate
-    from .data import configure_offline
-
     locate("evalplus")  # the missing extra before any generation
     configure_offline()  # before anything imports evalplus (it reads the overrides at import)
-    from lm_eval.utils import simple_parse_args_string
-
-    from . import evaluate as evalplus
-    from .data import load_dataset
-    from .samples import SampleDir, summarise_accounting
+    from lm_eval.utils import simple_parse_args_string  # start-up time: lm_eval (diffmas-eval --help)
 
     say = log or (lambda line: None)
     if n_samples < 1 or batch_size < 1 or max_new_tokens < 1:
@@ -151,7 +150,7 @@ def run_codegen(model: str, model_args: str | Mapping[str, Any], dataset: str, *
     if any(need.values()):
         lm = _build(model_cls, model, user_args, batch_size, device, seed)
         run.open(config)
-        from .generate import generate
+        from .generate import generate  # start-up time: lm_eval (diffmas-eval --help)
 
         skipped = sum(1 for v in need.values() if v == 0)
         if skipped:
@@ -188,10 +187,7 @@ def codegen(args: argparse.Namespace) -> int:
 
 def _build(model_cls, model: str, user_args: dict, batch_size: int, device: str | None, seed: int):
     """The lm-eval model, as ``lm_eval --model MODEL --model_args ... --batch_size B --device D`` builds it."""
-    import torch
-    from transformers import set_seed
-
-    from ..models import resolve_pretrained
+    from transformers import set_seed  # start-up time: transformers.set_seed imports peft and bitsandbytes
 
     model_args = dict(user_args)
     if model in MAS_MODELS:  # code-family roles for the agents (the final agent writes the program)

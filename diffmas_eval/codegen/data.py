@@ -82,9 +82,9 @@ def load_dataset(name: str) -> Dataset:
             raise ValueError(f"{var}={path} does not exist; unset it or point it at an EvalPlus {release} file")
     else:
         require("evalplus")
-        from evalplus.data.humaneval import HUMANEVAL_PLUS_VERSION
-        from evalplus.data.mbpp import MBPP_PLUS_VERSION
-        from evalplus.data.utils import get_dataset_metadata, make_cache
+        from evalplus.data.humaneval import HUMANEVAL_PLUS_VERSION  # optional extra: codegen
+        from evalplus.data.mbpp import MBPP_PLUS_VERSION  # optional extra: codegen
+        from evalplus.data.utils import get_dataset_metadata, make_cache  # optional extra: codegen
 
         version = HUMANEVAL_PLUS_VERSION if name == "humaneval" else MBPP_PLUS_VERSION
         url, cache = get_dataset_metadata(release, version, False, False)

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..extras import locate, require
 from .data import Dataset
 
@@ -77,10 +79,8 @@ def clear_stale_results(dataset: Dataset, samples: Path) -> Path | None:
 
 def pass_at_1(results: dict) -> dict[str, float]:
     """pass@1 (base tests; base + plus tests) from an EvalPlus results file, as EvalPlus computes it."""
-    import numpy as np
-
     require("evalplus")
-    from evalplus.eval import PASS, estimate_pass_at_k
+    from evalplus.eval import PASS, estimate_pass_at_k  # optional extra: codegen
 
     runs = list(results["eval"].values())
     total = np.array([len(r) for r in runs])

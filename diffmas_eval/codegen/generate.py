@@ -45,7 +45,7 @@ def build_prompt(lm, dataset: str, task: dict) -> str:
 def gen_kwargs(lm, dataset: str, max_new_tokens: int, temperature: float) -> dict:
     """lm-eval generation kwargs with EvalPlus's stop strings and sampling settings."""
     require("evalplus")
-    from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
+    from evalplus.provider.utility import EOS, extra_eos_for_direct_completion  # optional extra: codegen
 
     until = [*EOS, "\n```\n"] if is_chat(lm) else [*EOS, *extra_eos_for_direct_completion(dataset)]
     kwargs = {"until": until, "max_gen_toks": int(max_new_tokens), "do_sample": temperature > 0,
@@ -58,7 +58,7 @@ def gen_kwargs(lm, dataset: str, max_new_tokens: int, temperature: float) -> dic
 def to_solution(lm, task: dict, output: str) -> tuple[str, str]:
     """``(raw, sanitized)`` as ``evalplus.codegen`` stores them."""
     require("evalplus")
-    from evalplus.sanitize import sanitize
+    from evalplus.sanitize import sanitize  # optional extra: codegen
 
     raw = output.replace("\t", "    ")
     if not is_chat(lm):  # direct completion: the program is the prompt plus its continuation

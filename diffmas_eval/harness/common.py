@@ -18,7 +18,7 @@
   Python caller that passes a model string to ``simple_evaluate`` has no model object either). Nothing
   is written onto lm-eval's objects: which requests were accounted is kept by the ``Accounting``.
   The summary goes into the results JSON through ``get_model_info`` (``config.accounting``).
-- ``join_data_parallel`` / ``Accounting.gather``: ``accelerate launch -m lm_eval`` on any device.
+- ``DataParallel`` / ``Accounting.gather``: ``accelerate launch -m lm_eval`` on any device.
   HFLM shards requests by rank only when it sees more than one GPU; on CPU (gloo) or one shared GPU
   every process would score everything. Each rank's accounting is gathered to rank 0 at lm-eval's
   barrier after each request type, and lm-eval's padding copies (ranks get equal request counts)
@@ -32,6 +32,11 @@ import json
 import statistics
 import weakref
 from collections import defaultdict
+
+from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import hash_string
+
+from ..stability import summarise
 
 ACCOUNTING_KEY = "diffmas_accounting"
 
@@ -59,8 +64,6 @@ FROM_PRETRAINED = {
 
 def hf_parameters() -> dict[str, object]:
     """``HFLM.__init__``'s named parameters and their defaults, read now (a newer lm-eval's come along)."""
-    from lm_eval.models.huggingface import HFLM
-
     params = inspect.signature(HFLM.__init__).parameters.values()
     return {p.name: p.default for p in params
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -214,8 +217,6 @@ class Accounting:
 
     def stability(self) -> dict:
         """Per task, the means of the generated answers' stability statistics (``stability.summarise``)."""
-        from ..stability import summarise
-
         by_task: dict[str, list[dict]] = defaultdict(list)
         for r in self.records:
             if r.get("stability") is not None:
@@ -226,22 +227,34 @@ class Accounting:
 LATEST: dict[str, dict] = {"by_sample": {}}
 
 
-def join_data_parallel(lm) -> None:
-    """Take the rank and world size of ``accelerate launch`` where HFLM did not (no GPU, or one GPU).
+class DataParallel:
+    """Mixin for our ``HFLM`` subclasses: the rank and world size of ``accelerate launch`` where HFLM did not take
+    them (no GPU, or one GPU).
 
     HFLM keeps its ``Accelerator`` whenever several processes run, but shards the requests only with
-    more than one GPU; with this, ``accelerate launch --cpu --num_processes N -m lm_eval`` splits them too.
+    more than one GPU; after ``join_data_parallel()``, ``accelerate launch --cpu --num_processes N -m lm_eval``
+    splits them too. lm-eval reads both through the public ``rank``/``world_size`` properties, overridden here.
     """
-    accelerator = getattr(lm, "accelerator", None)
-    if accelerator is not None and accelerator.num_processes > 1 and lm.world_size == 1:
-        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+
+    _joined: tuple[int, int] | None = None  # (rank, world size) taken from accelerate; None: HFLM's own
+
+    def join_data_parallel(self) -> None:
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+            self._joined = (accelerator.process_index, accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return super().rank if self._joined is None else self._joined[0]
+
+    @property
+    def world_size(self) -> int:
+        return super().world_size if self._joined is None else self._joined[1]
 
 
 def sample_key(task: str | None, context: str) -> tuple[str, str]:
     """What identifies a sample in lm-eval's sample log: its task and ``prompt_hash`` (of the first
     request's context; all requests of a multiple-choice sample share it)."""
-    from lm_eval.utils import hash_string
-
     return str(task), hash_string(context)
 
 

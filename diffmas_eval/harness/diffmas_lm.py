@@ -40,7 +40,7 @@ from ..latent.config import chain_options
 from ..latent.persist import load_trained_chain
 from ..memory import trace_positions
 from ..models import bnb_config, require_bitsandbytes, resolve_pretrained
-from ..prompts import ROLE_OPTIONS, final_preamble, last_user_turn, with_note
+from ..prompts import ROLE_OPTIONS, final_preamble, final_prompt_ids, last_user_turn, with_note
 from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options, request_seeds
@@ -48,7 +48,7 @@ from ..serving.stage2_vllm import PromptEmbedsBackend, Sampling, trace_embedding
 from ..stability import served_record
 from ..stopping import eos_ids
 from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
-from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
+from .common import Accounting, DataParallel, check_model_args, group_by_gen_kwargs
 
 # model_args that are not chain options: loading, roles, batching, stage 2 (the chain's own come from its schema)
 MODEL_OPTIONS = {
@@ -121,7 +121,7 @@ QUANT_ARGS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_c
               "bnb_4bit_use_double_quant")
 
 
-class DiffMASLM(HFLM):
+class DiffMASLM(DataParallel, HFLM):
     # The chain's options schema: its user-facing fields (``latent.config.chain_options``) are model_args
     # here, taken from ``**kwargs`` by name; a subclass with more options sets its own.
     config_class: type[LatentConfig] = LatentConfig
@@ -166,7 +166,7 @@ class DiffMASLM(HFLM):
                                                      num_concurrent=num_concurrent)
             # before any answer: a clear error, or the embedding scale the server applies
             self.stage2_server.preflight(self.model, self.tokenizer, eos=eos_ids(self.model, self.tokenizer))
-        join_data_parallel(self)
+        self.join_data_parallel()
 
     def _create_model(self, pretrained: str, *, quantization_config=None, **kwargs) -> None:
         """HFLM's loading, with the ``hf`` quantization model_args it lists (``load_in_4bit``, ``load_in_8bit``,
@@ -202,21 +202,21 @@ class DiffMASLM(HFLM):
         self._chat_questions[text] = question
         return text
 
-    def _question(self, context: str) -> str:
+    def question(self, context: str) -> str:
         return self._chat_questions.get(context, context)
 
     def _final_ids(self, context: str, context_ids: list[int], encoded: str | None = None) -> list[int]:
         """The final agent's tokens: the note on the trace (unless already in the chat turn), then the context.
 
         ``encoded`` is the text ``context_ids`` encode (lm-eval's log-likelihood requests encode the context without
-        its trailing whitespace). The note and that text are tokenized as one string, as TRL tokenizes the
-        trainer's ``note + prompt``: apart, a BPE tokenizer may cut the boundary differently (SmolLM2: "\n\n" is
-        one token before "Question" alone, two when tokenized together)."""
+        its trailing whitespace). The note and that text are tokenized by ``prompts.final_prompt_ids``, the one
+        tokenization of the final prompt (SFT's, ``ask``'s), with lm-eval's BOS, if it put one, kept first."""
         if not self._preamble or context in self._chat_questions:
             return list(context_ids)
-        joint = self.tok_encode(self._preamble + (context if encoded is None else encoded), add_special_tokens=False)
+        joint = final_prompt_ids(self.tokenizer, self.chain.config.upstream, context if encoded is None else encoded,
+                                 add_special_tokens=False)
         bos = self.tokenizer.bos_token_id
-        return [bos, *joint] if bos is not None and context_ids[:1] == [bos] else joint  # lm-eval's BOS stays first
+        return [bos, *joint] if bos is not None and context_ids[:1] == [bos] else joint
 
     # -- accounting -------------------------------------------------------------------------------
     def _agents_log(self, final_tokens: int) -> list[dict]:
@@ -315,7 +315,7 @@ class DiffMASLM(HFLM):
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         by_question: dict[str, list] = defaultdict(list)
         for req in requests:
-            by_question[self._question(req.args[0])].append(req)
+            by_question[self.question(req.args[0])].append(req)
         per = (time.perf_counter() - t0) / max(1, len(by_question))  # one trace per question
         for first, *rest in by_question.values():
             record = self.accounting.record(first, self._agents_log(0), per)
@@ -324,7 +324,7 @@ class DiffMASLM(HFLM):
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        items = [(self._question(ctx), self._final_ids(ctx, ctx_ids, ctx.rstrip()), cont_ids)
+        items = [(self.question(ctx), self._final_ids(ctx, ctx_ids, ctx.rstrip()), cont_ids)
                  for (ctx, _), ctx_ids, cont_ids in requests]
         results = self._score(items, disable_tqdm)
         for (key, _, _), res in zip(requests, results):
@@ -410,7 +410,7 @@ class DiffMASLM(HFLM):
             contexts = [requests[i].args[0] for i in indices]
             served_seed = self.seed if sampling["do_sample"] and self.stage2_server is not None else None
             seed_of = dict(zip(indices, request_seeds(served_seed, contexts)))  # a prompt's k samples: k seeds
-            questions = [self._question(c) for c in contexts]
+            questions = [self.question(c) for c in contexts]
             finals = [self._final_ids(c, self.tok_encode(c)) for c in contexts]
             need = [len(f) + max_gen for f in finals]
             for rows, _ in self._plan(questions, need, [1] * len(indices)):

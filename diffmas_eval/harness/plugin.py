@@ -35,7 +35,7 @@ TASKS_DIR = _tasks_dir()
 
 
 def _register_models(module) -> None:
-    from lm_eval.api.registry import model_registry
+    from lm_eval.api.registry import model_registry  # start-up time: the .pth hook runs at interpreter start
 
     for name, target in MODELS.items():
         if name not in model_registry:
@@ -69,7 +69,7 @@ def _log_accounting(module) -> None:
     def save_results_samples(self, task_name, samples):
         source = getattr(getattr(self, "general_config_tracker", None), "model_source", None)
         if source is None or source in MODELS:  # only runs of our models carry accounting
-            from .common import add_accounting
+            from .common import add_accounting  # start-up time: the .pth hook; common imports lm_eval
 
             add_accounting(task_name, samples)
         return original(self, task_name, samples)

@@ -24,11 +24,12 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
-from transformers import LogitsProcessorList
+from transformers import AutoTokenizer, LogitsProcessorList
 
 from .. import DEFAULT_MODEL
 from ..latent.config import chain_options
@@ -40,7 +41,7 @@ from ..stability import AnswerStats, StepRecorder, served_record
 from ..stopping import ending, eos_ids, stop_hit
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
-from .common import Accounting, check_model_args, group_by_gen_kwargs, join_data_parallel
+from .common import Accounting, DataParallel, check_model_args, group_by_gen_kwargs
 
 OPTIONS = {
     "pretrained": "hub id, local path or bundled:NAME (backend=hf: the model; backend=openai: its tokenizer "
@@ -66,7 +67,7 @@ OPTIONS = {
 }
 
 
-class FinalAgentLM(HFLM):
+class FinalAgentLM(DataParallel, HFLM):
     """lm-eval's ``hf`` model as the text MAS's final agent: it answers exactly as ``hf`` does, and
     remembers how many tokens it generated for each context (for the accounting) and each answer's
     stability statistics (``stability.StepRecorder`` inside ``model.generate``: no extra forward)."""
@@ -166,8 +167,6 @@ class TextMASLM(TemplateLM):
         self.enable_thinking = enable_thinking
         self.seed = None if seed in (None, "") else int(seed)
         if backend == "hf":
-            import torch
-
             self.final_hflm = FinalAgentLM(
                 pretrained=resolve_pretrained(pretrained), dtype=dtype,
                 device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
@@ -181,8 +180,6 @@ class TextMASLM(TemplateLM):
         else:
             if not base_url:
                 raise ValueError("backend=openai needs base_url=, e.g. base_url=http://127.0.0.1:8000/v1")
-            from transformers import AutoTokenizer
-
             self.final_hflm = None
             source = resolve_pretrained(tokenizer or pretrained)
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -192,15 +189,25 @@ class TextMASLM(TemplateLM):
                                          num_concurrent=int(num_concurrent))
             self._chunk = max(self.batch_size, int(num_concurrent))
         self.agent_backend = agent_backend
-        if self.final_hflm is not None:  # accelerate launch: take the inner HFLM's rank, as diffmas does
-            join_data_parallel(self.final_hflm)
-            self._rank, self._world_size = self.final_hflm.rank, self.final_hflm.world_size
+        if self.final_hflm is not None:  # accelerate launch: the inner HFLM's rank (``rank``), as diffmas does
+            self.final_hflm.join_data_parallel()
         self.chain = TextChain(agent_backend, self.tokenizer, order, role_map, topology, int(agent_max_tokens),
                                enable_thinking)
         self.final_role = order[-1]
         self.accounting = Accounting("textmas")
         self._chats: dict[str, tuple[list[dict], bool]] = {}
 
+
+    @property
+    def rank(self) -> int:
+        """The final agent's HFLM's rank under ``accelerate launch`` (backend=hf); 0 otherwise."""
+        final = getattr(self, "final_hflm", None)
+        return final.rank if final is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        final = getattr(self, "final_hflm", None)
+        return final.world_size if final is not None else 1
 
     # -- tokenizer, as HFLM ---------------------------------------------------------------------
     @property
@@ -243,13 +250,13 @@ class TextMASLM(TemplateLM):
             self._chats[text] = (messages, add_generation_prompt)
         return text
 
-    def _question(self, context: str) -> str:
+    def question(self, context: str) -> str:
         if context in self._chats:
             messages, _ = self._chats[context]
             return messages[last_user_turn(messages)]["content"]
         return context
 
-    def _final_context(self, context: str, trace: TextTrace) -> str:
+    def final_context(self, context: str, trace: TextTrace) -> str:
         """The final agent's text: the note with the upstream texts, then the context as the task made it."""
         note = trace.preamble()
         if not note:
@@ -289,8 +296,8 @@ class TextMASLM(TemplateLM):
                 chunk = indices[c0:c0 + self._chunk]
                 args = [requests[i].args for i in chunk]
                 t0 = time.perf_counter()
-                traces = self.chain.run([self._question(a[0]) for a in args])
-                finals = [self._final_context(a[0], t) for a, t in zip(args, traces)]
+                traces = self.chain.run([self.question(a[0]) for a in args])
+                finals = [self.final_context(a[0], t) for a, t in zip(args, traces)]
                 if self.final_hflm is not None:
                     texts = self.final_hflm.generate_until(
                         [_Req((f, copy.deepcopy(a[1]))) for f, a in zip(finals, args)], disable_tqdm=True)
@@ -320,7 +327,7 @@ class TextMASLM(TemplateLM):
         """``log p(continuation | upstream texts, context)``; one text trace per distinct question."""
         by_question: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            by_question[self._question(req.args[0])].append(i)
+            by_question[self.question(req.args[0])].append(i)
         questions = list(by_question)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="textmas loglikelihood")
@@ -333,7 +340,7 @@ class TextMASLM(TemplateLM):
             pairs = []
             for i in idx:
                 ctx, cont = requests[i].args
-                pairs.append((self._final_context(ctx, trace_of[i]) if ctx else ctx, cont))
+                pairs.append((self.final_context(ctx, trace_of[i]) if ctx else ctx, cont))
             scores = (self.final_hflm.loglikelihood([_Req(p) for p in pairs], disable_tqdm=True)
                       if self.final_hflm is not None else self._remote_loglikelihood(pairs))
             per = (time.perf_counter() - t0) / len(chunk)

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ..memory import trace_positions
@@ -54,7 +61,7 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 @contextmanager
-def _upcast(model: nn.Module):
+def upcast_modules(model: nn.Module):
     """``model``'s half-precision parameters and buffers in float32 inside, one module at a time: each module's
     own half tensors are cast as its forward starts and its original tensors put back as it returns, so the
     float32 copy held at any moment is one module's (Qwen3-8B: its 2.3 GiB ``lm_head``), not the whole model's
@@ -94,8 +101,6 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     """The base model under the LM head (``get_decoder()`` of the first ``PreTrainedModel`` inside any wrapper:
     PEFT, DDP, FSDP2), whose ``last_hidden_state`` is the last layer's hidden state after the final norm; None
     if there is none."""
-    from transformers import PreTrainedModel
-
     if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
         model = model.inner
     for module in model.modules():
@@ -116,8 +121,6 @@ def _checkpoint_layers(model: nn.Module, anchors: list[torch.Tensor]):
     the layer found it, puts it back before the recompute, and after the call too (the forward's later layers
     read only their own cache layers, and the extended copy is not then held until backward). ``anchors``: a
     tensor per layer device, so each device's RNG (LoRA dropout) is restored for the recompute."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if isinstance(model, distributed.CallThrough):  # the trainer's wrapper registers no submodule: look inside
         model = model.inner
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -364,7 +367,7 @@ class AgentChain(nn.Module):
                              "autograd: train with latent_dtype=model (or stage1_grad=none), or load the model in "
                              "float32")
         longest = torch.zeros_like(trace.next_pos)  # independent segments: the final agent goes on after this
-        with torch.set_grad_enabled(grad), (_upcast(self.model) if upcast else nullcontext()):
+        with torch.set_grad_enabled(grad), (upcast_modules(self.model) if upcast else nullcontext()):
             for role, ids in zip(self.config.upstream, prompts):
                 input_ids, mask = self._right_pad(ids)
                 latents: list[torch.Tensor] | None = [] if record_inputs else None

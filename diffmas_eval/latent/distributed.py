@@ -13,6 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compat.accelerate import execution_device
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch without FSDP2
+    FSDPModule = None
+
 
 class CallThrough(nn.Module):
     """What the chain gets as its model under DDP/FSDP: calls go through ``wrapped`` (so the wrapper syncs
@@ -40,9 +47,7 @@ def sharded_layers(model: nn.Module) -> dict[int, nn.Module]:
 def fsdp_layers(model: nn.Module) -> dict[int, nn.Module]:
     """Decoder layers sharded by FSDP2 (``fully_shard``), by the ``layer_idx`` of their attention: each
     is the FSDP unit that owns the weights writing that layer's cache. Empty for an unsharded model."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
+    if FSDPModule is None:
         return {}
     found = {}
     for module in model.modules():
@@ -72,8 +77,7 @@ def layer_devices(model: nn.Module) -> dict[int, torch.device]:
     accelerate hook (``device_map``; offloaded weights sit elsewhere), else the device of its weights."""
     found: dict[int, torch.device] = {}
     for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
+        device = execution_device(module)
         if device is None:
             continue
         for sub in module.modules():

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 
+from .. import __version__
 from ..prompts import Role, resolve_roles
 from .chain import AgentChain
 from .config import LatentConfig, saved_fields
@@ -42,8 +44,6 @@ def save_chain_config(directory: Path, config: LatentConfig, chain: AgentChain,
                       training: dict | None = None) -> None:
     """``training``: how it was trained (the recipe: optimiser, schedule, batch, LoRA), kept as provenance
     under ``"training"``; loading reads only the chain's options."""
-    from .. import __version__
-
     directory.mkdir(parents=True, exist_ok=True)
     data = config.to_dict()
     data["checkpoint_agents"] = data["checkpoint_final"] = False  # training-time choices, not part of the model
@@ -84,7 +84,6 @@ def resolve_artifact(path: str | Path | None) -> str | None:
     text = str(path)
     if Path(text).exists() or not _REPO_ID.match(text):
         return text
-    from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo_id=text)
@@ -138,8 +137,6 @@ def load_trained_chain(path: str | Path | None = None, *, also: str | Path | Non
 def model_card(config: LatentConfig, base_model: str | None, training: dict | None = None,
                repo: str | None = None) -> str:
     """The folder's ``README.md``: the chain, the recipe, and how to score it with lm-eval or ask it a question."""
-    from .. import __version__
-
     where = repo or "PATH_OR_REPO_ID"
     base = base_model or "BASE_MODEL"
     recipe = "\n".join(f"| `{k}` | {v} |" for k, v in (training or {}).items()) or "| (not recorded) | |"

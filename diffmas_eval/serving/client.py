@@ -12,6 +12,7 @@ and the in-process chain alike.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,8 +179,6 @@ def request_seeds(seed: int | None, keys: list[str]) -> list[int | None]:
     the run's ``seed``, the request's prompt and how many times that prompt came before it in ``keys`` (lm-eval's
     ``repeats: k`` sends one prompt k times in a row; each sample gets its own seed). The same run asks the same
     seeds whatever the order, concurrency or batching; ``seed=None``: no seed (the server's own randomness)."""
-    import hashlib
-
     if seed is None:
         return [None] * len(keys)
     seen: dict[str, int] = {}

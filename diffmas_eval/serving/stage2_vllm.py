@@ -93,16 +93,6 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_prompt_embeds(data: str | bytes) -> torch.Tensor:
-    """What vLLM's server does with ``prompt_embeds`` (for tests and debugging)."""
-    tensor = torch.load(io.BytesIO(base64.b64decode(data, validate=True)), weights_only=True,
-                        map_location="cpu")
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError("prompt_embeds is not a float32/bfloat16/float16 tensor")
-    tensor = tensor.to_dense()
-    return tensor.squeeze(0) if tensor.dim() > 2 else tensor
-
-
 @dataclass
 class Sampling:
     """The final agent's decoding: greedy unless ``do_sample``."""

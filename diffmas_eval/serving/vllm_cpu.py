@@ -17,6 +17,7 @@ The tests (``tests/conftest.py``) and ``benchmarks/vllm.py`` use it; on a GPU ma
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -215,8 +217,6 @@ class VLLMServer:
 
 def served_models(url: str) -> list[str]:
     """The names a server at ``url`` (its ``/v1`` root) answers to."""
-    import json
-
     with urllib.request.urlopen(f"{url}/models", timeout=30) as resp:
         return [m["id"] for m in json.loads(resp.read())["data"]]
 
@@ -225,9 +225,6 @@ def load_lora(url: str, name: str, path: str | Path) -> None:
     """Register a LoRA adapter under ``name`` on the vLLM server at ``url`` (runtime loading: the server was
     started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); nothing if it serves ``name``
     already. Any process that reaches the server can call it (a Ray job registers its cell's adapter)."""
-    import json
-    import urllib.error
-
     if name in served_models(url):
         return
     body = json.dumps({"lora_name": name, "lora_path": str(path)}).encode()

@@ -91,7 +91,7 @@ def load_math500(**_) -> datasets.DatasetDict:
 
 
 # -- multiple choice -----------------------------------------------------------------------------
-def _choice_rows(path: Path | None, rows: list[dict]) -> list[dict]:
+def choice_rows(path: Path | None, rows: list[dict]) -> list[dict]:
     out = []
     for i, r in enumerate(rows, 1):
         labels, texts = list(r["choices"]["label"]), list(r["choices"]["text"])
@@ -109,7 +109,7 @@ def _choice_rows(path: Path | None, rows: list[dict]) -> list[dict]:
 def _load_choices(relative: str, hub: tuple[str, str | None, str]) -> datasets.DatasetDict:
     local = _local(relative)
     rows = read_jsonl(local, ("question", "choices", "answerKey")) if local else list(_hub(*hub))
-    return _split(_choice_rows(local, rows))
+    return _split(choice_rows(local, rows))
 
 
 def load_arc_challenge(**_) -> datasets.DatasetDict:

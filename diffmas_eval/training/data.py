@@ -24,12 +24,17 @@ data they really saw.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import random
 import re
 import uuid
 from pathlib import Path
 
+from datasets import load_dataset
+
+from ..extras import require
 from ..tasks import utils as tasks
 
 FAMILIES = {"math": 210, "commonsense": 700, "code": 50}
@@ -56,7 +61,7 @@ def _math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
 
 
 def choice_row(doc: dict) -> dict:
-    """A multiple-choice item (``tasks._choice_rows``) as its task prompts it (``doc_to_text``) and scores its gold
+    """A multiple-choice item (``tasks.choice_rows``) as its task prompts it (``doc_to_text``) and scores its gold
     choice (lm-eval's target delimiter, a space, then the choice)."""
     return {"prompt": f"Question: {doc['question']}\nAnswer:", "completion": " " + doc["choices"][doc["label"]]}
 
@@ -67,7 +72,7 @@ def _commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
     for task, relative, k in (("diffmas_arc_challenge", "arc_challenge/test.jsonl", half),
                               ("diffmas_commonsense_qa", "commonsense_qa/validation.jsonl", n - half)):
         path = data_dir / relative
-        rows = tasks._choice_rows(path, tasks.read_jsonl(path, ("question", "choices", "answerKey")))[-k:]
+        rows = tasks.choice_rows(path, tasks.read_jsonl(path, ("question", "choices", "answerKey")))[-k:]
         out += [choice_row(r) for r in rows]
         bounds[task] = _count(path) - k
     return out, bounds
@@ -83,14 +88,10 @@ def _code(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
 
 def _sample(rows: list, n: int) -> list:
     """``n`` rows spread over the whole split (a fixed seed: the same set on every machine)."""
-    import random
-
     return random.Random(0).sample(rows, min(n, len(rows)))
 
 
 def _paper_math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
-    from datasets import load_dataset
-
     name, subjects = MATH_HUB
     rows = [r for subject in subjects for r in load_dataset(name, subject, split="train")]
     out = [{"prompt": MATH_PROMPT.format(q=r["problem"]), "completion": " " + r["solution"].strip()}
@@ -99,24 +100,19 @@ def _paper_math(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
 
 
 def _paper_commonsense(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
-    from datasets import load_dataset
-
-    rows = tasks._choice_rows(None, _sample(list(load_dataset(COMMONSENSE_HUB, split="train")), n))
+    rows = tasks.choice_rows(None, _sample(list(load_dataset(COMMONSENSE_HUB, split="train")), n))
     return [choice_row(r) for r in rows], {}
 
 
 def _paper_code(data_dir: Path, n: int) -> tuple[list[dict], dict[str, int]]:
-    import gzip
-
     local = data_dir / "humanevalplus" / "HumanEvalPlus.jsonl.gz"
     if local.exists():
         with gzip.open(local, "rt", encoding="utf-8") as f:
             problems = [json.loads(line) for line in f if line.strip()]
     else:  # EvalPlus fetches its release itself
-        from ..extras import require
 
         require("evalplus")
-        from evalplus.data import get_human_eval_plus
+        from evalplus.data import get_human_eval_plus  # optional extra: codegen
 
         problems = list(get_human_eval_plus().values())
     rows = problems[-n:]

@@ -27,6 +27,7 @@ from dataclasses import field, make_dataclass
 import torch
 from accelerate import PartialState
 from datasets import load_dataset
+from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config
 
@@ -104,8 +105,6 @@ def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
                                                  attn_implementation=model_args.attn_implementation,
                                                  trust_remote_code=trust, **kwargs)
     if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust)
     return model, tokenizer

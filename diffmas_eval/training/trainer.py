@@ -20,6 +20,7 @@ Two things are refused or redirected on purpose:
 
 from __future__ import annotations
 
+import csv
 import logging
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from ..latent import AgentChain, LatentConfig
@@ -117,8 +119,6 @@ def write_loss_curve(directory: Path, log_history: list[dict]) -> list[dict]:
 
     Kept beside the adapter because the log history otherwise lives only in checkpoints, which the leaderboard
     deletes once the adapter is finished."""
-    import csv
-
     rows = [{"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["loss"],
              "learning_rate": h.get("learning_rate")} for h in log_history if "loss" in h]
     if rows:
@@ -173,10 +173,8 @@ class DiffMASSFTTrainer(SFTTrainer):
         if not isinstance(model, str):
             refuse_offloaded(model)
         if processing_class is None:
-            from transformers import AutoTokenizer
-
             processing_class = AutoTokenizer.from_pretrained(
-                model if isinstance(model, str) else model.config._name_or_path)
+                model if isinstance(model, str) else model.config.name_or_path)
         train_dataset = prepare_dataset(train_dataset, config, processing_class, args.max_length)
         eval_dataset = prepare_dataset(eval_dataset, config, processing_class, args.max_length)
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -210,19 +210,12 @@ def start_local(**kwargs) -> None:
     ``ray start``, docs/leaderboard.md). ``ray.init`` turns 127.0.0.1 into the machine's address unless Ray's
     single-machine mode is on, so it is switched on for this call; and ``address="local"``: a new one, even where
     a ``ray start`` on this machine left its address file (``ray.init()`` would join that cluster instead)."""
-    import ray  # optional extra: leaderboard
-    from ray._private import ray_constants  # optional extra: leaderboard
+    from ...compat.ray import init_on_loopback  # optional extra: leaderboard
 
     # Ray runs its workers at niceness 15, as if they were background work; here they are the work, and at 15 they
     # lose the CPU to anything else on the machine (a reduced grid took 1.48x the process pool's time here)
     os.environ.setdefault("RAY_worker_niceness", "0")
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 **kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
+    init_on_loopback(include_dashboard=False, log_to_driver=False, **kwargs)
 
 
 def cluster() -> list[dict]:
