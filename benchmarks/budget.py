@@ -25,7 +25,7 @@ from diffmas_eval import DEFAULT_MODEL
 from diffmas_eval.leaderboard.cli import budget
 from diffmas_eval.leaderboard.grid.settings import Settings, short_hash
 from diffmas_eval.leaderboard.results import compare
-from diffmas_eval.leaderboard.results import trainings as adapters
+from diffmas_eval.leaderboard.results import training_records as adapters
 from diffmas_eval.leaderboard.results.collect import items
 from diffmas_eval.leaderboard.run import RunOptions, run_cells
 from diffmas_eval.tasks.registry import MULTIPLE_CHOICE_TASKS, TASKS

@@ -20,7 +20,7 @@ from diffmas_eval.cli import build_parser
 from diffmas_eval.leaderboard.ablate import AblationOptions, base_settings, cells_of
 from diffmas_eval.leaderboard.cli import settings_of
 from diffmas_eval.leaderboard.grid.settings import short_hash
-from diffmas_eval.leaderboard.results import compare, trainings
+from diffmas_eval.leaderboard.results import compare, training_records
 from diffmas_eval.leaderboard.results.charts import charts
 from diffmas_eval.leaderboard.results.markdown import document
 from diffmas_eval.leaderboard.results.tables import read_csv
@@ -96,7 +96,7 @@ def test_the_committed_leaderboard_page_and_charts_regenerate_byte_for_byte(tmp_
     out = ROOT / "leaderboards"
     rows = read_csv(out / "leaderboard.csv")
     paired = compare.comparisons(compare.read_items(out))
-    trained, losses = trainings.read(out)
+    trained, losses = training_records.read(out)
     assert "# Leaderboard\n\n" + document(rows, "", paired, trained) == (out / "leaderboard.md").read_text()
     drawn = charts(rows, tmp_path, paired, losses)
     assert drawn

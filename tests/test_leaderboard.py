@@ -180,7 +180,7 @@ def test_readme_section_round_trips(mini, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
     from diffmas_eval.leaderboard.results import compare
-    from diffmas_eval.leaderboard.results import trainings as adapters
+    from diffmas_eval.leaderboard.results import training_records as adapters
 
     rows = read_rows(mini / "leaderboard.csv")
     paired = compare.comparisons(compare.read_items(mini))  # what --readme adds, from leaderboard_items.csv

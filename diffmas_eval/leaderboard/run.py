@@ -30,7 +30,7 @@ from .grid.settings import (
     short_hash,
 )
 from .grid.trainings import check_disjoint, sft_set
-from .results import compare, trainings
+from .results import compare, training_records
 from .results.charts import charts
 from .results.collect import STABILITY_METRICS, collect, curves, items
 from .results.markdown import document, markdown
@@ -96,16 +96,16 @@ def publish(rows: list[dict], output: Path, curve_rows: list[dict] | None = None
     table, printed."""
 
     paired = compare.comparisons(item_rows) if item_rows is not None else None  # refuses unpaired cells, first
-    trained, losses = trainings.records([r["adapter"] for r in rows if r.get("adapter")])
+    trained, losses = training_records.records([r["adapter"] for r in rows if r.get("adapter")])
     if trained:  # the adapters are here (not a --from-results collection): keep what a reader needs of them
-        trainings.write(trained, losses, output.parent)
+        training_records.write(trained, losses, output.parent)
     write_csv(rows, output)
     if curve_rows is not None:
         write_curves(curve_rows, output.parent / "entropy_curve.csv")
     if item_rows is not None:
         write_items(item_rows, output.parent / "leaderboard_items.csv")
         compare.write(paired or [], output.parent / compare.FILE)
-    trained, losses = trainings.read(output.parent)
+    trained, losses = training_records.read(output.parent)
     (output.parent / "leaderboard.md").write_text("# Leaderboard\n\n" + document(rows, "", paired, trained))
     for path in charts(rows, output.parent, paired, losses):
         print(f"wrote {path}")

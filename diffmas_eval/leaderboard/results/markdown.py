@@ -10,7 +10,7 @@ from ..grid.settings import LAYOUT, TEXT_METHODS, primary_metric
 from . import compare
 from .charts import CHART, CHARTS, DIFFERENCES_CHART, STABILITY_CHARTS, charted_pairs
 from .tables import as_float, choice_tasks, methods_and_tasks, primary
-from .trainings import budgets as adapter_budgets
+from .training_records import budgets as adapter_budgets
 
 
 def budgets(rows: list[dict]) -> str:

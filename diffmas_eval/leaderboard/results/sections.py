@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...readme import end_marker, replace_section, start_marker
-from . import compare, trainings
+from . import compare, training_records
 from .markdown import document, headline
 from .tables import read_csv
 
@@ -50,4 +50,4 @@ def regenerate(readme: Path, output: Path) -> bool:
 
     paired = compare.comparisons(compare.read_items(output.parent))
     return update_readme(Path(readme), read_csv(output), comparison_rows=paired,
-                         training_rows=trainings.read(output.parent)[0])
+                         training_rows=training_records.read(output.parent)[0])
