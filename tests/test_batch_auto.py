@@ -1,10 +1,10 @@
 """``--batch_size auto`` on CUDA probes for out-of-memory; it must never pick a size that runs out mid-run.
 
 A CPU has no out-of-memory exception to probe for (it swaps or is killed), so this test fakes one:
-``LiveBytes`` counts the bytes of every tensor allocated inside it (by storage, released when the last tensor
-object over it dies) and raises the CPU allocator's own out-of-memory error once the live total passes a budget,
-which is what accelerate's ``find_executable_batch_size`` shrinks on. It does not see the CUDA caching allocator's
-fragmentation (which ``PROBE_SHARE`` leaves room for), nor memory held outside torch.
+``diffmas_eval.testing.live_bytes.LiveBytes`` counts the bytes of every tensor allocated inside it and raises the
+CPU allocator's own out-of-memory error once the live total passes a budget, which is what accelerate's
+``find_executable_batch_size`` shrinks on. It does not see the CUDA caching allocator's fragmentation (which
+``PROBE_SHARE`` leaves room for), nor memory held outside torch.
 
 The model is a tiny llama shaped so that the KV cache, not eager attention's scores, is the largest tensor, as in
 a long trace on a real model (head_dim 128, 4 KV heads, sdpa).
@@ -12,60 +12,13 @@ a long trace on a real model (head_dim 128, 4 KV heads, sdpa).
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
-import torch
 from lm_eval.api.instance import Instance
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from diffmas_eval.harness.batching import PROBE_SHARE
 from diffmas_eval.harness.diffmas_lm import DiffMASLM
+from diffmas_eval.testing.live_bytes import LiveBytes
 from diffmas_eval.testing.tiny import save_tiny_model
-
-OOM = "DefaultCPUAllocator: can't allocate memory"
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors allocated inside that are alive (``total``), their ``peak``, and a fake out-of-memory
-    error past ``budget``."""
-
-    def __init__(self, budget: int | None = None) -> None:
-        super().__init__()
-        self.budget, self.total, self.peak = budget, 0, 0
-        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensor objects over it]
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.total -= entry[0]
-                del self.live[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # a view or an in-place result shares an input's storage: not an allocation (and a view of a weight made
-        # before the mode must not count the weight)
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if not key or (key in inputs and key not in self.live):
-                    continue
-                if key in self.live:
-                    self.live[key][1] += 1
-                else:
-                    self.live[key] = [storage.nbytes(), 1]
-                    self.total += storage.nbytes()
-                weakref.finalize(t, self._release, key)
-        self.peak = max(self.peak, self.total)
-        if self.budget is not None and self.total > self.budget:
-            raise RuntimeError(f"{OOM} (fake: {self.total} live bytes > budget {self.budget})")
-        return out
 
 
 @pytest.fixture(scope="module")
