@@ -116,13 +116,13 @@ def test_stage1_last_hidden_state_is_bit_identical_to_hidden_states_last(arch, m
 def test_stage1_asks_for_no_hidden_states_and_finds_the_decoder_under_wrappers():
     model, tok = make_tiny_model("qwen3")
     seen = []
-    original = model.forward
+    original = model.model.forward  # stage 1 calls the decoder alone (no LM head: tests/test_head_memory.py)
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("output_hidden_states"))
         return original(*args, **kwargs)
 
-    model.forward = spy
+    model.model.forward = spy
     with torch.no_grad():
         AgentChain(model, tok, LatentConfig(latent_steps=2)).stage1(QUESTIONS[:2])
     assert seen and not any(seen)

@@ -152,7 +152,7 @@ def test_auto_on_cpu_fits_the_free_memory(tiny_path, monkeypatch):
 
 
 def test_probe_shrinks_on_out_of_memory(tiny_path, monkeypatch):
-    """The CUDA path (as hf's): the real chain at decreasing sizes until one runs."""
+    """The CUDA path (as hf's): the real scoring path at decreasing sizes until one runs, then a margin."""
     lm = DiffMASLM(pretrained=str(tiny_path), device="cpu", dtype="float32", agents=2, latent_steps=1,
                    max_batch_size=16)
     tried = []
@@ -166,7 +166,8 @@ def test_probe_shrinks_on_out_of_memory(tiny_path, monkeypatch):
 
     monkeypatch.setattr(AgentChain, "stage1", limited)
     size = lm._probe("What is 12 + 30?", final=30, scored=2)
-    assert tried[0] == 16 and 1 <= size <= 5 and tried[-1] == size
+    assert tried[0] == 16 and tried[-1] <= 5  # the largest size that ran, and it keeps a margin below it
+    assert size == max(1, int(tried[-1] * batching.PROBE_SHARE))
 
 
 def test_auto_with_no_room_for_one_row_is_a_clear_error(tiny_path, monkeypatch):

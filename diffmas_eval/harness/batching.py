@@ -17,6 +17,9 @@ from pathlib import Path
 from .. import memory
 
 CPU_SHARE = 0.5  # of the free memory a CPU run may plan to use (the rest: allocator slack, other processes)
+# of the largest batch a CUDA probe ran that ``auto`` uses: the probe runs the real path once, with the batch's
+# longest and shortest rows; the rest is for fragmentation over a long run and rows the probe did not build
+PROBE_SHARE = 0.85
 
 
 @dataclass

@@ -47,7 +47,7 @@ from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_opti
 from ..serving.stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stability import served_record
 from ..stopping import eos_ids
-from .batching import CPU_SHARE, FIXES, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
+from .batching import CPU_SHARE, FIXES, PROBE_SHARE, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, DataParallel, check_model_args, group_by_gen_kwargs
 
 # model_args that are not chain options: loading, roles, batching, stage 2 (the chain's own come from its schema)
@@ -252,25 +252,28 @@ class DiffMASLM(DataParallel, HFLM):
             sched = pos // step
             if sched not in self.batch_sizes:
                 prev = self.batch_sizes.get(sched - 1)
-                i = order[pos]
+                i, j = order[pos], order[-1]  # the longest row left and the shortest: the batch's spread
                 self.batch_sizes[sched] = prev if prev == self.max_batch_size else self._auto_batch_size(
-                    questions[i], final[i], scored[i])
+                    questions[i], final[i], scored[i], (questions[j], final[j], scored[j]))
             size = self.batch_sizes[sched]
             plan.append((order[pos:pos + size], size))
             pos += size
         return plan
 
-    def _auto_batch_size(self, question: str, final: int, scored: int) -> int:
+    def _auto_batch_size(self, question: str, final: int, scored: int,
+                         shortest: tuple[str, int, int] | None = None) -> int:
         """Rows per batch for the longest row left: its trace (upstream prompts + latent steps) and the
-        final agent's ``final`` positions (prompt + answer). CUDA: probe the real chain for OOM from
-        ``max_batch_size`` down, as ``hf`` does; otherwise: from the free memory, without probing."""
+        final agent's ``final`` positions (prompt + answer). CUDA: probe the real scoring path for OOM from
+        ``max_batch_size`` down, as ``hf`` does, with the batch's length spread (``shortest``: the shortest
+        row's question, final and scored positions), and keep ``PROBE_SHARE`` of what ran; otherwise: from the
+        free memory, without probing."""
         prompts = [len(agent[0]) for agent in self.chain.upstream_prompts([question])]
         trace = trace_positions(prompts, self.chain.config.latent_steps)
         final = max(2, min(final, self.max_length - trace))  # a longer row is refused before compute anyway
         cost = RowCost.of(self.model)
         per_row = cost.row(trace, final, prefill=max([final, *prompts]), scored=scored)
-        if self.device.type == "cuda":
-            size, how = self._probe(question, final, scored), "probed on cuda"
+        if self._probes():
+            size, how = self._probe(question, final, scored, shortest), f"{PROBE_SHARE:.0%} of what ran on cuda"
         else:
             size, how = cpu_batch_size(per_row, self.max_batch_size), f"{CPU_SHARE:.0%} of free memory"
         steps = self.chain.config.latent_steps
@@ -281,18 +284,35 @@ class DiffMASLM(DataParallel, HFLM):
             f"about {per_row / 2**20:.1f} MiB at its peak")
         return size
 
-    def _probe(self, question: str, final: int, scored: int) -> int:
-        """The largest batch (from ``max_batch_size``, shrinking on OOM) that runs stage 1 and the final
-        agent's forward over the trace for ``question``, with ``final`` positions of which ``scored`` are scored."""
-        scored = max(1, min(scored, final - 1))
-        context, continuation = [self.prefix_token_id] * (final - scored), [self.prefix_token_id] * scored
+    def _probes(self) -> bool:
+        """Whether ``auto`` probes for out-of-memory: only on CUDA, where running out is an exception (on a CPU it
+        is swapping or being killed)."""
+        return self.device.type == "cuda"
+
+    def _probe(self, question: str, final: int, scored: int, shortest: tuple[str, int, int] | None = None) -> int:
+        """The batch size to use: ``PROBE_SHARE`` of the largest batch (from ``max_batch_size``, shrinking on OOM)
+        that runs ``_score``'s own path once: stage 1, one prefill per row, one continuation scored per row.
+
+        Rows alternate between the longest request (``question``, ``final`` positions of which ``scored`` are
+        scored) and ``shortest`` (default: the longest again), so the probe pays what a real batch pays for its
+        spread: padded prompts and their ``left_align`` copies, a prefill over ragged contexts, and the trace
+        selected per prefix and per continuation (``_score_rows``). Identical rows paid none of it. The share
+        keeps room for what a probe does not see: the allocator's fragmentation over a long run, and rows of
+        lengths between the two."""
+        rows = [(question, final, scored), shortest or (question, final, scored)]
+        spec = []
+        for q, f, s in rows:
+            f = max(2, f)
+            s = max(1, min(s, f - 1))
+            spec.append((q, f, [self.prefix_token_id] * (f - s), [self.prefix_token_id] * s))
 
         @find_executable_batch_size(starting_batch_size=self.max_batch_size or 64)
         def run(batch_size: int) -> int:
-            rows = list(range(batch_size))
-            with torch.no_grad(), self._precision():
-                trace = self.chain.stage1([question] * batch_size, final_tokens=[final] * batch_size)
-                self.chain.loglikelihood(trace.select(rows), [context] * batch_size, [continuation] * batch_size)
+            picked = [spec[r % 2] for r in range(batch_size)]
+            items = [(q, ctx, cont) for q, _, ctx, cont in picked]
+            with torch.no_grad():
+                self._score_rows([q for q, *_ in picked], [f for _, f, *_ in picked], [[r] for r in range(batch_size)],
+                                 items, batch_size, lambda i, res: None)
             return batch_size
 
         try:
@@ -307,7 +327,7 @@ class DiffMASLM(DataParallel, HFLM):
                 f"agent's forward over the trace, {final} final-agent positions); {FIXES}") from None
         gc.collect()
         torch.cuda.empty_cache()  # what the probes held
-        return size
+        return max(1, int(size * PROBE_SHARE))
 
     # -- scoring (always in process: vLLM refuses prompt_logprobs with prompt embeddings) ------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -345,31 +365,42 @@ class DiffMASLM(DataParallel, HFLM):
         results: list[tuple[float, bool] | None] = [None] * len(items)
         plan = self._plan(questions, final, scored, size)  # before the bar: auto logs the size it picks
         with tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=desc) as bar:
+            def done(i: int, res: tuple[float, bool]) -> None:
+                results[i] = res
+                bar.update(1)
+
             for rows, bs in plan:
-                chunk = [questions[r] for r in rows]
-                with self._precision():
-                    trace = self.chain.stage1(chunk, final_tokens=[final[r] for r in rows])
-                # each distinct (question, final-agent context) is prefilled once; its continuations go on from it
-                prefixes: dict[tuple, int] = {}
-                pairs = [(prefixes.setdefault((row, tuple(items[i][1])), len(prefixes)), i)
-                         for row, q in enumerate(chunk) for i in by_question[q]]
-                keys = list(prefixes)
-                for k0 in range(0, len(keys), bs):
-                    part = keys[k0:k0 + bs]
-                    with self._precision():
-                        prefixed, first = self.chain.prefill(trace.select([row for row, _ in part]),
-                                                            [list(ctx) for _, ctx in part])
-                    todo = [(p - k0, i) for p, i in pairs if k0 <= p < k0 + len(part)]
-                    for t0 in range(0, len(todo), bs):
-                        sel = todo[t0:t0 + bs]
-                        picks = torch.tensor([p for p, _ in sel], device=first.device)
-                        with self._precision():
-                            scores = self.chain.continuation_scores(prefixed.select(picks), first[picks],
-                                                                    [items[i][2] for _, i in sel])
-                        for (_, i), res in zip(sel, scores):
-                            results[i] = res
-                        bar.update(len(sel))
+                self._score_rows([questions[r] for r in rows], [final[r] for r in rows],
+                                 [by_question[questions[r]] for r in rows], items, bs, done)
         return results
+
+    def _score_rows(self, chunk: list[str], finals: list[int], groups: list[list[int]],
+                    items: list[tuple[str, list[int], list[int]]], bs: int, done) -> None:
+        """One batch of ``_score``: a trace over ``chunk`` (questions; ``finals``: each row's final-agent
+        positions), then for row r the items ``groups[r]``: each distinct context prefilled once, its
+        continuations scored from it, ``bs`` rows per forward; ``done(i, result)`` per item. The
+        ``batch_size=auto`` probe runs this same path."""
+        with self._precision():
+            trace = self.chain.stage1(chunk, final_tokens=finals)
+        # each distinct (question, final-agent context) is prefilled once; its continuations go on from it
+        prefixes: dict[tuple, int] = {}
+        pairs = [(prefixes.setdefault((row, tuple(items[i][1])), len(prefixes)), i)
+                 for row, group in enumerate(groups) for i in group]
+        keys = list(prefixes)
+        for k0 in range(0, len(keys), bs):
+            part = keys[k0:k0 + bs]
+            with self._precision():
+                prefixed, first = self.chain.prefill(trace.select([row for row, _ in part]),
+                                                    [list(ctx) for _, ctx in part])
+            todo = [(p - k0, i) for p, i in pairs if k0 <= p < k0 + len(part)]
+            for t0 in range(0, len(todo), bs):
+                sel = todo[t0:t0 + bs]
+                picks = torch.tensor([p for p, _ in sel], device=first.device)
+                with self._precision():
+                    scores = self.chain.continuation_scores(prefixed.select(picks), first[picks],
+                                                            [items[i][2] for _, i in sel])
+                for (_, i), res in zip(sel, scores):
+                    done(i, res)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity of a document by the final agent, over a trace the upstream agents built from it."""

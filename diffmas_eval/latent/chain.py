@@ -241,6 +241,37 @@ def _at_last_token(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out[torch.arange(len(mask), device=out.device), last]
 
 
+@contextmanager
+def _head_reads_last_token(model: nn.Module, mask: torch.Tensor, cols: int):
+    """Inside, the LM head gets each row's last real token of the right-padded block ``mask`` only
+    (``[B, 1, hidden]``) instead of the block's last ``cols`` columns: a padded batch read one column per row
+    of a ``[B, cols, V]`` logits tensor (a 150k vocabulary makes it the largest tensor of the call). A forward
+    pre-hook on the head gathers its input, on whatever device the input arrives (a split model's last), so
+    whatever the causal LM does after the head (Gemma's logit soft-capping) still runs. Yields a list that is
+    non-empty once the head ran that way (a model that computes logits without calling its head module leaves
+    it empty: the caller then reads the columns as before)."""
+    head = model.get_output_embeddings()
+    done: list[bool] = []
+    if head is None:
+        yield done
+        return
+    last = mask.sum(-1) - 1 - (mask.shape[1] - cols)  # each row's last token among the kept columns
+
+    def gather(module: nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0]
+        if done or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] != cols:
+            return None
+        done.append(True)
+        index = last.to(hidden.device)[:, None, None].expand(-1, 1, hidden.shape[-1])
+        return (hidden.gather(1, index), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield done
+    finally:
+        handle.remove()
+
+
 def _check_finite(role: str, keys: list[torch.Tensor], values: list[torch.Tensor], real: torch.Tensor) -> None:
     """Refuse a segment whose real columns (each row's last ``real[i]``, every layer) hold inf/NaN; one
     device sync per agent. Pad columns are not looked at: they are masked, and a pad query whose
@@ -426,12 +457,14 @@ class AgentChain(nn.Module):
         ``own[i]`` trace columns (an independent agent's own, contiguous there by the layout invariant)."""
         seen = work.mask if own is None else left_aligned_mask(own, work.length).to(work.mask.dtype)
         kwargs = dict(attention_mask=torch.cat([seen, mask], dim=1), position_ids=work.positions(mask), cache=cache,
-                      use_cache=True, logits_to_keep=1)
+                      use_cache=True)
         decoder = self._decoder()
         if decoder is None:  # no base model to listen to: ask for every layer's hidden state, read the last
-            hidden = self.model(**inputs, **kwargs, output_hidden_states=True).hidden_states[-1]
+            hidden = self.model(**inputs, **kwargs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+        elif self._calls_decoder():
+            hidden = decoder(**inputs, **kwargs).last_hidden_state
         else:
-            hidden = self._last_hidden_state(decoder, inputs, kwargs)
+            hidden = self._last_hidden_state(decoder, inputs, {**kwargs, "logits_to_keep": 1})
         work.adopt(cache, mask)
         if torch.is_grad_enabled():
             layers = self._fsdp_layers()
@@ -466,6 +499,22 @@ class AgentChain(nn.Module):
             handle.remove()
         passed = getattr(out, "hidden_states", None)
         return passed[-1] if passed else got[-1]  # a model that drops it: the hooked tensor (unwrapped models)
+
+    def _calls_decoder(self) -> bool:
+        """Whether stage 1 may call the base model (``decoder_of``) directly instead of the whole causal LM.
+
+        Stage 1 reads hidden states only: the LM head's logits were computed and thrown away (about 8% of an 8B
+        model's weight bytes per latent step, and under ``latent_dtype=float32`` a float32 copy of the head per
+        step). Calling the decoder skips the head; it is what the causal LM's own forward calls first, with the
+        same arguments. Not for a model the chain must call whole: a training wrapper (``CallThrough``: DDP's
+        reducer, FSDP2's root act on the wrapper's outputs), FSDP2 units inside the model (the root gathers the
+        embedding), or a PEFT prompt-learning adapter (its virtual tokens are added by the PEFT forward; LoRA
+        layers sit inside the decoder and run either way)."""
+        model = self.model
+        if isinstance(model, distributed.CallThrough) or self._fsdp_layers():
+            return False
+        peft = getattr(model, "peft_config", None)
+        return not (isinstance(peft, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft.values()))
 
     def _decoder(self) -> nn.Module | None:
         """``decoder_of`` the model the chain calls now (the trainer swaps it per step), cached."""
@@ -543,11 +592,12 @@ class AgentChain(nn.Module):
         cache = work.cache()
         ids, mask = self._right_pad(rows)
         cols = mask.shape[1] - int(mask.sum(-1).min()) + 1  # from the shortest row's last token on
-        out = self.model(input_ids=ids, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
-                         cache=cache, use_cache=True, logits_to_keep=cols)
+        with _head_reads_last_token(self.model, mask, cols) as gathered:
+            out = self.model(input_ids=ids, attention_mask=work.full_mask(mask), position_ids=work.positions(mask),
+                             cache=cache, use_cache=True, logits_to_keep=cols)
         work.adopt(cache, mask)
         work.left_align()
-        return work, _at_last_token(out.logits, mask)
+        return work, out.logits[:, -1] if gathered else _at_last_token(out.logits, mask)
 
     def continuation_scores(self, trace: LatentTrace, first: torch.Tensor,
                             continuations: list[list[int]]) -> list[tuple[float, bool]]:

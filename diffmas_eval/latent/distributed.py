@@ -73,19 +73,25 @@ def unshard_in_backward(layers: dict[int, nn.Module], keys: list, values: list) 
 
 
 def layer_devices(model: nn.Module) -> dict[int, torch.device]:
-    """Where each decoder layer runs (by its attention's ``layer_idx``): the execution device of an
-    accelerate hook (``device_map``; offloaded weights sit elsewhere), else the device of its weights."""
-    found: dict[int, torch.device] = {}
-    for module in model.modules():
+    """Where each decoder layer runs (by its attention's ``layer_idx``): the execution device of the innermost
+    accelerate hook above it (``device_map``; offloaded weights sit elsewhere), else the device of its weights.
+    Innermost: ``dispatch_model`` also hooks the whole model, with the *main* device (the first GPU) as its
+    execution device, and that hook must not place a layer that runs on the second GPU."""
+    hooked: dict[str, torch.device] = {}
+    for name, module in model.named_modules():
         device = execution_device(module)
-        if device is None:
+        if device is not None:
+            hooked[name] = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    found: dict[int, torch.device] = {}
+    for name, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if not isinstance(idx, int) or idx in found:
             continue
-        for sub in module.modules():
-            if isinstance(getattr(sub, "layer_idx", None), int) and sub.layer_idx not in found:
-                found[sub.layer_idx] = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx not in found:
-            weight = next(module.parameters(), None)
-            if weight is not None:
-                found[module.layer_idx] = weight.device
+        above = [n for n in hooked if n == "" or name == n or name.startswith(n + ".")]
+        if above:
+            found[idx] = hooked[max(above, key=len)]
+            continue
+        weight = next(module.parameters(), None)
+        if weight is not None:
+            found[idx] = weight.device
     return found

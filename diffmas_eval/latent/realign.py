@@ -37,7 +37,41 @@ def embedding_scale(embedding: nn.Module, probe: int = 512) -> float:
     return scale
 
 
+# vocabulary rows per Gram-matrix chunk: a chunk's float32 copy is CHUNK_ROWS x hidden (256 MB at hidden 4096)
+CHUNK_ROWS = 16384
+
+
+@torch.no_grad()
+def ridge_terms(w_out: torch.Tensor | None, w_in: torch.Tensor, scale: float, work: torch.dtype, device: torch.device,
+                chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_out^T W_out, W_out^T (scale W_in), mean row norm of scale W_in)`` in ``work`` precision on ``device``.
+
+    Accumulated over vocabulary chunks, each chunk copied to ``device`` and cast on its own, so the only
+    full-size tensors are the ``hidden x hidden`` accumulators: the one-shot product held two ``work`` copies of
+    ``V x hidden`` (5 GB for Qwen3-8B), and an untied model split over GPUs (``device_map``) keeps ``lm_head`` on
+    another device than the embedding, where ``w_out.T @ w_in`` cannot run at all. ``w_out`` None: the norm
+    only (the two products come back as zeros)."""
+    hidden = w_in.shape[1]
+    gram = torch.zeros(hidden, hidden, dtype=work, device=device)
+    cross = torch.zeros(hidden, hidden, dtype=work, device=device)
+    norms = torch.zeros((), dtype=work, device=device)
+    for start in range(0, w_in.shape[0], chunk):
+        wi = w_in[start:start + chunk].to(device=device, dtype=work)
+        if scale != 1.0:
+            wi = wi * scale
+        if w_out is not None:
+            wo = w_out[start:start + chunk].to(device=device, dtype=work)
+            gram += wo.T @ wo
+            cross += wo.T @ wi
+        norms += wi.norm(dim=-1).sum()
+    return gram, cross, norms / w_in.shape[0]
+
+
 class Realigner(nn.Module):
+    """The map ``hidden -> input embedding`` (``mode``: ``ridge``, ``identity`` or ``none``), built on the input
+    embedding's device: that is where latent vectors are consumed, so ``forward`` moves each hidden state
+    there (from the last layer's device, on a split model) once, and W stays put."""
+
     def __init__(self, model: nn.Module, mode: str = "ridge", lam: float = 1e-5, trainable: bool = False,
                  target: str = "embedding_output"):
         super().__init__()
@@ -46,22 +80,21 @@ class Realigner(nn.Module):
                              f"{', '.join(CHOICES['realign_target'])}")
         self.mode = mode
         embedding = model.get_input_embeddings()
+        w_in = embedding.weight.detach()
         # float32 whatever the model's dtype (bf16 would round the ridge solve and every mapped vector);
         # float64 for a float64 model, so a float64 reference chain is float64 throughout
-        work = torch.float64 if embedding.weight.dtype == torch.float64 else torch.float32
-        w_in = embedding.weight.detach().to(work)
+        work = torch.float64 if w_in.dtype == torch.float64 else torch.float32
+        device = w_in.device
         scale = embedding_scale(embedding) if target == "embedding_output" and mode != "none" else 1.0
-        if scale != 1.0:
-            w_in = w_in * scale
         hidden = w_in.shape[1]
+        w_out = model.get_output_embeddings().weight.detach() if mode == "ridge" else None
+        gram, cross, target_norm = ridge_terms(w_out, w_in, scale, work, device)
         if mode == "ridge":
-            w_out = model.get_output_embeddings().weight.detach().to(work)
-            gram = w_out.T @ w_out + lam * torch.eye(hidden, device=w_out.device)
-            w_a = torch.linalg.solve(gram, w_out.T @ w_in)
+            w_a = torch.linalg.solve(gram + lam * torch.eye(hidden, dtype=work, device=device), cross)
         else:
-            w_a = torch.eye(hidden, device=w_in.device, dtype=work)
+            w_a = torch.eye(hidden, device=device, dtype=work)
         self.weight = nn.Parameter(w_a, requires_grad=trainable)
-        self.register_buffer("target_norm", w_in.norm(dim=-1).mean())
+        self.register_buffer("target_norm", target_norm)
         self.input_scale = scale
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

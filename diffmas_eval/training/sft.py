@@ -75,12 +75,32 @@ def kbit_device_map() -> dict[str, int | str]:
     return {"": "cpu"}
 
 
+def restore_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen float32 weights of ``model`` to ``dtype`` (the quantization's compute dtype); return how many.
+
+    PEFT's ``prepare_model_for_kbit_training`` casts every non-quantized weight (embeddings, ``lm_head``, norms) to
+    float32, and bitsandbytes' linears return their input's dtype, so the whole residual stream and the latent
+    trace became float32: twice the trace and activation memory, and a chain that believes the model is float32.
+    TRL's own SFTTrainer (1.x) no longer calls it and keeps a quantized model in its compute dtype; this puts the
+    frozen weights back after preparation. Trainable parameters (none yet: the adapter comes after)
+    and quantized storage (integer dtypes) are left alone."""
+    if dtype == torch.float32:
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
     """The model TRL's own ``sft.py`` would build from ``ModelConfig``: dtype, revision, attention, remote code,
     and 4-/8-bit loading (``get_quantization_config``) on this process's device, prepared for k-bit training as
     PEFT requires. ``use_gradient_checkpointing=False``: the chain checkpoints per agent
     (``gradient_checkpointing`` becomes ``checkpoint_agents``) and refuses model-level checkpointing, which
-    turns the cache, and with it the trace, off. Bad combinations fail here, before any weight is read."""
+    turns the cache, and with it the trace, off. After preparation the frozen non-quantized weights go back to the
+    compute dtype (``restore_compute_dtype``). Bad combinations fail here, before any weight is read."""
     path = resolve_pretrained(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     trust = bool(getattr(training_args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False))
@@ -106,6 +126,7 @@ def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
                                                  trust_remote_code=trust, **kwargs)
     if quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        restore_compute_dtype(model, compute)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust)
     return model, tokenizer
 
