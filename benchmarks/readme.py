@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from diffmas_eval.readme import replace_section
+from diffmas_eval.commands.readme import replace_section
 
 ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)"),
          ("multiple_choice", "Multiple-choice scoring (`benchmarks/multiple_choice.py`)"),

@@ -36,7 +36,7 @@ def run_grid(src: Path, model: Path, out: Path) -> float:
     """Wall seconds of the reduced leaderboard run by the package at ``src`` (its own interpreter, fresh dirs)."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(model), *GRID,
+    cmd = [sys.executable, "-m", "diffmas_eval.commands.cli", "leaderboard", "--model", str(model), *GRID,
            "--output", str(out / "leaderboard.csv")]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=out.parent)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.leaderboard.grid.ablations import AXES, Variant, grid, is_reference, reference_of
 from diffmas_eval.leaderboard.grid.settings import Settings, short_hash
 from diffmas_eval.leaderboard.results.ablations import (

@@ -3,9 +3,9 @@
 import re
 
 import diffmas_eval.ask as ask_module
-from diffmas_eval import cli
 from diffmas_eval.ask import Answer, ask, build_chain, format_trace_table
-from diffmas_eval.cli import main
+from diffmas_eval.commands import cli
+from diffmas_eval.commands.cli import main
 from diffmas_eval.latent import AgentChain, LatentConfig, persist
 from diffmas_eval.latent.persist import load_trained_chain
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_ask_on_bundled_model_prints_answer_and_a_trace_table_that_adds_up():
     out = subprocess.run(
-        [sys.executable, "-m", "diffmas_eval.cli", "ask", "What is 12 + 30?", "--agents", "4",
+        [sys.executable, "-m", "diffmas_eval.commands.cli", "ask", "What is 12 + 30?", "--agents", "4",
          "--latent-steps", "3", "--max-new-tokens", "24"],
         capture_output=True, text=True, timeout=600,
     )
@@ -30,7 +30,7 @@ def test_ask_on_bundled_model_prints_answer_and_a_trace_table_that_adds_up():
 
 
 def test_bad_option_is_one_clear_line():
-    out = subprocess.run([sys.executable, "-m", "diffmas_eval.cli", "ask", "hi", "--model", "bundled:nope"],
+    out = subprocess.run([sys.executable, "-m", "diffmas_eval.commands.cli", "ask", "hi", "--model", "bundled:nope"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "unknown bundled model 'nope'; bundled models: smollm2-135m-instruct" in out.stderr

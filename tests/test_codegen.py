@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from diffmas_eval.cli import main
 from diffmas_eval.codegen import evaluate
 from diffmas_eval.codegen.data import configure_offline, load_dataset, task_prompt
 from diffmas_eval.codegen.samples import SampleDir
+from diffmas_eval.commands.cli import main
 from diffmas_eval.prompts import CODE_ROLES, ROLES, TEXT_ROLES, family_roles
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.leaderboard.results import compare, sections, tables
 
 ROOT = Path(__file__).resolve().parents[1]

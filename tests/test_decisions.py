@@ -53,9 +53,8 @@ def test_one_dtype_table():
 
 
 def test_one_task_registry():
-    from diffmas_eval import protocol
     from diffmas_eval.leaderboard.grid import settings as config
-    from diffmas_eval.tasks import registry
+    from diffmas_eval.tasks import protocol, registry
 
     assert config.TASKS == registry.DEFAULT_TASKS and config.CODE_TASKS is registry.CODE_TASKS
     assert protocol.SAMPLED_TASKS is registry.SAMPLED_TASKS and list(protocol.CODE_TASKS) == ["humanevalplus",

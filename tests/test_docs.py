@@ -78,7 +78,7 @@ def commands(body: str) -> list[list[str]]:
 
 @cache
 def diffmas_eval_parser():
-    from diffmas_eval.cli import build_parser
+    from diffmas_eval.commands.cli import build_parser
 
     return build_parser()
 
@@ -298,7 +298,7 @@ def check_block(body: str) -> list[str]:
         if prog == "python" or prog.startswith("python3"):
             if args[:2] == ["-m", "lm_eval"]:
                 prog, args = "lm_eval", args[2:]
-            elif args[:2] == ["-m", "diffmas_eval.cli"]:
+            elif args[:2] == ["-m", "diffmas_eval.commands.cli"]:
                 prog, args = "diffmas-eval", args[2:]
         if prog == "diffmas-eval":
             check_diffmas_eval(block, args, cmd)
@@ -410,11 +410,11 @@ def test_python_blocks_compile_and_their_imports_resolve():
 def _generated():
     """(page, section name, regenerate into a copy of the page: True if it changed, the command)."""
     from benchmarks.readme import section as bench_section
+    from diffmas_eval.commands.readme import replace_section
+    from diffmas_eval.commands.reference import OPTIONS_COMMAND, STATUS_COMMAND, update_options
     from diffmas_eval.leaderboard.ablate import AblationOptions
     from diffmas_eval.leaderboard.results import ablations as ablate_report
     from diffmas_eval.leaderboard.results import sections as report
-    from diffmas_eval.readme import replace_section
-    from diffmas_eval.reference import OPTIONS_COMMAND, STATUS_COMMAND, update_options
 
     output = ROOT / "leaderboards" / "leaderboard.csv"
     return [

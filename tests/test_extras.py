@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.extras import EXTRAS, MissingExtra, locate, require
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import build_parser
+from diffmas_eval.commands.cli import build_parser
 from diffmas_eval.leaderboard.ablate import AblationOptions, base_settings, cells_of
 from diffmas_eval.leaderboard.cli import settings_of
 from diffmas_eval.leaderboard.grid.settings import short_hash

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.leaderboard.grid.trainings import check_disjoint
 from diffmas_eval.leaderboard.results.collect import collect
 from diffmas_eval.leaderboard.results.sections import README_END, README_START, update_readme

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, DeepseekV3Config, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 from diffmas_eval import memory
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.harness.batching import RowCost
 from diffmas_eval.latent import AgentChain, LatentConfig
 from diffmas_eval.testing.tiny import make_tokenizer

@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 
+from diffmas_eval.commands.options import count, parse_counts, parse_pairs
 from diffmas_eval.leaderboard.cli import _limits, settings_of
 from diffmas_eval.leaderboard.grid.settings import Settings
-from diffmas_eval.options import count, parse_counts, parse_pairs
 
 
 def test_pairs_strip_blanks_split_at_the_first_equals_and_convert():
@@ -71,7 +71,7 @@ def test_leaderboard_settings_parse_through_it(tmp_path, capsys):
         with pytest.raises(ValueError, match=message):
             settings_of(_leaderboard_args(flag, value))
 
-    from diffmas_eval.cli import main
+    from diffmas_eval.commands.cli import main
 
     # through the command: one line, exit 2, before anything is trained or scored
     assert main(["leaderboard", "--sft-examples", "math", "--output", str(tmp_path / "lb.csv")]) == 2

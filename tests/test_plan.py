@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import build_parser
+from diffmas_eval.commands.cli import build_parser
 from diffmas_eval.leaderboard.grid.plan import JobPlan, cell_seconds, check_fit, token_budget
 from diffmas_eval.leaderboard.grid.settings import Settings
 from diffmas_eval.leaderboard.runner.placement import FIELDS, GIB, Placement, resources_of

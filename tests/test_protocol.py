@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.leaderboard.grid.settings import Settings, short_hash
 from diffmas_eval.leaderboard.grid.trainings import sft_set
 from diffmas_eval.leaderboard.runner.score import score_lm_eval
 from diffmas_eval.leaderboard.runner.train import TRAINER, launch_command, train_adapter
-from diffmas_eval.protocol import PAPER_CAPS
+from diffmas_eval.tasks.protocol import PAPER_CAPS
 
 
 def test_paper_protocol_reaches_lm_eval_and_the_config_hash(tiny_path, local_data, tmp_path):
@@ -102,7 +102,7 @@ def test_shipped_paper_yamls_match_the_protocol_and_run_in_lm_eval(tiny_path, lo
     from lm_eval import simple_evaluate
 
     from diffmas_eval.harness.plugin import TASKS_DIR
-    from diffmas_eval.protocol import SAMPLED_TASKS, paper_yaml
+    from diffmas_eval.tasks.protocol import SAMPLED_TASKS, paper_yaml
 
     for task in SAMPLED_TASKS:  # regenerate: python -c "...paper_yaml(t)" into tasks/<t>_paper.yaml
         assert (TASKS_DIR / f"{task}_paper.yaml").read_text() == paper_yaml(task), task

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 
 ray = pytest.importorskip("ray")
 
@@ -242,8 +242,8 @@ def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path
     out = tmp_path / "interrupted"
     # the module's Ray is on loopback: the second driver looks for its node there too (Ray's single-machine mode)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), *ARGS[:1], "diffmas",
-           *ARGS[2:], "--train-steps", "200", "--jobs", "2", "--output", str(out / "leaderboard.csv")]
+    cmd = [sys.executable, "-m", "diffmas_eval.commands.cli", "leaderboard", "--model", str(tiny_path), *ARGS[:1],
+           "diffmas", *ARGS[2:], "--train-steps", "200", "--jobs", "2", "--output", str(out / "leaderboard.csv")]
     # SIGINT as a terminal delivers it: a suite started in the background by a non-interactive shell (`... &`)
     # runs with SIGINT ignored, which every child inherits, and then Python never raises KeyboardInterrupt
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

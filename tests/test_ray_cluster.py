@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 
 ray = pytest.importorskip("ray")
 

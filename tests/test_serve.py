@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlitedict import SqliteDict
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.leaderboard.grid.settings import Settings, method_model_args, route, short_hash
 from diffmas_eval.leaderboard.runner.serve import (
     Endpoint,

@@ -13,8 +13,8 @@ from lm_eval.filters import build_filter_ensemble
 
 from diffmas_eval.harness.common import add_accounting
 from diffmas_eval.latent import AgentChain, LatentConfig
-from diffmas_eval.protocol import check_stability_tasks, get_protocol, task_config
 from diffmas_eval.stability import AnswerStats, consistency_table, summarise
+from diffmas_eval.tasks.protocol import check_stability_tasks, get_protocol, task_config
 from diffmas_eval.tasks.utils import process_letter, process_number
 from tests.conftest import QUESTIONS
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmas_eval.cli import main
+from diffmas_eval.commands.cli import main
 from diffmas_eval.latent.persist import (
     CARD_FILE,
     CONFIG_FILE,
@@ -59,7 +59,7 @@ def test_a_newer_schema_is_refused_with_the_fix(tmp_path):
 def test_ask_peft_runs_the_trained_chain(adapter, tiny_path, capsys):
     import argparse
 
-    from diffmas_eval.cli import add_chain_args, chain_of
+    from diffmas_eval.commands.cli import add_chain_args, chain_of
 
     p = argparse.ArgumentParser()
     add_chain_args(p)
@@ -154,7 +154,7 @@ def test_ask_peft_takes_a_hub_repo_id_offline(adapter, tiny_path, tmp_path):
     _hub_cache(adapter, tmp_path / "hub")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "diffmas_eval.cli", "ask", QUESTION, "--model", str(tiny_path),
+    out = subprocess.run([sys.executable, "-m", "diffmas_eval.commands.cli", "ask", QUESTION, "--model", str(tiny_path),
                           "--peft", "someone/tiny-diffmas", "--dtype", "float32", "--device", "cpu",
                           "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -179,8 +179,8 @@ def test_textmas_on_vllm_equals_backend_hf(vllm_server, bundled_path, local_data
 
 def test_codegen_with_textmas_on_vllm_equals_backend_hf(vllm_server, bundled_path, local_data, tmp_path,
                                                         monkeypatch):
-    from diffmas_eval.cli import main
     from diffmas_eval.codegen.data import configure_offline
+    from diffmas_eval.commands.cli import main
 
     for var in ("HUMANEVAL_OVERRIDE_PATH", "MBPP_OVERRIDE_PATH"):
         monkeypatch.delenv(var, raising=False)

@@ -189,8 +189,8 @@ def test_installed_wheel_prints_the_docs_option_reference(installed, local_data,
     out = subprocess.run([str(python.with_name("diffmas-eval")), "options"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env=_fresh_env(local_data))
     assert out.returncode == 0, out.stderr[-3000:]
-    from diffmas_eval.readme import section_of
-    from diffmas_eval.reference import OPTIONS_PAGE
+    from diffmas_eval.commands.readme import section_of
+    from diffmas_eval.commands.reference import OPTIONS_PAGE
 
     assert out.stdout.strip() == section_of((ROOT / OPTIONS_PAGE).read_text(), "options").strip()
 

@@ -41,12 +41,12 @@ from ..latent.persist import load_trained_chain
 from ..memory import trace_positions
 from ..models import bnb_config, require_bitsandbytes, resolve_pretrained
 from ..prompts import ROLE_OPTIONS, final_preamble, final_prompt_ids, last_user_turn, with_note
-from ..protocol import check_gen_kwargs
 from ..serving import Completion
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options, request_seeds
 from ..serving.stage2_vllm import PromptEmbedsBackend, Sampling, trace_embeddings
 from ..stability import served_record
 from ..stopping import eos_ids
+from ..tasks.protocol import check_gen_kwargs
 from .batching import CPU_SHARE, FIXES, PROBE_SHARE, NoRowFitsError, RowCost, cpu_batch_size, parse_batch_size
 from .common import Accounting, DataParallel, check_model_args, group_by_gen_kwargs
 

@@ -35,10 +35,10 @@ from .. import DEFAULT_MODEL
 from ..latent.config import chain_options
 from ..models import resolve_pretrained
 from ..prompts import ROLE_OPTIONS, last_user_turn, resolve_roles
-from ..protocol import check_gen_kwargs
 from ..serving.client import MAX_RETRIES, NUM_CONCURRENT, TIMEOUT_S, client_options, request_seeds
 from ..stability import AnswerStats, StepRecorder, served_record
 from ..stopping import ending, eos_ids, stop_hit
+from ..tasks.protocol import check_gen_kwargs
 from ..textmas.backends import BackendError, HFBackend, OpenAIBackend
 from ..textmas.chain import TextChain, TextTrace
 from .common import Accounting, DataParallel, check_model_args, group_by_gen_kwargs

@@ -11,9 +11,9 @@ import os
 from functools import partial
 from pathlib import Path
 
+from ..commands.options import add_flags, count, parse_counts, parse_pairs
 from ..latent.config import chain_options
-from ..options import add_flags, count, parse_counts, parse_pairs
-from ..protocol import PROTOCOLS
+from ..tasks.protocol import PROTOCOLS
 from ..tasks.registry import FAMILY
 from . import ablate
 from .ablate import AblationOptions, run_ablation

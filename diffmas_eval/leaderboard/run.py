@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol import SAMPLED_TASKS, check_stability_tasks, is_generative
+from ..tasks.protocol import SAMPLED_TASKS, check_stability_tasks, is_generative
 from .grid.cells import done, result_path
 from .grid.plan import fit_check, plan_jobs, plans_of
 from .grid.settings import (

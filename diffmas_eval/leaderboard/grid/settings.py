@@ -15,7 +15,7 @@ from typing import Any
 
 from ... import DEFAULT_MODEL
 from ...latent.config import CHOICES, chain_options
-from ...protocol import get_protocol, is_generative
+from ...tasks.protocol import get_protocol, is_generative
 from ...tasks.registry import CODE_TASKS, DEFAULT_TASKS, FAMILY, PRIMARY
 from ...training.data import CHAT_FAMILIES
 

@@ -20,8 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
+from ...commands.readme import end_marker, replace_section, start_marker
 from ...extras import require
-from ...readme import end_marker, replace_section, start_marker
 from ..grid.ablations import is_reference, probe_path
 from ..grid.cells import META, result_path
 from ..grid.settings import primary_metric, short_hash

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...readme import end_marker, replace_section, start_marker
+from ...commands.readme import end_marker, replace_section, start_marker
 from . import compare, training_records
 from .markdown import document, headline
 from .tables import read_csv

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from ... import __version__
 from ...codegen.cli import run_codegen
-from ...protocol import SAMPLED_TASKS, task_config
+from ...tasks.protocol import SAMPLED_TASKS, task_config
 from ...tasks.registry import CODE_TASKS
 from ..grid.cells import META, code_dir, lm_eval_path
 from ..grid.settings import Settings, method_model_args, primary_metric, short_hash

@@ -60,8 +60,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from ...commands.options import parse_pairs
 from ...models import resolve_pretrained
-from ...options import parse_pairs
 from ...serving.vllm_cpu import VLLMServer, load_lora, vllm_python
 from ..grid.settings import LAYOUT, Settings, route
 

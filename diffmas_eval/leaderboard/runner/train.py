@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ...options import parse_pairs
+from ...commands.options import parse_pairs
 from ...training.notes import write_notes_set
 from ..grid.settings import Settings, short_hash
 from ..grid.trainings import ADAPTER_FILES, MARKER, chat_set, finished

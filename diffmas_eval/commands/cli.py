@@ -8,16 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-from . import DEFAULT_MODEL
-from .ask import ask as ask_chain
-from .ask import build_trained, format_trace_table
-from .codegen.cli import add_codegen_parser
-from .extras import MissingExtra
-from .latent.config import LatentConfig, chain_options
-from .latent.persist import load_trained_chain
-from .leaderboard import add_leaderboard_parser
-from .leaderboard.cli import add_ablate_parser
-from .memory import format_memory, trace_memory
+from .. import DEFAULT_MODEL
+from ..ask import ask as ask_chain
+from ..ask import build_trained, format_trace_table
+from ..codegen.cli import add_codegen_parser
+from ..extras import MissingExtra
+from ..latent.config import LatentConfig, chain_options
+from ..latent.persist import load_trained_chain
+from ..leaderboard import add_leaderboard_parser
+from ..leaderboard.cli import add_ablate_parser
+from ..memory import format_memory, trace_memory
 from .options import add_flags, given_options, parse_counts
 
 
@@ -56,7 +56,7 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def sft_data(args: argparse.Namespace) -> int:
-    from .training.data import build_set  # start-up time: datasets, for sft-data alone
+    from ..training.data import build_set  # start-up time: datasets, for sft-data alone
 
     bounds, used = build_set(args.family, args.out, args.n, args.data_dir, args.source, args.format)
     held = ", ".join(f"{t} --limit <= {b}" for t, b in bounds.items()) or "nothing (a training split)"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from .latent.config import ChainOption
+    from ..latent.config import ChainOption
 
 T = TypeVar("T")
 

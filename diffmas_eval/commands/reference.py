@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .harness import diffmas_lm, textmas_lm
-from .latent.config import FRONT_ENDS, LatentConfig, chain_options
-from .leaderboard.grid.settings import chain_defaults
+from ..harness import diffmas_lm, textmas_lm
+from ..latent.config import FRONT_ENDS, LatentConfig, chain_options
+from ..leaderboard.grid.settings import chain_defaults
 from .options import flag
 from .readme import replace_section
 
