@@ -11,7 +11,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +62,6 @@ def test_budget_skips_what_cannot_fit_and_stops_what_runs_past_it(tmp_path, monk
     run = _run_module()
     monkeypatch.setitem(run.ESTIMATE_S, "speed", (10_000, 10_000))
     monkeypatch.setitem(run.ESTIMATE_S, "long_decode", (0, 0))
-    t0 = time.perf_counter()
     rc = run.main(
         [
             "--device",
@@ -80,13 +78,12 @@ def test_budget_skips_what_cannot_fit_and_stops_what_runs_past_it(tmp_path, monk
             str(tmp_path),
         ]
     )
-    elapsed = time.perf_counter() - t0
     got = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 0 and got["passed"]
     assert list(got["sections"]) == ["speed", "long_decode"]
     assert "needs about 10000 s" in got["sections"]["speed"]["skipped"]
     assert "budget ran out" in got["sections"]["long_decode"]["skipped"]
-    assert elapsed < 12 + 10  # the budget, plus building the JSON and what the alarm waits for
+    assert got["total_s"] < 12 + 5  # from the model's build on (imports aside), as the budget counts
 
 
 @pytest.mark.slow
