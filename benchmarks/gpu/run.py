@@ -1,8 +1,16 @@
 # ruff: noqa: B023  (every closure below is timed at once, inside its loop iteration)
 """The prepared device check: DiffMAS on real model shapes (random init), bf16, one GPU.
 
-    python benchmarks/gpu/run.py --out gpu_results                      # an H200: Qwen3-8B shapes, bf16
+    python benchmarks/gpu/run.py --out gpu_results                      # one H100/H200: Qwen3-8B shapes, bf16
     python benchmarks/gpu/run.py --device cpu --tiny --out cpu_results   # a rehearsal on any CPU, tiny shapes
+    python benchmarks/gpu/run.py --sections long_decode --long-tokens 8192 --out gpu_results_8k  # the 8k decode
+
+**One call, pass or fail.** The whole check fits one device call: ``--budget-s`` (300 on a GPU, none on a CPU)
+is the wall time it may take after the model is built. A section whose estimate (``ESTIMATE_S``) does not fit what
+is left is not started, and one still running when the budget ends is stopped (an alarm); both are recorded as
+``{"skipped": "<why>"}`` under the section's own name, so a rerun with ``--sections`` can pick them up. The exit
+status is non-zero when a section raised or a target it records is missed (``judge``: ``loss_fell``,
+``same_generations``, and on a GPU the decode ratios); ``targets`` in the JSON lists each with its value.
 
 Speed and memory do not depend on the weights, so the models are random-initialised from published
 config values (``SHAPES``: Qwen3-0.6B/1.7B/8B; no download, no network). Imports only torch,
@@ -22,9 +30,11 @@ and the results go to ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``:
 7. ``attention``: sdpa against eager on the trace's mask: the same numbers, and the time.
 8. ``stage1_peak``: stage 1's CUDA peak above the weights against ``RowCost``'s estimate, ``latent_dtype``
    model and float32 (cast module by module).
-9. ``long_decode``: the chain's decode loop against HF ``generate`` at 1k and 8k new tokens (batch 1).
+9. ``long_decode``: the chain's decode loop against HF ``generate`` at ``--long-tokens`` new tokens (batch 1; 1k
+   by default, one timed run each after a short warm-up; the 8k decode is its own call, ``--long-tokens 8192``).
 10. ``split``: half the layers on ``cuda:0``, half on ``cpu`` (accelerate hooks, as a ``device_map``), scored
-    and generated, against the unsplit model (qwen3-0.6b shapes, float32).
+    and generated, against the unsplit model (qwen3-0.6b shapes made untied, as Qwen3-8B and larger are, float32;
+    a tied head would stay with the embedding).
 11. ``qlora``: one QLoRA step (NF4 via bitsandbytes, k-bit preparation, LoRA r 8) through the chain at the
     main shape; needs ``bitsandbytes`` (``pip install 'diffmas-eval[quant]'``), else the section records why.
 
@@ -38,6 +48,7 @@ import contextlib
 import gc
 import json
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -104,9 +115,9 @@ class Env:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(self, fn, repeats: int = 1):
-        """Median seconds of ``repeats`` runs after one warm-up, and the last result."""
-        out = fn()
+    def timed(self, fn, repeats: int = 1, warmup: bool = True):
+        """Median seconds of ``repeats`` runs after one warm-up (unless ``warmup`` is False), and the last result."""
+        out = fn() if warmup else None
         times = []
         for _ in range(repeats):
             self.sync()
@@ -125,10 +136,10 @@ class Env:
     def peak(self) -> int | None:
         return torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
 
-    def model(self, shape: str, dtype: torch.dtype, attn: str = "sdpa"):
+    def model(self, shape: str, dtype: torch.dtype, attn: str = "sdpa", **overrides):
         from transformers import AutoModelForCausalLM, Qwen3Config
 
-        config = Qwen3Config(**COMMON, **SHAPES[shape], pad_token_id=self.tok.pad_token_id,
+        config = Qwen3Config(**COMMON, **{**SHAPES[shape], **overrides}, pad_token_id=self.tok.pad_token_id,
                              eos_token_id=self.tok.eos_token_id, bos_token_id=None)
         torch.manual_seed(0)
         with torch.device(self.device):
@@ -163,6 +174,10 @@ def speed(env: Env, model, batches: list[int], new_tokens: int) -> list[dict]:
                                                  pad_token_id=env.tok.pad_token_id))
         rows.append({"batch": b, "trace_positions": trace.length, "stage1_s": s1, "stage2_s": s2, "hf_generate_s": hf,
                      "stage2_over_hf": s2 / hf, "new_tokens": new_tokens})
+    for r in rows:  # DiffMAS's batch speedup (s/question at batch 1 over at this batch) as a share of generate's
+        one = rows[0]
+        diffmas = (one["stage1_s"] + one["stage2_s"]) / ((r["stage1_s"] + r["stage2_s"]) / r["batch"] * one["batch"])
+        r["diffmas_speedup_share"] = diffmas / (one["hf_generate_s"] / (r["hf_generate_s"] / r["batch"] * one["batch"]))
     return rows
 
 
@@ -378,11 +393,14 @@ def split_layers(model, first: torch.device, second: torch.device) -> None:
 
     layers = model.model.layers
     half = len(layers) // 2
-    moved = [*layers[half:], model.model.norm, model.lm_head]
+    # a tied LM head is the embedding's weight: moving it would move the embedding too, while the embedding's
+    # hook sends ids to ``first``; keep it with the embedding (accelerate's device_map does the same)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    moved = [*layers[half:], model.model.norm, *([] if tied else [model.lm_head])]
     for module in moved:
         module.to(second)
         add_hook_to_module(module, AlignDevicesHook(execution_device=second, io_same_device=False))
-    for module in [model.model.embed_tokens, *layers[:half]]:
+    for module in [model.model.embed_tokens, *layers[:half], *([model.lm_head] if tied else [])]:
         add_hook_to_module(module, AlignDevicesHook(execution_device=first, io_same_device=False))
 
 
@@ -393,7 +411,7 @@ def split(env: Env, shape: str, new_tokens: int) -> dict:
     kernels are the only difference."""
     from diffmas_eval.latent.distributed import layer_devices
 
-    model, _ = env.model(shape, torch.float32)
+    model, _ = env.model(shape, torch.float32, tie_word_embeddings=False)  # untied, as Qwen3-8B and larger
     qs = [question(60), question(100, 3)]
     chain = chain_of(env, model, m=4)
     finals = [chain.final_prompt(q) for q in qs]
@@ -410,7 +428,7 @@ def split(env: Env, shape: str, new_tokens: int) -> dict:
     gen = chain.generate(trace, finals, max_new_tokens=new_tokens, ignore_eos=True)
     same = sum(a.token_ids == b.token_ids for a, b in zip(gen, ref_gen))
     diff = max(abs(a[0] - b[0]) for a, b in zip(scores, ref_scores))
-    return {"shape": shape, "trace_devices": devices,
+    return {"shape": shape, "tied": model.lm_head.weight is model.model.embed_tokens.weight, "trace_devices": devices,
             "layer_devices": sorted({str(d) for d in layer_devices(model).values()}), "select_rows": picked.batch,
             "score_max_abs_diff": diff, "same_generations": f"{same}/{len(gen)}", "new_tokens": new_tokens}
 
@@ -418,16 +436,27 @@ def split(env: Env, shape: str, new_tokens: int) -> dict:
 @torch.no_grad()
 def long_decode(env: Env, model, new_tokens: int) -> dict:
     """The chain's decode loop (agents=1, empty trace) against HF ``generate`` at ``new_tokens`` new tokens,
-    batch 1, EOS ignored: equal ratios at every length mean no per-token host cost growing with the answer."""
+    batch 1, EOS ignored: equal ratios at every length mean no per-token host cost growing with the answer. Both
+    warm up once at the short length; each length is then one timed run of each (an 8k decode of an 8B model
+    is minutes: repeats would not fit one call)."""
     chain = chain_of(env, model, agents=1, m=0)
     prompt = chain.final_prompt(question(120))
     ids = torch.tensor([prompt], device=env.device)
+    trace = chain.stage1([question(120)])
+
+    def ours(n: int):
+        return chain.generate(trace, [prompt], max_new_tokens=n, ignore_eos=True)
+
+    def theirs(n: int):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=env.tok.pad_token_id)
+
+    short = max(16, new_tokens // 8)
+    ours(short), theirs(short)  # warm-up
     rows = {}
-    for n in sorted({max(16, new_tokens // 8), new_tokens}):
-        trace = chain.stage1([question(120)])
-        c, _ = env.timed(lambda: chain.generate(trace, [prompt], max_new_tokens=n, ignore_eos=True))
-        g, _ = env.timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                                min_new_tokens=n, do_sample=False, pad_token_id=env.tok.pad_token_id))
+    for n in sorted({short, new_tokens}):
+        c, _ = env.timed(lambda: ours(n), warmup=False)
+        g, _ = env.timed(lambda: theirs(n), warmup=False)
         rows[n] = (c, g)
     return {f"chain_over_generate_{n}": c / g for n, (c, g) in rows.items()} | {
         f"generate_s_{n}": g for n, (c, g) in rows.items()}
@@ -458,10 +487,20 @@ def markdown(results: dict) -> str:
     lines = [f"# DiffMAS device check ({results['device_name']}, {results['shape']}, {results['dtype']})", "",
              f"torch {results['torch']}, transformers {results['transformers']}, peft {results['peft']}; "
              f"random-init weights; {results['when']}", ""]
+    if "targets" in results:
+        lines += [f"**{'PASS' if results['passed'] else 'FAIL'}** (budget {results['budget_s']} s, "
+                  f"{results['total_s']:.0f} s in all)", "", "| target | value | wanted | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {t['wanted']} | "
+                  f"{('yes' if t['met'] else 'NO') if t['judged'] else 'not judged (tiny rehearsal)'} |"
+                  for t in results["targets"]]
+        lines.append("")
     for name, value in results["sections"].items():
         lines.append(f"## {name}")
         if isinstance(value, dict) and "error" in value:
             lines += ["", "```", value["error"].strip()[-1500:], "```", ""]
+            continue
+        if isinstance(value, dict) and "skipped" in value:
+            lines += ["", f"skipped: {value['skipped']}", ""]
             continue
         rows = value if isinstance(value, list) else [value]
         keys = list(rows[0])
@@ -473,6 +512,62 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# rough seconds per section: (Qwen3-8B shapes on one H100/H200, bf16, default sizes; tiny shapes on a 2-core CPU).
+# The GPU column is a guess until a GPU has run the check (the alarm is the real guard); long_decode's scales with
+# --long-tokens (given for 1024)
+# (the tiny column: this 2-core machine when quiet; under a load of 3 to 4 it ran 3-5x longer, qlora 209 s: a
+# rehearsal on a busy machine skips its last sections, which the slow test reports)
+ESTIMATE_S = {"speed": (40, 15), "steps": (15, 15), "memory": (20, 8), "auto_batch": (40, 8),
+              "batched_vs_alone": (10, 5), "training": (25, 40), "attention": (15, 15), "stage1_peak": (10, 20),
+              "long_decode": (60, 15), "split": (25, 8), "qlora": (60, 60)}
+LONG_ESTIMATE_TOKENS = (1024, 256)
+DECODE_RATIO_MAX = 1.03  # the chain's decode loop (agents=1, batch 1) against HF generate
+SHARE_MIN = 0.8  # DiffMAS's batch-8 speedup as a share of HF generate's
+
+
+class BudgetExceeded(BaseException):
+    """Raised by the alarm in whatever section is running when ``--budget-s`` runs out (a ``BaseException``, so
+    a section's own ``except Exception`` cannot swallow it)."""
+
+
+def _alarm(signum, frame):
+    raise BudgetExceeded
+
+
+def judge(sections: dict, timing: bool) -> list[dict]:
+    """Each target a section records, with its value and whether it was met: a raise, ``loss_fell`` (qlora),
+    ``same_generations`` (split, all rows), and with ``timing`` the decode ratios (``long_decode``'s chain over
+    ``generate`` at most ``DECODE_RATIO_MAX``; ``speed``'s DiffMAS batch-8 speedup share at least ``SHARE_MIN``).
+    Timing targets are not judged on a tiny CPU rehearsal (a 64-wide model times Python overhead), only listed."""
+    out = []
+
+    def add(name: str, value, target: str, met: bool, judged: bool = True) -> None:
+        out.append({"target": name, "value": value, "wanted": target, "met": met, "judged": judged})
+
+    for section, value in sections.items():
+        if isinstance(value, dict) and "error" in value:
+            add(f"{section} runs", "raised", "no error", False)
+    qlora = sections.get("qlora")
+    if isinstance(qlora, dict) and "loss_fell" in qlora:
+        add("qlora loss_fell", qlora["loss_fell"], "true", bool(qlora["loss_fell"]))
+    split = sections.get("split")
+    if isinstance(split, dict) and "same_generations" in split:
+        same, total = split["same_generations"].split("/")
+        add("split same_generations", split["same_generations"], "all rows", same == total)
+    long = sections.get("long_decode")
+    if isinstance(long, dict):
+        for key, ratio in long.items():
+            if key.startswith("chain_over_generate_"):
+                add(f"long_decode {key}", round(ratio, 3), f"<= {DECODE_RATIO_MAX}", ratio <= DECODE_RATIO_MAX, timing)
+    speed = sections.get("speed")
+    if isinstance(speed, list):
+        for r in speed:
+            if r["batch"] == 8:
+                share = r["diffmas_speedup_share"]
+                add("speed diffmas_speedup_share b8", round(share, 3), f">= {SHARE_MIN}", share >= SHARE_MIN, timing)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -480,12 +575,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default qwen3-8b (qwen3-tiny with --tiny)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 32 (1 2 with --tiny)")
-    p.add_argument("--sections", nargs="+", default=["speed", "steps", "memory", "auto_batch", "batched_vs_alone",
-                                                      "training", "attention", "stage1_peak", "long_decode", "split",
-                                                      "qlora"])
-    p.add_argument("--long-tokens", type=int, default=None, help="long_decode's budget (default 8192; 256 with --tiny)")
+    p.add_argument("--sections", nargs="+", default=list(ESTIMATE_S), choices=list(ESTIMATE_S))
+    p.add_argument("--long-tokens", type=int, default=None,
+                   help="long_decode's budget (default 1024; 256 with --tiny); 8192 as a call of its own")
     p.add_argument("--split-shape", default=None, choices=sorted(SHAPES),
-                   help="the split section's shape (default qwen3-0.6b: half its layers run on the CPU)")
+                   help="the split section's shape (default qwen3-0.6b, untied: half its layers run on the CPU)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall seconds for the whole run (default 300 on a GPU, none on a CPU): sections that "
+                        "cannot fit are skipped, and recorded so")
     p.add_argument("--out", default="gpu_results")
     args = p.parse_args(argv)
     import peft
@@ -494,13 +591,16 @@ def main(argv: list[str] | None = None) -> int:
     shape = args.shape or ("qwen3-tiny" if args.tiny else "qwen3-8b")
     batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
     env = Env(args.device, args.tiny)
+    budget = args.budget_s if args.budget_s is not None else (300.0 if env.device.type == "cuda" else None)
+    long_tokens = args.long_tokens or (256 if args.tiny else 1024)
     dtype = getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if env.device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
     results = {"device_name": name, "device": args.device, "shape": shape, "dtype": args.dtype, "config": SHAPES[shape],
                "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sections": {}}
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget_s": budget, "sections": {},
+               "section_s": {}}
     t_start = time.perf_counter()
     model, config = env.model(shape, dtype)
     results["model_init_s"] = time.perf_counter() - t_start
@@ -514,25 +614,50 @@ def main(argv: list[str] | None = None) -> int:
         "training": lambda: training(env, model, 1 if args.tiny else 4),
         "attention": lambda: attention(env, model),
         "stage1_peak": lambda: stage1_peak(env, model, 2 if args.tiny else 8),
-        "long_decode": lambda: long_decode(env, model, args.long_tokens or (256 if args.tiny else 8192)),
+        "long_decode": lambda: long_decode(env, model, long_tokens),
         "split": lambda: split(env, args.split_shape or ("qwen3-tiny" if args.tiny else "qwen3-0.6b"), new_tokens),
         "qlora": lambda: qlora(env, shape, dtype, 1 if args.tiny else 4),
     }
+    column = 1 if args.tiny else 0
     for section in args.sections:
+        estimate = ESTIMATE_S[section][column]
+        if section == "long_decode":
+            estimate *= long_tokens / LONG_ESTIMATE_TOKENS[column]
+        left = None if budget is None else budget - (time.perf_counter() - t_start)
         t0 = time.perf_counter()
-        try:
-            results["sections"][section] = plan[section]()
-        except Exception:  # record it and go on: one broken section must not cost the others' numbers
-            results["sections"][section] = {"error": traceback.format_exc()}
+        if left is not None and estimate > left:
+            results["sections"][section] = {"skipped": f"needs about {estimate:.0f} s; {max(left, 0):.0f} s of the "
+                                                       f"{budget:.0f} s budget left (rerun with --sections {section})"}
+        else:
+            if left is not None:
+                signal.signal(signal.SIGALRM, _alarm)
+                signal.setitimer(signal.ITIMER_REAL, left)
+            try:
+                results["sections"][section] = plan[section]()
+            except BudgetExceeded:
+                results["sections"][section] = {
+                    "skipped": f"the {budget:.0f} s budget ran out {time.perf_counter() - t0:.0f} s into this section "
+                               f"(rerun with --sections {section})"}
+            except Exception:  # record it and go on: one broken section must not cost the others' numbers
+                results["sections"][section] = {"error": traceback.format_exc()}
+            finally:
+                if left is not None:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
         env.peak_reset()
+        results["section_s"][section] = round(time.perf_counter() - t0, 1)
         print(f"{section}: {time.perf_counter() - t0:.1f} s", flush=True)
         (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
         (out / "gpu_check.md").write_text(markdown(results) + "\n")
     results["total_s"] = time.perf_counter() - t_start
+    results["targets"] = judge(results["sections"], timing=not args.tiny)
+    missed = [t for t in results["targets"] if t["judged"] and not t["met"]]
+    results["passed"] = not missed
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out / "gpu_check.md").write_text(markdown(results) + "\n")
     print(markdown(results))
-    return 1 if any(isinstance(v, dict) and "error" in v for v in results["sections"].values()) else 0
+    print("PASS" if not missed else "FAIL: " + "; ".join(f"{t['target']} = {t['value']} (wanted {t['wanted']})"
+                                                         for t in missed))
+    return 1 if missed else 0
 
 
 with contextlib.suppress(Exception):

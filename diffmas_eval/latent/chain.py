@@ -172,9 +172,10 @@ def _pass_on(output, last: torch.Tensor):
     return output
 
 
-# the decode loop reads tokens on the host at most this many steps apart (and after 1, 2, .. steps early on,
-# at most a quarter of the steps made so far): a row that ended is found at most that late, its extra steps
-# discarded, so host syncs are O(1/SYNC_EVERY) per token and the extra work a bounded share
+# the decode loop reads tokens (their text, for stop strings) on the host at most this many steps apart (and after
+# 1, 2, .. steps early on, at most a quarter of the steps made so far): a row a stop string ended is found at most
+# that late, its extra steps discarded, so text reads are O(1/SYNC_EVERY) per token and the extra work a bounded
+# share. End of sequence is not left to them: one device flag ("some row has not met EOS") is read every step
 SYNC_EVERY = 64
 
 
@@ -665,15 +666,23 @@ class AgentChain(nn.Module):
             + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
         # prefill the final agent's prompt (right-padded, then left-aligned), then decode one column per row
         work, logits = self.prefill(trace, prompts)
-        cache = work.cache(reserve=max_new_tokens)  # decoding writes in place: O(1) bytes moved per token
+        # decoding writes in place into buffers that grow as they fill (O(1) bytes moved per token, no budget
+        # reserved up front); the prefilled fork hands its tensors over, so they are not held twice
+        cache = work.decode_cache(max_new_tokens)
         step = torch.ones(len(prompts), 1, dtype=work.mask.dtype, device=work.mask.device)
-        # every token and its statistics stay on the device; the host reads them in chunks (``_Answers``)
+        # every token and its statistics stay on the device until the host reads them, in chunks (``_Answers``);
+        # the buffers hold one chunk, so nothing here scales with max_new_tokens either
         device, rows = logits.device, len(prompts)
-        tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
-        logps = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
-        ents = torch.empty(rows, max_new_tokens, dtype=torch.float32, device=device)
+        width = min(SYNC_EVERY, max_new_tokens)
+        tokens = torch.empty(rows, width, dtype=torch.long, device=device)
+        logps = torch.empty(rows, width, dtype=torch.float32, device=device)
+        ents = torch.empty(rows, width, dtype=torch.float32, device=device)
         answers = _Answers(rows, eos, stop, self.tokenizer)
         rng = (generator or _default_generator(device)) if do_sample else None
+        # which rows have not met EOS (nor, as of the last read, a stop string): read every step, one bool, so the
+        # loop runs no forward after the batch is done (HF ``generate`` syncs as often); EOS ignored: never needed
+        ends = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
+        unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         states: list[torch.Tensor] = []  # the sampler's state after each unread step, to undo steps past the end
         read = 0
         for n in range(max_new_tokens):
@@ -684,18 +693,24 @@ class AgentChain(nn.Module):
                 states.append(rng.get_state())
             else:
                 nxt = logits.argmax(-1)
-            tokens[:, n] = nxt
-            logps[:, n], ents[:, n] = step_stats(logits, nxt)  # the model's distribution, pre-warper
+            tokens[:, n - read] = nxt
+            logps[:, n - read], ents[:, n - read] = step_stats(logits, nxt)  # the model's distribution, pre-warper
             made = n + 1
-            if made == max_new_tokens or made - read >= min(SYNC_EVERY, max(1, made // 4)):
-                last = answers.read(tokens[:, read:made].tolist(), logps[:, read:made].tolist(),
-                                    ents[:, read:made].tolist(), read)
+            done = False
+            if ends is not None:
+                unfinished &= ~torch.isin(nxt, ends)
+                done = not bool(unfinished.any())
+            if done or made == max_new_tokens or made - read >= min(SYNC_EVERY, max(1, made // 4)):
+                last = answers.read(tokens[:, :made - read].tolist(), logps[:, :made - read].tolist(),
+                                    ents[:, :made - read].tolist(), read)
                 if last is not None and states:  # sampling: leave the generator as the step that ended it left it
                     rng.set_state(states[last - read])
                 states.clear()
                 read = made
                 if last is not None:
                     break
+                if ends is not None and stop:  # rows a stop string ended count as done for the flag too
+                    unfinished &= torch.tensor([d is None for d in answers.done_at], device=device)
             if made == max_new_tokens:
                 break
             out = self.model(input_ids=nxt[:, None], attention_mask=work.full_mask(step),
