@@ -104,6 +104,8 @@ performance: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/training.py --agents 1 2 4 6 --json benchmarks/results/training.json \
 		> benchmarks/results/training.md
 	$(BENCH_ENV) $(PY) benchmarks/decode.py --json benchmarks/results/decode.json > benchmarks/results/decode.md
+	$(BENCH_ENV) $(PY) benchmarks/decode.py --only-eos --threads 1 --json benchmarks/results/decode_eos.json \
+		> benchmarks/results/decode_eos.md
 	$(BENCH_ENV) $(PY) benchmarks/decode_memory.py --json benchmarks/results/decode_memory.json \
 		> benchmarks/results/decode_memory.md
 	$(BENCH_ENV) $(PY) benchmarks/stage1_memory.py --json benchmarks/results/stage1_memory.json \

@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--eos-tokens", type=int, default=256, help="the real-EOS case: max new tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
+    p.add_argument("--only-eos", action="store_true",
+                   help="the real-EOS case alone: its forwards and tokens are counts, which a busy machine cannot move")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -75,6 +77,12 @@ def main() -> None:
     single = AgentChain(model, tok, LatentConfig(roles=default_roles(1)))
     diffmas = AgentChain(model, tok, LatentConfig(roles=default_roles(4), latent_steps=args.latent_steps))
     prompts_only = AgentChain(model, tok, LatentConfig(roles=default_roles(4), latent_steps=0))
+    if args.only_eos:
+        e = real_eos(model, tok, single, questions[:args.eos_questions], args.eos_tokens, pad)
+        print(f"{args.model}, greedy, float32, {args.threads} threads\n\n" + "\n".join(eos_lines(e)))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": args.model, "real_eos": e}, indent=1))
+        return
 
     def generate(prompts: list[list[int]], new: int) -> None:
         width = max(map(len, prompts))
@@ -196,6 +204,18 @@ def real_eos(model, tok, chain: AgentChain, questions: list[str], new: int, pad:
             "agents1_s": round(t3 - t2, 2)}
 
 
+def eos_lines(e: dict) -> list[str]:
+    """The real-EOS case as Markdown: forwards and tokens per row of both loops, and whether the target holds."""
+    ok = e["same_tokens"] and e["agents1_forwards"] <= e["generate_forwards"]
+    return [f"Real end-of-sequence: {e['questions']} questions in one batch, at most {e['max_new_tokens']} "
+            "new tokens (target: no more forwards than `generate`, the same tokens in every row)", "",
+            "| | forwards | tokens per row | s |", "|---|---:|---|---:|",
+            f"| `generate` | {e['generate_forwards']} | {e['generate_tokens']} | {e['generate_s']} |",
+            f"| agents=1 loop | {e['agents1_forwards']} | {e['agents1_tokens']} | {e['agents1_s']} |",
+            "", f"Same tokens in every row: {'yes' if e['same_tokens'] else 'NO'}; every row ended: "
+            f"{'yes' if all(e['ended']) else 'NO'}; target met: {'yes' if ok else 'NO'}."]
+
+
 def table(rows: dict) -> str:
     """The run as Markdown: the ratios the targets are stated in (min / median / max over the repeats), the
     real-EOS case, then the timings behind them."""
@@ -218,16 +238,8 @@ def table(rows: dict) -> str:
              f"at least 0.8 | {'yes' if rows['targets_met_on_median']['diffmas_share_at_least_0.8'] else 'NO'} |",
              f"| diffmas stage 2 (the final agent's loop) batch-{b} speedup / `generate`'s | "
              f"{cells(rows['stage2_speedup_share_of_generate'])} | | |"]
-    e = rows.get("real_eos")
-    if e:
-        ok = e["same_tokens"] and e["agents1_forwards"] <= e["generate_forwards"]
-        lines += ["", f"Real end-of-sequence: {e['questions']} questions in one batch, at most {e['max_new_tokens']} "
-                  "new tokens (target: no more forwards than `generate`, the same tokens in every row)", "",
-                  "| | forwards | tokens per row | s |", "|---|---:|---|---:|",
-                  f"| `generate` | {e['generate_forwards']} | {e['generate_tokens']} | {e['generate_s']} |",
-                  f"| agents=1 loop | {e['agents1_forwards']} | {e['agents1_tokens']} | {e['agents1_s']} |",
-                  "", f"Same tokens in every row: {'yes' if e['same_tokens'] else 'NO'}; target met: "
-                  f"{'yes' if ok else 'NO'}."]
+    if rows.get("real_eos"):
+        lines += ["", *eos_lines(rows["real_eos"])]
     if rows["long"]:
         lines += ["", "| long answer | ratio | target |", "|---|---:|---|"]
         lines += [f"| agents=1 loop / `generate`, batch 1, {n} tokens (one run) | {r['ratio']:.3f} | same at every "

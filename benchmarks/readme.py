@@ -23,6 +23,9 @@ ORDER = [("latency", "Latency at a fixed answer budget (`benchmarks/latency.py`)
          ("training", "Training (`benchmarks/training.py`)"),
          ("decode", "The decode loop against HF `generate`: host work per token, batching, long answers "
                     "(`benchmarks/decode.py`)"),
+         ("decode_eos", "The decode loop stops when its batch is done: real end-of-sequence against HF `generate` "
+                        "(`benchmarks/decode.py --only-eos`; forwards and tokens are counts, the seconds were timed "
+                        "on a busy machine)"),
          ("decode_memory", "The decode loop's peak allocation at a 32k budget (`benchmarks/decode_memory.py`)"),
          ("stage1_memory", "Stage 1's peak memory (`benchmarks/stage1_memory.py`)"),
          ("trace_layout", "The left-aligned trace against the previous layout (`benchmarks/trace_layout.py`)"),
