@@ -76,9 +76,12 @@ def main(model_dir: str, out: str, checkpoint: bool) -> None:
         fully_shard(peft_model, mesh=mesh, reshard_after_forward=True)
         assert type(layers[0].self_attn.q_proj.lora_A["default"].weight).__name__ == "DTensor"
 
-    asked = []  # did any forward ask for every layer's hidden state? (stage 1 reads only the last one)
-    peft_model.register_forward_pre_hook(lambda m, args, kwargs: asked.append(bool(kwargs.get("output_hidden_states"))),
-                                         with_kwargs=True)
+    # did any forward ask for every layer's hidden state? (stage 1 reads only the last one). Counted on the decoder,
+    # which every forward runs through: one process calls it alone in stage 1 (no LM head), while an FSDP2 model is
+    # called whole (its root's hooks gather and free the shards)
+    asked = []
+    peft_model.get_base_model().model.register_forward_pre_hook(
+        lambda m, args, kwargs: asked.append(bool(kwargs.get("output_hidden_states"))), with_kwargs=True)
     peft_model.train()
     # compute_loss scales by the number of processes (average_tokens_across_devices); FSDP2 averages the
     # gradients over them, so rank r's loss * world / n_items, averaged, is the global sum / n_items
