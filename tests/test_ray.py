@@ -91,6 +91,22 @@ def test_cells_run_side_by_side_on_distinct_gpus(on_ray):
         assert {r["device"] for r in csv.DictReader(f)} == {"cpu"}
 
 
+def test_no_two_jobs_share_a_worker_process(cluster, on_ray, tmp_path):
+    """More GPU jobs than declared GPUs: each runs in a process of its own (``max_calls=1``), so none inherits a
+    CUDA context made for another job's GPU; the leaderboard's cells and training record their worker's pid too."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, placement, run_jobs
+
+    jobs = [Job(f"job {k}", placement, (), tmp_path / f"job-{k}.log") for k in range(5)]
+    done = run_jobs(jobs, Resources(gpus_per_cell=1, threads=1, store=tmp_path))
+    pids = [done[j.name]["pid"] for j in jobs]
+    assert len(set(pids)) == 5 and os.getpid() not in pids, pids
+    assert all(len(done[j.name]["gpu_ids"]) == 1 for j in jobs)
+    adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
+    recorded = [m["placement"]["pid"] for m in cell_meta(on_ray).values()]
+    recorded.append(json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]["pid"])
+    assert len(set(recorded)) == 4, recorded
+
+
 def test_a_cell_starts_after_its_adapter(on_ray):
     adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
     trained = json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]

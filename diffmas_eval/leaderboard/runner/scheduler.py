@@ -14,7 +14,13 @@ run's stop file and returns at once), the running ones finish (their cells are k
 error names the job and shows the tail of its log. Ctrl-C cancels every task (a running one is interrupted and
 kills the processes it started) and shuts down the Ray this run started.
 
-Where a job ran is recorded with its result (``placement()``: node, GPU ids, device) and never enters a hash.
+Every job, and each start-up probe, runs in a fresh worker process (``max_calls=1``): torch reads
+``CUDA_VISIBLE_DEVICES`` once, when CUDA starts, so a reused worker would run its next job on the GPU of its first
+(Ray's issue 3245). Ray only defaults to that for a function whose decorator names ``num_gpus``; ours set their GPUs
+per call (``.options()``, which cannot set ``max_calls``), so they say it themselves.
+
+Where a job ran is recorded with its result (``placement()``: node, GPU ids, device, the worker's process id) and
+never enters a hash.
 """
 
 from __future__ import annotations
@@ -79,14 +85,15 @@ class Resources:
 
 
 def placement() -> dict:
-    """Where this process runs its job: the node, the GPU ids Ray assigned and the device's name."""
+    """Where this process runs its job: the node, the GPU ids Ray assigned, the device's name and the process id
+    (``pid``: a run's records show that no two GPU jobs shared a worker, so none ran on another job's device)."""
     given = os.environ.get(PLACEMENT_ENV)
     if given:  # a Ray worker: the node and GPU ids Ray gave this job; the device's name asked once torch is in use
         where = json.loads(given)
-        return {**where, "device": where.get("device") or _device_name()}
+        return {**where, "device": where.get("device") or _device_name(), "pid": os.getpid()}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     gpu_ids = [x for x in visible.split(",") if x.strip()]
-    return {"node": socket.gethostname(), "gpu_ids": gpu_ids, "device": _device_name()}
+    return {"node": socket.gethostname(), "gpu_ids": gpu_ids, "device": _device_name(), "pid": os.getpid()}
 
 
 def _device_name() -> str:
@@ -271,7 +278,7 @@ def largest_gpu(nodes: list[dict], given: int | None = None) -> tuple[str, int] 
     import ray  # optional extra: leaderboard
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional extra: leaderboard
 
-    probe = ray.remote(_gpu_here)
+    probe = ray.remote(max_calls=1)(_gpu_here)  # CUDA started here stays in its process: not a job's worker
     refs = [probe.options(num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["id"], soft=False)).remote() for n in nodes if n["gpus"] >= 1]
     found = [g for g in ray.get(refs, timeout=300) if g]
@@ -292,7 +299,7 @@ def check_store(store: Path, nodes: list[dict]) -> dict[str, bool]:
     import ray  # optional extra: leaderboard
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional extra: leaderboard
 
-    probe = ray.remote(_can_see)
+    probe = ray.remote(max_calls=1)(_can_see)
     refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["id"], soft=False)).remote(str(store)) for n in nodes]
     seen = dict(ray.get(refs, timeout=120))
@@ -377,7 +384,7 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
     for d in logs:
         d.mkdir(parents=True, exist_ok=True)
     stop = next(iter(logs)) / f".stop-{uuid.uuid4().hex[:12]}" if jobs else Path("/nonexistent")
-    remote = ray.remote(_run)
+    remote = ray.remote(max_calls=1)(_run)  # a fresh process per job (the module's docstring says why)
     # a Ray this run did not start: each task carries the driver's environment (workers of a Ray it started
     # inherit it)
     env = {} if started_ray else {"runtime_env": {"env_vars": forwarded_env(res.env)}}
