@@ -107,6 +107,44 @@ def test_no_two_jobs_share_a_worker_process(cluster, on_ray, tmp_path):
     assert len(set(recorded)) == 4, recorded
 
 
+def made(path: str) -> str:
+    """A job: make ``path`` (a training's adapter, in miniature)."""
+    Path(path).write_text("adapter")
+    return path
+
+
+def sees(path: str, adapter: str | None = None) -> bool:
+    """A job after ``made``: whether the driver's step on the adapter (``Job.then``) came before it started."""
+    return Path(path).exists()
+
+
+def flaky(marker: str) -> str:
+    """A job that fails the first time (a served cell whose server died) and succeeds the second."""
+    if not Path(marker).exists():
+        Path(marker).write_text("failed once")
+        raise RuntimeError("the server died")
+    return "answered"
+
+
+def test_the_driver_registers_an_adapter_before_its_cells_and_reruns_a_cell_it_recovered(cluster, tmp_path):
+    """``Job.then`` runs in the driver on a training's result before the jobs waiting for it are submitted (a
+    served run registers the adapter once, there); ``Resources.retry`` reruns a failed cell once when the driver
+    says so (it restarted the dead server). The same on Ray and one job at a time in this process."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_in_order, run_jobs
+
+    for name, run in (("ray", lambda jobs, retry: run_jobs(jobs, Resources(threads=1, store=tmp_path, retry=retry,
+                                                                                 jobs=3))),
+                      ("here", lambda jobs, retry: run_in_order(jobs, retry))):
+        adapter, registered, asked = tmp_path / f"{name}-adapter", tmp_path / f"{name}-registered", []
+        jobs = [Job("train", made, (str(adapter),), tmp_path / f"{name}-train.log", kind="train",
+                    then=lambda path, registered=registered: registered.write_text(path)),
+                Job("cell", sees, (str(registered),), tmp_path / f"{name}-cell.log", after="train"),
+                Job("flaky cell", flaky, (str(tmp_path / f"{name}-marker"),), tmp_path / f"{name}-flaky.log")]
+        done = run(jobs, lambda job, error, asked=asked: asked.append((job.name, str(error))) or True)
+        assert done == {"train": str(adapter), "cell": True, "flaky cell": "answered"}, name
+        assert asked == [("flaky cell", "the server died")], name
+
+
 def test_a_cell_starts_after_its_adapter(on_ray):
     adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
     trained = json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]
@@ -155,6 +193,55 @@ def test_a_killed_worker_is_retried_with_the_same_numbers(on_ray, tiny_path, tmp
     assert rows(out) == single
 
 
+def test_a_killed_worker_leaves_no_training_process_and_the_retry_trains_the_same_adapter(cluster, tiny_path,
+                                                                                            data_dir, tmp_path):
+    """SIGKILL the worker of a 2-process training (accelerate launch, DDP over gloo) while its ranks train: the
+    launcher, which dies with its worker (``PR_SET_PDEATHSIG``), and the ranks, which die with the launcher and which
+    the raylet adopts and ends, are gone; the retried training finishes the adapter of the same settings."""
+    import psutil
+
+    from diffmas_eval.cli import build_parser
+    from diffmas_eval.leaderboard.cli import settings_of
+    from diffmas_eval.leaderboard.grid.settings import short_hash
+    from diffmas_eval.leaderboard.grid.trainings import finished, sft_set
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_jobs
+    from diffmas_eval.leaderboard.runner.train import train_adapter
+
+    settings = settings_of(build_parser().parse_args(["leaderboard", "--model", str(tiny_path), *ARGS,
+                                                      "--train-steps", "24"]))
+    work = tmp_path / "cache"
+    data, _, _ = sft_set("commonsense", 4, work, str(data_dir), settings.recipe_settings()["data"])
+    log = work / "logs" / "train.log"
+    killed: list[psutil.Process] = []
+
+    def kill_mid_training() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if text.startswith("[worker pid") and "'loss'" in text:  # the ranks are past their first step
+                worker = psutil.Process(int(text.split()[2]))
+                family = [worker, *worker.children(recursive=True)]
+                ranks = [p for p in family if "diffmas_eval.training.sft" in " ".join(p.cmdline())]
+                if len(ranks) >= 2:
+                    os.kill(worker.pid, signal.SIGKILL)
+                    killed.extend(family)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_mid_training, daemon=True)
+    killer.start()
+    job = Job("train", train_adapter, (settings, "diffmas", "commonsense", data.resolve(), work.resolve(), False, 1, 2),
+              log, kind="train")
+    done = run_jobs([job], Resources(threads=1, gpus_per_training=0, store=tmp_path))
+    killer.join()
+    assert killed, log.read_text()[-3000:]
+    _, alive = psutil.wait_procs(killed, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    digest = short_hash(settings.training("diffmas", "commonsense"))
+    assert done["train"].name == f"diffmas-commonsense-{digest}" and finished(done["train"], digest)
+    assert log.read_text().count("[worker pid") == 2  # the killed attempt and the retry
+
+
 def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_path, capsys):
     from diffmas_eval.leaderboard.runner.scheduler import PlacementError, check_store
     from diffmas_eval.leaderboard.runner.scheduler import cluster as nodes
@@ -175,8 +262,24 @@ def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_p
         del os.environ["RAY_ADDRESS"]
     assert "cannot reach Ray at 127.0.0.1:10" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30
-    with pytest.raises(PlacementError, match=r"/no/such/store: not visible from node\(s\) "):
+    with pytest.raises(PlacementError, match=r"/no/such/store: cannot write a check file there"):
         check_store(Path("/no/such/store"), nodes())
+
+
+def test_the_store_check_reads_a_nonce_under_the_output_and_the_work_directory(cluster, tmp_path):
+    """Not a common parent (``/`` for ``/shared/out`` and ``/scratch/cache``) nor a directory's name: each node reads
+    back what the driver wrote under each directory, and the check files are gone afterwards."""
+    from diffmas_eval.leaderboard.runner.placement import store_of
+    from diffmas_eval.leaderboard.runner.scheduler import check_store
+    from diffmas_eval.leaderboard.runner.scheduler import cluster as nodes
+
+    assert store_of(Path("/shared/out/lb.csv"), Path("/scratch/cache")) == (Path("/shared/out"), Path("/scratch/cache"))
+    assert store_of(tmp_path / "lb.csv", tmp_path) == (tmp_path.resolve(),)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    assert check_store((out, work), nodes()) == {n["id"]: True for n in nodes()}
+    assert not list(out.iterdir()) and not list(work.iterdir())
 
 
 def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tiny_path, capsys):

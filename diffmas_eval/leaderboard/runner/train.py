@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ...options import parse_pairs
+from ...training.lifetime import die_with_parent
 from ...training.notes import write_notes_set
 from ..grid.settings import Settings, short_hash
 from ..grid.trainings import ADAPTER_FILES, MARKER, chat_set, finished
@@ -63,8 +64,9 @@ def _stream(cmd: list[str], log: Path) -> int:
     """Run ``cmd``, showing its output (progress bars included) and keeping it in ``log``."""
     print("$", " ".join(cmd), flush=True)
     with open(log, "ab") as f:
+        # it ends with this process, even one killed with SIGKILL: its ranks never outlive a dead worker
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=log.parent)
+                                cwd=log.parent, preexec_fn=die_with_parent)
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 4096):
             sys.stdout.buffer.write(chunk)
