@@ -4,7 +4,7 @@
 Ray 2.60 turns token authentication on in ``ray start --head`` wherever a token exists (``~/.ray/auth_token``, which
 any local Ray writes), while a driver joining by address keeps it off unless ``RAY_AUTH_MODE=token``: the driver
 here has no ``RAY_AUTH_MODE`` (the token is given by ``RAY_AUTH_TOKEN_PATH``, so the test touches no file of the
-user's), and the run must join, place its cells on the declared GPUs and score them.
+user's), and the run must join, place its cell on a declared GPU and score it.
 
 The head runs with ``--block`` in a process of this test, whose end stops the head's processes: never ``ray stop``,
 which stops every Ray on the machine."""
@@ -91,7 +91,7 @@ def test_the_leaderboard_joins_a_head_on_loopback_through_ray_address(head, tiny
     address, token = head
     out = tmp_path / "joined"
     cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), "--methods",
-           "single,latentmas", "--tasks", "diffmas_arc_challenge", "--limit", "2", "--agents", "2",
+           "single", "--tasks", "diffmas_arc_challenge", "--limit", "2", "--agents", "2",
            "--latent-steps", "2", "--max-gen-toks", "8", "--batch-size", "2", "--threads", "1",
            "--output", str(out / "leaderboard.csv")]
     env = {**_env(token), "RAY_ADDRESS": address, "DIFFMAS_DATA_DIR": str(data_dir)}
@@ -99,8 +99,7 @@ def test_the_leaderboard_joins_a_head_on_loopback_through_ray_address(head, tiny
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     meta = {p.parent.name: json.loads(p.read_text())["leaderboard"]["placement"]
             for p in (out / "runs").glob("*/results_*.json")}
-    assert set(meta) == {"single", "latentmas"}
-    assert all(len(m["gpu_ids"]) == 1 for m in meta.values())  # the head's declared GPUs, one per cell
-    assert meta["single"]["pid"] != meta["latentmas"]["pid"]
+    assert set(meta) == {"single"} and meta["single"]["gpu_ids"] in (["0"], ["1"])  # one of the head's 2 GPUs
+    assert meta["single"]["pid"] > 0
     with open(out / "leaderboard.csv", newline="") as f:
-        assert {r["method"] for r in csv.DictReader(f)} == {"single", "latentmas"}
+        assert {r["method"] for r in csv.DictReader(f)} == {"single"}
