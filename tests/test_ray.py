@@ -38,8 +38,9 @@ def cluster(data_dir):
     mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
     mp.delenv("RAY_ADDRESS", raising=False)
     from diffmas_eval.leaderboard.runner.scheduler import start_local
+    from diffmas_eval.leaderboard.runner.serve import SERVER_RESOURCE, SERVER_SLOTS
 
-    start_local(num_gpus=2, num_cpus=3)
+    start_local(num_gpus=2, num_cpus=3, resources={SERVER_RESOURCE: SERVER_SLOTS})  # as a served run declares it
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield
     ray.shutdown()
@@ -96,10 +97,10 @@ def test_no_two_jobs_share_a_worker_process(cluster, on_ray, tmp_path):
     CUDA context made for another job's GPU; the leaderboard's cells and training record their worker's pid too."""
     from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, placement, run_jobs
 
-    jobs = [Job(f"job {k}", placement, (), tmp_path / f"job-{k}.log") for k in range(5)]
+    jobs = [Job(f"job {k}", placement, (), tmp_path / f"job-{k}.log") for k in range(3)]
     done = run_jobs(jobs, Resources(gpus_per_cell=1, threads=1, store=tmp_path))
     pids = [done[j.name]["pid"] for j in jobs]
-    assert len(set(pids)) == 5 and os.getpid() not in pids, pids
+    assert len(set(pids)) == 3 and os.getpid() not in pids, pids
     assert all(len(done[j.name]["gpu_ids"]) == 1 for j in jobs)
     adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
     recorded = [m["placement"]["pid"] for m in cell_meta(on_ray).values()]
@@ -139,6 +140,31 @@ def test_the_driver_registers_an_adapter_before_its_cells_and_reruns_a_cell_it_r
         done = run(jobs, lambda job, error, asked=asked: asked.append((job.name, str(error))) or True)
         assert done == {"train": str(adapter), "cell": True}, name
         assert asked == [("cell", "the server died")], name
+
+
+def interval(seconds: float) -> tuple[float, float]:
+    """A job: when it ran (it sleeps ``seconds``)."""
+    t0 = time.time()
+    time.sleep(seconds)
+    return t0, time.time()
+
+
+def test_a_trained_latent_cell_runs_beside_no_other_served_cell(cluster, tmp_path):
+    """vLLM's worker dies on a batch mixing a LoRA request's prompt embeddings with token ids: on Ray, cells share
+    the one server, so such a cell asks for all of the server's resource (``serve.server_resources``) and the
+    others one slot each; a resource no node offers is refused before anything runs."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job, PlacementError, Resources, run_jobs
+    from diffmas_eval.leaderboard.runner.serve import server_resources
+
+    assert server_resources("diffmas") != server_resources("single-sft") == server_resources("latentmas")
+    jobs = [Job(f"{m} x gsm8k", interval, (1.5,), tmp_path / f"{m}.log", resources=server_resources(m))
+            for m in ("single", "diffmas", "textmas")]
+    done = run_jobs(jobs, Resources(threads=1, gpus_per_cell=0, store=tmp_path))
+    lora, others = done["diffmas x gsm8k"], [done["single x gsm8k"], done["textmas x gsm8k"]]
+    assert all(end <= lora[0] or start >= lora[1] for start, end in others), done
+    with pytest.raises(PlacementError, match="jobs ask for Ray resource\\(s\\) no_such_server that no node offers"):
+        run_jobs([Job("x", interval, (0.0,), tmp_path / "x.log", resources={"no_such_server": 1})],
+                 Resources(threads=1, gpus_per_cell=0, store=tmp_path))
 
 
 def test_a_cell_starts_after_its_adapter(on_ray):

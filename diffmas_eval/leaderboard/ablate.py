@@ -65,7 +65,16 @@ from .runner.jobs import (
 )
 from .runner.placement import Placement, resources_of
 from .runner.scheduler import Job, run_jobs
-from .runner.serve import ServedRun, ServeOptions, describe, planned_share, register
+from .runner.serve import (
+    SERVER_RESOURCE,
+    SERVER_SLOTS,
+    ServedRun,
+    ServeOptions,
+    describe,
+    planned_share,
+    register,
+    server_resources,
+)
 
 
 # -- bad input, before anything runs ---------------------------------------------------------------
@@ -172,13 +181,14 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
     first, trained, names = [], [], {}  # names: a job's key (what it computes, by hash) -> its job's name
 
     def add(into: list, key: str, label: str, fn, args: tuple, what: tuple, after: str | None = None,
-            then=None) -> str:
+            then=None, resources: dict | None = None) -> str:
         """One job per key: the reference chain is every axis's anchor, but it is trained and scored once."""
         if key not in names:
             kind, digest = key.split(" ", 1)
             names[key] = f"{kind} {label} [{digest.removeprefix('probe-')}]"
             into.append(Job(names[key], fn, args, logs / f"{key.replace(' ', '-')}.log", after and names[after],
-                            kind="train" if what[0] == "train" else "cell", what=what, then=then))
+                            kind="train" if what[0] == "train" else "cell", what=what, then=then,
+                            resources=resources or {}))
         return key
 
     for v, seed, s in grid_cells:
@@ -205,7 +215,9 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
                           (s, v.method, family, data, work, device, opts.threads), ("train", s),
                           then=partial(register, endpoint.url) if served else None)
         for key, fn, args, what in todo:
-            add(trained if adapter else first, key, label, fn, args, what, adapter)
+            server = endpoint is not None and what[0] == "cell" and s.served(v.method, opts.task)
+            add(trained if adapter else first, key, label, fn, args, what, adapter,
+                resources=server_resources(v.method) if server else None)
     return Plan(grid_cells, family, rows, runs, probes, first + trained)
 
 
@@ -266,6 +278,7 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
             # the server's share of the jobs' GPUs, read before a local Ray is given the GPUs it leaves
             res.fits = fit_check(estimates, server.gpu_share() if server is not None else 0.0)
             res.retry = rerun_on_restarted(server) if server is not None else None
+            res.custom = {SERVER_RESOURCE: SERVER_SLOTS} if server is not None else {}
             with gpus_left_to_ray(server, opts):
                 run_jobs(p.jobs, res)
     print(f"== ablate: done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -50,7 +50,16 @@ from .runner.jobs import (
 )
 from .runner.placement import Placement, resources_of
 from .runner.scheduler import Job, run_jobs, wants_ray
-from .runner.serve import ServeOptions, describe, planned_share, register, visible_gpus
+from .runner.serve import (
+    SERVER_RESOURCE,
+    SERVER_SLOTS,
+    ServeOptions,
+    describe,
+    planned_share,
+    register,
+    server_resources,
+    visible_gpus,
+)
 from .runner.train import train_adapter
 
 if TYPE_CHECKING:
@@ -269,9 +278,11 @@ def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: 
         jobs.append(Job(f"{method} x {task}", cell_job,
                         (settings, method, task, runs, work, batch_size, run.device, endpoint),
                         logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log", after,
-                        what=("cell", settings, method, task)))
+                        what=("cell", settings, method, task),
+                        resources=server_resources(method) if endpoint and settings.served(method, task) else {}))
     res = resources_of(run, output, work)
     res.fits = fit_check(lambda per_cell, per_training: plans_of(jobs, runs, batch_size, per_cell, per_training,
                                                                  run.threads or 1), reserved)
     res.retry = retry
+    res.custom = {SERVER_RESOURCE: SERVER_SLOTS} if endpoint is not None else {}
     run_jobs(jobs, res)

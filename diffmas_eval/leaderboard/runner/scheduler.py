@@ -62,6 +62,7 @@ class Job:
     kind: str = "cell"  # "train" or "cell": which of --gpus-per-training / --gpus-per-cell it asks for
     what: tuple = ()  # what it computes, for --plan's estimate (plan.plan_of): ("train" | "probe", settings) or
     # ("cell", settings, method, task)
+    resources: dict = field(default_factory=dict)  # custom Ray resources it asks for (a served cell: its server)
     then: Callable | None = None  # run by the driver on the result before the jobs waiting for it are submitted
     # (a served run registers a new adapter with its server once, there, instead of racing from each cell)
 
@@ -87,6 +88,7 @@ class Resources:
     # retry(job, error) -> bool, asked once per failed job: True reruns it (a served cell whose server died and was
     # restarted by the driver, which owns the server)
     retry: Callable | None = None
+    custom: dict = field(default_factory=dict)  # custom resources a local Ray started here declares (the server's)
 
 
 def placement() -> dict:
@@ -229,13 +231,16 @@ def connect(res: Resources) -> bool:
     cpus = os.cpu_count() or 1
     if res.jobs:  # --jobs N on this machine: N jobs of --threads CPUs fit, and no more
         cpus = res.jobs * (res.threads or 1)
-    start_local(num_cpus=cpus)  # its workers inherit this process's environment: no runtime_env to set up
+    # its workers inherit this process's environment: no runtime_env to set up
+    start_local(num_cpus=cpus, resources=res.custom or None)
     return True
 
 
 def loopback(address: str) -> bool:
     """Whether ``address`` names a Ray bound to this machine's loopback (``ray start --head --node-ip-address
     127.0.0.1``)."""
+    if address.startswith("ray://"):  # Ray Client: no local node to find
+        return False
     host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     return host in ("127.0.0.1", "localhost", "::1")
 
@@ -463,6 +468,12 @@ def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
             for d in stores:
                 d.mkdir(parents=True, exist_ok=True)  # made here, so only another node can miss it
             check_store(stores, nodes)
+        offered = ray.cluster_resources()
+        unknown = sorted({k for j in jobs for k, v in j.resources.items() if offered.get(k, 0) < v})
+        if unknown:
+            raise PlacementError(f"jobs ask for Ray resource(s) {', '.join(unknown)} that no node offers in that "
+                                 f"amount (this Ray: {', '.join(sorted(offered))}); a served run declares its "
+                                 "server's when it starts its own Ray, so run it without a Ray of your own")
         return _schedule(jobs, res, per_cell, per_training, started_ray)
     finally:
         if started_ray:
@@ -495,7 +506,7 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
     def submit(job: Job) -> None:
         gpus = per_training if job.kind == "train" else per_cell
         opts = {"num_cpus": res.threads or 1, "num_gpus": gpus, "max_retries": res.max_retries,
-                "name": job.name, **env}
+                "name": job.name, **env, **({"resources": job.resources} if job.resources else {})}
         adapter = refs[job.after] if job.after else None  # a task dependency: starts once the adapter exists
         ref = remote.options(**opts).remote(job.fn, job.args, str(job.log), res.threads, str(stop), adapter,
                                             token)

@@ -64,7 +64,7 @@ from ...models import resolve_pretrained
 from ...options import parse_pairs
 from ...serving.client import TIMEOUT_S
 from ...serving.vllm_cpu import VLLMServer, load_lora, vllm_python
-from ..grid.settings import LAYOUT, TEXT_METHODS, Settings, route
+from ..grid.settings import LAYOUT, TEXT_METHODS, TRAINED, Settings, route
 
 SERVE_BACKENDS = ("vllm",)
 # vLLM's allowed --max-lora-rank values (vllm.config.lora.MaxLoRARanks, 0.32)
@@ -141,6 +141,18 @@ def register(url: str, adapter: Path) -> None:
     """Register a finished adapter with the server at ``url``, under its directory's name (the driver does it once
     a training ends, before that adapter's cells start; ``load_lora`` is idempotent)."""
     load_lora(url, Path(adapter).name, Path(adapter).resolve())
+
+
+SERVER_RESOURCE, SERVER_SLOTS = "diffmas_vllm_server", 1000  # the run's server as a custom Ray resource
+
+
+def server_resources(method: str) -> dict[str, float]:
+    """What a served cell on Ray asks of the run's server (``SERVER_RESOURCE``, which the local Ray a served run
+    starts declares ``SERVER_SLOTS`` of): a trained latent cell all of it, every other served cell one slot. Cells
+    on Ray share the one server, so ``cell_concurrency``'s one request in flight, per cell, does not keep another
+    cell's token ids out of the batch that holds a LoRA request's prompt embeddings (vLLM 0.32's worker dies on it):
+    Ray then runs such a cell beside no other served cell. Its cost: those cells run one at a time."""
+    return {SERVER_RESOURCE: SERVER_SLOTS if method in LAYOUT and method in TRAINED else 1}
 
 
 def cell_concurrency(method: str, adapter: Path | None, concurrency: int) -> int:
