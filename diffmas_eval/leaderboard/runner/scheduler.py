@@ -255,11 +255,9 @@ def join(address: str, **kwargs) -> None:
     would look for this driver's node at the machine's interface address, where nothing listens)."""
     import ray  # optional extra: leaderboard
     from ray._private import ray_constants  # optional extra: leaderboard
-    from ray._private.authentication.authentication_token_setup import (  # optional extra: leaderboard
-        maybe_enable_token_auth_if_token_available,
-    )
+    from ray._private.authentication import authentication_token_setup as auth  # optional extra: leaderboard
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # respects an explicit RAY_AUTH_MODE
+    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # respects an explicit RAY_AUTH_MODE
     if not loopback(address):
         ray.init(address=address, log_to_driver=False, **kwargs)
         return
