@@ -92,16 +92,8 @@ def test_cells_run_side_by_side_on_distinct_gpus(on_ray):
         assert {r["device"] for r in csv.DictReader(f)} == {"cpu"}
 
 
-def test_no_two_jobs_share_a_worker_process(cluster, on_ray, tmp_path):
-    """More GPU jobs than declared GPUs: each runs in a process of its own (``max_calls=1``), so none inherits a
-    CUDA context made for another job's GPU; the leaderboard's cells and training record their worker's pid too."""
-    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, placement, run_jobs
-
-    jobs = [Job(f"job {k}", placement, (), tmp_path / f"job-{k}.log") for k in range(3)]
-    done = run_jobs(jobs, Resources(gpus_per_cell=1, threads=1, store=tmp_path))
-    pids = [done[j.name]["pid"] for j in jobs]
-    assert len(set(pids)) == 3 and os.getpid() not in pids, pids
-    assert all(len(done[j.name]["gpu_ids"]) == 1 for j in jobs)
+def test_no_two_jobs_share_a_worker_process(on_ray):
+    """The leaderboard's cells and training record their worker's pid: each ran in a process of its own."""
     adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
     recorded = [m["placement"]["pid"] for m in cell_meta(on_ray).values()]
     recorded.append(json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]["pid"])
@@ -142,26 +134,33 @@ def test_the_driver_registers_an_adapter_before_its_cells_and_reruns_a_cell_it_r
         assert asked == [("cell", "the server died")], name
 
 
-def interval(seconds: float) -> tuple[float, float]:
-    """A job: when it ran (it sleeps ``seconds``)."""
+def interval(seconds: float) -> tuple[float, float, dict]:
+    """A job: when it ran (it sleeps ``seconds``) and where (``placement``: its GPU ids and process id)."""
+    from diffmas_eval.leaderboard.runner.scheduler import placement
+
     t0 = time.time()
     time.sleep(seconds)
-    return t0, time.time()
+    return t0, time.time(), placement()
 
 
-def test_a_trained_latent_cell_runs_beside_no_other_served_cell(cluster, tmp_path):
-    """vLLM's worker dies on a batch mixing a LoRA request's prompt embeddings with token ids: on Ray, cells share
-    the one server, so such a cell asks for all of the server's resource (``serve.server_resources``) and the
-    others one slot each; a resource no node offers is refused before anything runs."""
+def test_gpu_jobs_get_fresh_processes_and_a_lora_latent_cell_runs_beside_no_other_served_cell(cluster, tmp_path):
+    """More GPU jobs than declared GPUs: each runs in a process of its own (``max_calls=1``), so none inherits a
+    CUDA context made for another job's GPU. vLLM's worker dies on a batch mixing a LoRA request's prompt
+    embeddings with token ids: on Ray, cells share the one server, so such a cell asks for all of the server's
+    resource (``serve.server_resources``) and the others one slot each. A resource no node offers is refused
+    before anything runs."""
     from diffmas_eval.leaderboard.runner.scheduler import Job, PlacementError, Resources, run_jobs
     from diffmas_eval.leaderboard.runner.serve import server_resources
 
     assert server_resources("diffmas") != server_resources("single-sft") == server_resources("latentmas")
     jobs = [Job(f"{m} x gsm8k", interval, (1.5,), tmp_path / f"{m}.log", resources=server_resources(m))
             for m in ("single", "diffmas", "textmas")]
-    done = run_jobs(jobs, Resources(threads=1, gpus_per_cell=0, store=tmp_path))
+    done = run_jobs(jobs, Resources(threads=1, gpus_per_cell=1, store=tmp_path))
+    pids = [where["pid"] for _, _, where in done.values()]
+    assert len(set(pids)) == 3 and os.getpid() not in pids, pids
+    assert all(len(where["gpu_ids"]) == 1 for _, _, where in done.values())
     lora, others = done["diffmas x gsm8k"], [done["single x gsm8k"], done["textmas x gsm8k"]]
-    assert all(end <= lora[0] or start >= lora[1] for start, end in others), done
+    assert all(end <= lora[0] or start >= lora[1] for start, end, _ in others), done
     with pytest.raises(PlacementError, match="jobs ask for Ray resource\\(s\\) no_such_server that no node offers"):
         run_jobs([Job("x", interval, (0.0,), tmp_path / "x.log", resources={"no_such_server": 1})],
                  Resources(threads=1, gpus_per_cell=0, store=tmp_path))
@@ -218,8 +217,8 @@ def test_a_killed_worker_is_retried_with_the_same_numbers(on_ray, tiny_path, tmp
 def test_a_killed_worker_leaves_no_training_process_and_the_retry_trains_the_same_adapter(cluster, tiny_path,
                                                                                             data_dir, tmp_path):
     """SIGKILL the worker of a 2-process training (accelerate launch, DDP over gloo) while its ranks train: the
-    launcher, which dies with its worker (``PR_SET_PDEATHSIG``), and the ranks, which die with the launcher and which
-    the raylet adopts and ends, are gone; the retried training finishes the adapter of the same settings."""
+    launcher, which dies with its worker (``PR_SET_PDEATHSIG``), and the ranks, which die with the launcher, are
+    gone; the retried training finishes the adapter of the same settings."""
     import psutil
 
     from diffmas_eval.cli import build_parser
@@ -406,6 +405,6 @@ def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode != 0 and "interrupted: cancelling" in printed
+    assert driver.returncode != 0 and "interrupted: cancelling" in printed, printed[-4000:]
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.cmdline() for p in alive]

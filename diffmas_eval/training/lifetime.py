@@ -18,16 +18,17 @@ import sys
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent exits; whether it could. Meant for a child's
-    ``preexec_fn`` or the first line of its ``main``: if the parent is already gone (this process was reparented
-    to init or a subreaper before the call), exit at once, as the signal would have made it."""
+    ``preexec_fn`` (``parent``: the starting process's pid, read before the fork) or the first line of its
+    ``main``: if the parent is already gone (this process was reparented before the call), the signal is sent at
+    once, as the parent's death would have."""
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    before = os.getppid()
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
-    if parent == 1:  # the parent died before prctl: nobody would send the signal
+    if os.getppid() != before or (parent is not None and before != parent):  # it died first: nobody would signal
         os.kill(os.getpid(), sig)
     return True

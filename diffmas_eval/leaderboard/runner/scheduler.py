@@ -280,10 +280,9 @@ def start_local(**kwargs) -> None:
     # Ray runs its workers at niceness 15, as if they were background work; here they are the work, and at 15 they
     # lose the CPU to anything else on the machine (a reduced grid took 1.48x the process pool's time here)
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # the raylet adopts what a dead worker leaves (DDP ranks in sessions of their own, EvalPlus's pool) and ends
-    # it; per-worker process groups, which Ray now prefers, miss processes in other sessions. On a cluster, start
-    # each node's Ray with this variable set (docs/leaderboard.md)
-    os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
+    # not Ray's kill_child_processes_on_worker_exit_with_raylet_subreaper: Ray applies it to the driver too, which
+    # then exits 0 when Ctrl-C interrupts it (even from sys.exit(130)); a dead worker's trainer ends with it through
+    # PR_SET_PDEATHSIG instead (training/lifetime.py)
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:

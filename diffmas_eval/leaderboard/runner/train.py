@@ -15,8 +15,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from ...options import parse_pairs
@@ -74,7 +76,8 @@ def _stream(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int
     with open(log, "ab") as f:
         # it ends with this process, even one killed with SIGKILL: its ranks never outlive a dead worker
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=log.parent, env=env, preexec_fn=die_with_parent)
+                                cwd=log.parent, env=env,
+                                preexec_fn=partial(die_with_parent, signal.SIGTERM, os.getpid()))
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 4096):
             sys.stdout.buffer.write(chunk)
