@@ -60,6 +60,29 @@ def test_a_job_too_large_for_the_largest_gpu_is_refused_with_the_numbers():
         resources_of(Placement(gpu_memory=-1), Path("out/x.csv"), Path("out/cache"))
 
 
+def test_a_job_is_compared_with_its_share_of_a_gpu_less_the_servers():
+    """Two cells at --gpus-per-cell 0.5 share one GPU's memory, and a vLLM server beside the jobs holds its
+    --gpu-memory-utilization of it: a cell that fits a whole GPU alone is refused at half of one, or beside the
+    server."""
+    from diffmas_eval.leaderboard.runner.serve import SHARED_GPU_MEMORY, gpu_share
+
+    gpu = ("H100", GIB)
+    cell = JobPlan("diffmas x gsm8k", "cell", 1, 1, weights=GIB // 2, cache=GIB // 8)  # 640 MiB
+    check_fit([cell], gpu)
+    with pytest.raises(ValueError, match=r"diffmas x gsm8k: needs about 640.0 MiB .*more than the largest GPU has "
+                                         r"\(H100, 1.0 GiB\) for it \(0.5 of it: 512.0 MiB\)"):
+        check_fit([JobPlan("diffmas x gsm8k", "cell", 0.5, 1, weights=GIB // 2, cache=GIB // 8)], gpu)
+    with pytest.raises(ValueError, match=r"\(1 of them less the vLLM server's 45%: 563.2 MiB\); .*a GPU of its own"):
+        check_fit([cell], gpu, SHARED_GPU_MEMORY)
+    check_fit([JobPlan("small", "cell", 0.5, 1, weights=GIB // 8, cache=GIB // 8)], gpu, SHARED_GPU_MEMORY)
+    args = ["--dtype", "bfloat16"]
+    assert gpu_share(args, ["0"]) == SHARED_GPU_MEMORY  # one GPU: the server shares it with the jobs
+    assert gpu_share([*args, "--gpu-memory-utilization=0.3"], ["0"]) == 0.3
+    assert gpu_share(args, ["0", "1"]) == 0.0  # a GPU of its own (serve.split_gpus)
+    assert gpu_share(["--tensor-parallel-size", "2"], ["0", "1"]) == SHARED_GPU_MEMORY
+    assert gpu_share(args, []) == 0.0  # a CPU
+
+
 def _placement_actions(command: str) -> dict:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices[command]

@@ -38,8 +38,9 @@ def cluster(data_dir):
     mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
     mp.delenv("RAY_ADDRESS", raising=False)
     from diffmas_eval.leaderboard.runner.scheduler import start_local
+    from diffmas_eval.leaderboard.runner.serve import SERVER_RESOURCE, SERVER_SLOTS
 
-    start_local(num_gpus=2, num_cpus=3)
+    start_local(num_gpus=2, num_cpus=3, resources={SERVER_RESOURCE: SERVER_SLOTS})  # as a served run declares it
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield
     ray.shutdown()
@@ -91,6 +92,80 @@ def test_cells_run_side_by_side_on_distinct_gpus(on_ray):
         assert {r["device"] for r in csv.DictReader(f)} == {"cpu"}
 
 
+def test_no_two_jobs_share_a_worker_process(on_ray):
+    """The leaderboard's cells and training record their worker's pid: each ran in a process of its own."""
+    adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
+    recorded = [m["placement"]["pid"] for m in cell_meta(on_ray).values()]
+    recorded.append(json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]["pid"])
+    assert len(set(recorded)) == 4, recorded
+
+
+def made(path: str) -> str:
+    """A job: make ``path`` (a training's adapter, in miniature)."""
+    Path(path).write_text("adapter")
+    return path
+
+
+def flaky(registered: str, marker: str, adapter: str | None = None) -> bool:
+    """A cell after ``made``: fails the first time (its server died), then says whether the driver's step on the
+    adapter (``Job.then``, the registration) came before it started."""
+    if not Path(marker).exists():
+        Path(marker).write_text("failed once")
+        raise RuntimeError("the server died")
+    return Path(registered).exists()
+
+
+def test_the_driver_registers_an_adapter_before_its_cells_and_reruns_a_cell_it_recovered(cluster, tmp_path):
+    """``Job.then`` runs in the driver on a training's result before the jobs waiting for it are submitted (a
+    served run registers the adapter once, there); ``Resources.retry`` reruns a failed cell once when the driver
+    says so (it restarted the dead server). The same on Ray and one job at a time in this process."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_in_order, run_jobs
+
+    for name, run in (("ray", lambda jobs, retry: run_jobs(jobs, Resources(threads=1, store=tmp_path, retry=retry,
+                                                                                 jobs=2))),
+                      ("here", lambda jobs, retry: run_in_order(jobs, retry))):
+        adapter, registered, asked = tmp_path / f"{name}-adapter", tmp_path / f"{name}-registered", []
+        jobs = [Job("train", made, (str(adapter),), tmp_path / f"{name}-train.log", kind="train",
+                    then=lambda path, registered=registered: registered.write_text(path)),
+                Job("cell", flaky, (str(registered), str(tmp_path / f"{name}-marker")), tmp_path / f"{name}-cell.log",
+                    after="train")]
+        done = run(jobs, lambda job, error, asked=asked: asked.append((job.name, str(error))) or True)
+        assert done == {"train": str(adapter), "cell": True}, name
+        assert asked == [("cell", "the server died")], name
+
+
+def interval(seconds: float) -> tuple[float, float, dict]:
+    """A job: when it ran (it sleeps ``seconds``) and where (``placement``: its GPU ids and process id)."""
+    from diffmas_eval.leaderboard.runner.scheduler import placement
+
+    t0 = time.time()
+    time.sleep(seconds)
+    return t0, time.time(), placement()
+
+
+def test_gpu_jobs_get_fresh_processes_and_a_lora_latent_cell_runs_beside_no_other_served_cell(cluster, tmp_path):
+    """More GPU jobs than declared GPUs: each runs in a process of its own (``max_calls=1``), so none inherits a
+    CUDA context made for another job's GPU. vLLM's worker dies on a batch mixing a LoRA request's prompt
+    embeddings with token ids: on Ray, cells share the one server, so such a cell asks for all of the server's
+    resource (``serve.server_resources``) and the others one slot each. A resource no node offers is refused
+    before anything runs."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job, PlacementError, Resources, run_jobs
+    from diffmas_eval.leaderboard.runner.serve import server_resources
+
+    assert server_resources("diffmas") != server_resources("single-sft") == server_resources("latentmas")
+    jobs = [Job(f"{m} x gsm8k", interval, (1.5,), tmp_path / f"{m}.log", resources=server_resources(m))
+            for m in ("single", "diffmas", "textmas")]
+    done = run_jobs(jobs, Resources(threads=1, gpus_per_cell=1, store=tmp_path))
+    pids = [where["pid"] for _, _, where in done.values()]
+    assert len(set(pids)) == 3 and os.getpid() not in pids, pids
+    assert all(len(where["gpu_ids"]) == 1 for _, _, where in done.values())
+    lora, others = done["diffmas x gsm8k"], [done["single x gsm8k"], done["textmas x gsm8k"]]
+    assert all(end <= lora[0] or start >= lora[1] for start, end, _ in others), done
+    with pytest.raises(PlacementError, match="jobs ask for Ray resource\\(s\\) no_such_server that no node offers"):
+        run_jobs([Job("x", interval, (0.0,), tmp_path / "x.log", resources={"no_such_server": 1})],
+                 Resources(threads=1, gpus_per_cell=0, store=tmp_path))
+
+
 def test_a_cell_starts_after_its_adapter(on_ray):
     adapter = next((on_ray / "cache" / "adapters").glob("diffmas-*"))
     trained = json.loads((adapter / "diffmas.json").read_text())["training"]["placement"]
@@ -139,6 +214,55 @@ def test_a_killed_worker_is_retried_with_the_same_numbers(on_ray, tiny_path, tmp
     assert rows(out) == single
 
 
+def test_a_killed_worker_leaves_no_training_process_and_the_retry_trains_the_same_adapter(cluster, tiny_path,
+                                                                                            data_dir, tmp_path):
+    """SIGKILL the worker of a 2-process training (accelerate launch, DDP over gloo) while its ranks train: the
+    launcher, which dies with its worker (``PR_SET_PDEATHSIG``), and the ranks, which die with the launcher, are
+    gone; the retried training finishes the adapter of the same settings."""
+    import psutil
+    from diffmas_eval.cli import build_parser
+
+    from diffmas_eval.leaderboard.cli import settings_of
+    from diffmas_eval.leaderboard.grid.settings import short_hash
+    from diffmas_eval.leaderboard.grid.trainings import finished, sft_set
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_jobs
+    from diffmas_eval.leaderboard.runner.train import train_adapter
+
+    settings = settings_of(build_parser().parse_args(["leaderboard", "--model", str(tiny_path), *ARGS,
+                                                      "--train-steps", "24"]))
+    work = tmp_path / "cache"
+    data, _, _ = sft_set("commonsense", 4, work, str(data_dir), settings.recipe_settings()["data"])
+    log = work / "logs" / "train.log"
+    killed: list[psutil.Process] = []
+
+    def kill_mid_training() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if text.startswith("[worker pid") and "'loss'" in text:  # the ranks are past their first step
+                worker = psutil.Process(int(text.split()[2]))
+                family = [worker, *worker.children(recursive=True)]
+                ranks = [p for p in family if "diffmas_eval.training.sft" in " ".join(p.cmdline())]
+                if len(ranks) >= 2:
+                    os.kill(worker.pid, signal.SIGKILL)
+                    killed.extend(family)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_mid_training, daemon=True)
+    killer.start()
+    job = Job("train", train_adapter, (settings, "diffmas", "commonsense", data.resolve(), work.resolve(), False, 1, 2),
+              log, kind="train")
+    done = run_jobs([job], Resources(threads=1, gpus_per_training=0, store=tmp_path))
+    killer.join()
+    assert killed, log.read_text()[-3000:]
+    _, alive = psutil.wait_procs(killed, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    digest = short_hash(settings.training("diffmas", "commonsense"))
+    assert done["train"].name == f"diffmas-commonsense-{digest}" and finished(done["train"], digest)
+    assert log.read_text().count("[worker pid") == 2  # the killed attempt and the retry
+
+
 def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_path, capsys):
     from diffmas_eval.leaderboard.runner.scheduler import PlacementError, check_store
     from diffmas_eval.leaderboard.runner.scheduler import cluster as nodes
@@ -159,8 +283,24 @@ def test_bad_placement_is_refused_before_anything_runs(cluster, tiny_path, tmp_p
         del os.environ["RAY_ADDRESS"]
     assert "cannot reach Ray at 127.0.0.1:10" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30
-    with pytest.raises(PlacementError, match=r"/no/such/store: not visible from node\(s\) "):
+    with pytest.raises(PlacementError, match=r"/no/such/store: cannot write a check file there"):
         check_store(Path("/no/such/store"), nodes())
+
+
+def test_the_store_check_reads_a_nonce_under_the_output_and_the_work_directory(cluster, tmp_path):
+    """Not a common parent (``/`` for ``/shared/out`` and ``/scratch/cache``) nor a directory's name: each node reads
+    back what the driver wrote under each directory, and the check files are gone afterwards."""
+    from diffmas_eval.leaderboard.runner.placement import store_of
+    from diffmas_eval.leaderboard.runner.scheduler import check_store
+    from diffmas_eval.leaderboard.runner.scheduler import cluster as nodes
+
+    assert store_of(Path("/shared/out/lb.csv"), Path("/scratch/cache")) == (Path("/shared/out"), Path("/scratch/cache"))
+    assert store_of(tmp_path / "lb.csv", tmp_path) == (tmp_path.resolve(),)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    assert check_store((out, work), nodes()) == {n["id"]: True for n in nodes()}
+    assert not list(out.iterdir()) and not list(work.iterdir())
 
 
 def test_plan_prints_jobs_memory_and_measured_hours_and_runs_nothing(on_ray, tiny_path, capsys):
@@ -265,6 +405,6 @@ def test_ctrl_c_cancels_the_jobs_and_their_children(cluster, tiny_path, tmp_path
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode != 0 and "interrupted: cancelling" in printed
+    assert driver.returncode != 0 and "interrupted: cancelling" in printed, printed[-4000:]
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.cmdline() for p in alive]

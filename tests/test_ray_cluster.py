@@ -10,6 +10,8 @@ the module."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -106,13 +108,29 @@ def test_a_node_that_cannot_see_the_store_is_named_before_anything_runs(two_node
     assert not (out / "runs").exists()
 
 
-def test_one_gpu_jobs_land_on_both_nodes(two_nodes, tmp_path):
-    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, placement, run_jobs
+def placement_token_and_runtime_env() -> tuple[dict, str | None, dict]:
+    """Run as a job: where it ran, the hub token this process sees, and the runtime_env Ray recorded for its task."""
+    from diffmas_eval.leaderboard.runner.scheduler import placement
 
-    jobs = [Job(f"job {k}", placement, (), tmp_path / f"job-{k}.log") for k in range(2)]
+    return placement(), os.environ.get("HF_TOKEN"), ray.get_runtime_context().runtime_env
+
+
+def test_one_gpu_jobs_land_on_both_nodes_with_the_hub_token_out_of_their_runtime_env(two_nodes, tmp_path,
+                                                                                      monkeypatch):
+    """Ray shows a task's runtime_env (dashboard, ``ray list tasks --detail``, job metadata): the token travels as
+    the task's argument instead, and each job still has it."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_jobs
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_in_metadata")
+    jobs = [Job(f"job {k}", placement_token_and_runtime_env, (), tmp_path / f"job-{k}.log") for k in range(2)]
     done = run_jobs(jobs, Resources(address=two_nodes.address, gpus_per_cell=1, store=tmp_path))
-    assert {done[j.name]["node_id"] for j in jobs} == {n["id"] for n in two_nodes.nodes}  # one GPU per node
-    assert all(done[j.name]["gpu_ids"] == ["0"] for j in jobs)  # each node's own GPU 0
+    where = {j.name: done[j.name][0] for j in jobs}
+    assert {where[j.name]["node_id"] for j in jobs} == {n["id"] for n in two_nodes.nodes}  # one GPU per node
+    assert all(where[j.name]["gpu_ids"] == ["0"] for j in jobs)  # each node's own GPU 0
+    for job in jobs:
+        _, token, runtime_env = done[job.name]
+        assert token == "hf_not_in_metadata"
+        assert "hf_not_in_metadata" not in json.dumps(runtime_env) and runtime_env["env_vars"]  # the rest travels
 
 
 @pytest.mark.parametrize("flag", ["--gpus-per-cell", "--gpus-per-training"])
@@ -127,3 +145,4 @@ def test_two_gpus_per_job_on_nodes_of_one_are_refused_with_the_numbers(two_nodes
     assert (f"{flag} 2: no node has that many GPUs (the most on one node: 1; GPUs per node: {per_node})"
             in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists() and time.perf_counter() - t0 < 60
+

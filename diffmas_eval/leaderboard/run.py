@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ from .runner.jobs import (
     gpus_left_to_ray,
     preflight,
     print_plan,
+    refuse_server_beside_cluster,
+    rerun_on_restarted,
     run_environment,
     score_cell,
     served_run,
@@ -47,7 +50,16 @@ from .runner.jobs import (
 )
 from .runner.placement import Placement, resources_of
 from .runner.scheduler import Job, run_jobs, wants_ray
-from .runner.serve import ServeOptions, describe
+from .runner.serve import (
+    SERVER_RESOURCE,
+    SERVER_SLOTS,
+    ServeOptions,
+    describe,
+    planned_share,
+    register,
+    server_resources,
+    visible_gpus,
+)
 from .runner.train import train_adapter
 
 if TYPE_CHECKING:
@@ -121,6 +133,8 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
 
     methods, tasks = parse_list(run.methods, METHODS, "methods"), parse_list(run.tasks, None, "tasks")
     resources_of(run, output, output.parent)  # the placement flags' own checks, before anything
+    if run.serve.backend:
+        refuse_server_beside_cluster(run)
     if settings.limit < 0:
         raise ValueError("--limit must be >= 0 (0 = every item)")
     protocol = settings.decoding()  # before any compute: k, temperature, top-p, the preset's name
@@ -188,8 +202,10 @@ def run_cells(settings: Settings, run: RunOptions, output: Path) -> list[Path]:
             preflight(server, settings, served, device)  # before any cell: the server can serve them
         if todo and wants_ray(resources_of(run, output, work)):
             endpoint = server.endpoint() if server is not None else None
+            reserved = server.gpu_share() if server is not None else 0.0  # before Ray's GPUs are set apart
+            retry = rerun_on_restarted(server) if server is not None else None
             with gpus_left_to_ray(server, run):
-                _run_ray(settings, run, todo, need, sets, work, runs, batch_size, output, endpoint)
+                _run_ray(settings, run, todo, need, sets, work, runs, batch_size, output, endpoint, reserved, retry)
             print(f"\nall {len(paths)} cells done in {time.perf_counter() - t_start:.0f} s", flush=True)
             return paths
         for k, (method, task) in enumerate(order, 1):
@@ -224,8 +240,10 @@ def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs:
               output: Path, work: Path) -> None:
     """``--plan``: the jobs with their resources, memory and time, on the cluster this run would use."""
 
+    device = run.device or ("cuda" if visible_gpus() else "cpu")
     print_plan(lambda per_cell, per_training: plan_jobs(settings, need, todo, runs, batch_size, per_cell, per_training,
-                                                  run.threads or 1), resources_of(run, output, work))
+                                                  run.threads or 1), resources_of(run, output, work),
+               planned_share(settings, run.serve, device))
 
 
 
@@ -235,17 +253,24 @@ def show_plan(settings: Settings, run: RunOptions, need: list, todo: list, runs:
 
 
 def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: dict, work: Path,
-             runs: Path, batch_size: int | str, output: Path, endpoint: Endpoint | None = None) -> None:
+             runs: Path, batch_size: int | str, output: Path, endpoint: Endpoint | None = None,
+             reserved: float = 0.0, retry=None) -> None:
     """The missing adapters and cells as Ray tasks (``scheduler.run_jobs``), the longest cells first; every path
-    absolute, since a job may run on another node (the store is shared) or in another directory."""
+    absolute, since a job may run on another node (the store is shared) or in another directory; ``reserved``:
+    what the vLLM server holds of each GPU the jobs use (the fit check counts it); ``retry``: a served cell's rerun
+    on a restarted server (``runner.jobs.rerun_on_restarted``). A trained method's adapter is registered with the
+    server by this driver once its training ends, before its cells start."""
 
     work, runs = work.resolve(), runs.resolve()
     logs = work / "logs"
     jobs = []
     for method, family in need:
+        served = endpoint is not None and any(m == method and settings.family_of(t) == family and
+                                              settings.served(m, t) for m, t in todo)
         jobs.append(Job(f"train {method} ({family})", train_job,
                         (settings, method, family, sets[family].resolve(), work, run.device, run.threads),
-                        logs / f"train-{method}-{family}.log", kind="train", what=("train", settings, family)))
+                        logs / f"train-{method}-{family}.log", kind="train", what=("train", settings, family),
+                        then=partial(register, endpoint.url) if served else None))
     # cost ~ items, and the text MAS writes its upstream notes first (about 3x a single model's time here)
     longest = sorted(todo, key=lambda c: -settings.limit_of(c[1]) * (3 if c[0] in TEXT_METHODS else 1))
     for method, task in longest:
@@ -253,8 +278,11 @@ def _run_ray(settings: Settings, run: RunOptions, todo: list, need: list, sets: 
         jobs.append(Job(f"{method} x {task}", cell_job,
                         (settings, method, task, runs, work, batch_size, run.device, endpoint),
                         logs / f"{method}-{task}-{short_hash(settings.cell(method, task))}.log", after,
-                        what=("cell", settings, method, task)))
+                        what=("cell", settings, method, task),
+                        resources=server_resources(method) if endpoint and settings.served(method, task) else {}))
     res = resources_of(run, output, work)
     res.fits = fit_check(lambda per_cell, per_training: plans_of(jobs, runs, batch_size, per_cell, per_training,
-                                                                 run.threads or 1))
+                                                                 run.threads or 1), reserved)
+    res.retry = retry
+    res.custom = {SERVER_RESOURCE: SERVER_SLOTS} if endpoint is not None else {}
     run_jobs(jobs, res)

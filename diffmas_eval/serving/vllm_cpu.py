@@ -223,8 +223,9 @@ def served_models(url: str) -> list[str]:
 
 def load_lora(url: str, name: str, path: str | Path) -> None:
     """Register a LoRA adapter under ``name`` on the vLLM server at ``url`` (runtime loading: the server was
-    started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); nothing if it serves ``name``
-    already. Any process that reaches the server can call it (a Ray job registers its cell's adapter)."""
+    started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``), idempotently: nothing if it
+    serves ``name`` already, and a refusal because another process loaded it meanwhile (vLLM refuses a second load
+    of a loaded name) is taken as done. Adapter names are their settings' hash, so a loaded name is this adapter."""
     if name in served_models(url):
         return
     body = json.dumps({"lora_name": name, "lora_path": str(path)}).encode()
@@ -236,6 +237,8 @@ def load_lora(url: str, name: str, path: str | Path) -> None:
             said = resp.read()[:800]
     except urllib.error.HTTPError as err:
         said = err.read()[:800]
+    if b"already been loaded" in said or name in served_models(url):  # a concurrent load of the same adapter won
+        return
     raise ServerError(f"vLLM at {url} refused LoRA {name}={path}: {said.decode(errors='replace')} (it needs "
                       "--enable-lora, --max-lora-rank at least the adapter's rank and runtime LoRA loading, "
                       "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")

@@ -22,6 +22,8 @@ not a file of the checkout).
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import field, make_dataclass
 
 import torch
@@ -33,6 +35,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_con
 
 from ..latent.config import LatentConfig, chain_options
 from ..models import bnb_config, prepare_tokenizer, require_bitsandbytes, resolve_pretrained
+from .lifetime import die_with_parent
 from .trainer import DiffMASSFTTrainer
 
 TRAIN_REALIGN_HELP = "train the realignment W_a too"
@@ -158,6 +161,8 @@ def parser(arguments: type | None = None) -> TrlParser:
 
 
 def cli(argv: list[str] | None = None) -> None:
+    if os.environ.get("LOCAL_RANK") is not None:  # a rank of accelerate launch: it ends with its launcher
+        die_with_parent(signal.SIGKILL)
     main(*parser().parse_args_and_config(argv))
 
 

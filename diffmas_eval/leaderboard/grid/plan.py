@@ -159,30 +159,43 @@ def plans_of(jobs: list, runs: Path, batch: int | str, gpus_cell: float, gpus_tr
     return plans
 
 
-def check_fit(plans: list[JobPlan], largest: tuple[str, int] | None) -> None:
-    """Refuse, before anything runs, a job whose estimate exceeds the largest GPU (the memory of the GPUs it asks
-    for, a cell spread over several)."""
+def room(total: int, gpus: float, reserved: float = 0.0) -> int:
+    """Bytes a job of ``gpus`` GPUs can count on, on GPUs of ``total`` bytes of which a server holds ``reserved``
+    (a fraction: vLLM's ``--gpu-memory-utilization`` on a GPU it shares with the jobs): a fraction of a GPU is that
+    share of what the server leaves (Ray packs fractions by count, not by memory: two cells at 0.5 share one GPU's
+    memory), and K GPUs are K times it."""
+    left = total * (1.0 - reserved)
+    return int(left * (gpus if gpus < 1 else int(gpus)))
+
+
+def check_fit(plans: list[JobPlan], largest: tuple[str, int] | None, reserved: float = 0.0) -> None:
+    """Refuse, before anything runs, a job whose estimate exceeds its share of the largest GPU (``room``: the
+    GPUs it asks for, a cell spread over several, or its fraction of one; less what a server beside it holds)."""
     if largest is None:
         return
     name, total = largest
 
     for p in plans:
-        if p.gpus and p.peak > total * max(1, int(p.gpus)):
+        if p.gpus and p.peak > room(total, p.gpus, reserved):
+            gpu = f"({name}, {human(total)}{' each' if p.gpus > 1 else ''})"
+            whole = p.gpus >= 1 and not reserved
+            share = (f"{p.gpus:g} of it" if p.gpus < 1 else f"{int(p.gpus)} of them") + (
+                f" less the vLLM server's {reserved:.0%}" if reserved else "")
             raise ValueError(f"{p.name}: needs about {human(p.peak)} of accelerator memory (weights "
-                             f"{human(p.weights)} + cache {human(p.cache)}), more than the largest GPU has "
-                             f"({name}, {human(total)}{' each' if p.gpus > 1 else ''}); use a smaller batch or "
-                             "model, or more GPUs per job")
+                             f"{human(p.weights)} + cache {human(p.cache)}), more than the largest GPU has {gpu}"
+                             + ("" if whole else f" for it ({share}: {human(room(total, p.gpus, reserved))})")
+                             + "; use a smaller batch or model, more GPUs per job"
+                             + (", or a GPU of its own for the server" if reserved else ""))
 
 
-def fit_check(plans: Callable[[float, int], list[JobPlan]]) -> Callable:
+def fit_check(plans: Callable[[float, int], list[JobPlan]], reserved: float = 0.0) -> Callable:
     """``scheduler.Resources.fits``: once ``run_jobs`` knows the largest GPU and the GPUs per job, the jobs'
-    estimates (``plans(per_cell, per_training)``) are checked against it."""
+    estimates (``plans(per_cell, per_training)``) are checked against their share of it (``reserved``: what a
+    vLLM server sharing the jobs' GPUs holds of each)."""
     def fits(largest, per_cell, per_training) -> None:
         if largest is not None:
-            check_fit(plans(per_cell, per_training), largest)
+            check_fit(plans(per_cell, per_training), largest, reserved)
     return fits
-
-
 
 
 def describe(plans: list[JobPlan], nodes: list[dict], largest: tuple[str, int] | None) -> str:

@@ -211,8 +211,10 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
     server its decoding goes to (``--serve``), with ``seed`` each sampled request's seed derives from)."""
     if method in TRAINED and not adapter:
         raise ValueError(f"method {method!r} needs its trained adapter")
+    # the request timeout follows the cell's token budget (``serve.request_timeout``): never part of a hash
+    timeout = f",timeout={served.timeout:g}" if served is not None and getattr(served, "timeout", None) else ""
     text_server = (f",backend=openai,base_url={served.url},model={served.model},num_concurrent={served.concurrency}"
-                   + (f",seed={seed}" if seed is not None else "")) if served else ""
+                   + timeout + (f",seed={seed}" if seed is not None else "")) if served else ""
     if method in ("single", "single-sft"):  # textmas at agents=1: lm-eval's hf exactly, plus stability metrics
         peft = f",peft={adapter}" if method == "single-sft" and not served else ""  # served: the LoRA's name
         return "textmas", f"pretrained={pretrained},agents=1{peft}{text_server}"
@@ -220,7 +222,7 @@ def method_model_args(method: str, pretrained: str, agents: int, latent_steps: i
         peft = f",peft={adapter}" if method in TRAINED else ""  # stage 1 runs in process, served or not
         layout = {"trace": "concat", **LAYOUT[method], **{k: v for k, v in (chain or {}).items() if k == "trace"}}
         stage2 = (f",stage2=vllm,base_url={served.url},served_model={served.model},num_concurrent="
-                  f"{served.concurrency}" + (f",seed={seed}" if seed is not None else "")) if served else ""
+                  f"{served.concurrency}" + timeout + (f",seed={seed}" if seed is not None else "")) if served else ""
         return "diffmas", (f"pretrained={pretrained},agents={agents},latent_steps={latent_steps},realign=ridge,"
                            + ",".join(f"{k}={v}" for k, v in layout.items()) + peft + stage2)
     if method in TEXT_METHODS:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -22,14 +24,14 @@ from .serve import Endpoint, ServedRun, ServeOptions, parallel_size, split_gpus,
 from .train import train_adapter
 
 
-def print_plan(plans: Callable[[float, int], list[JobPlan]], res) -> None:
+def print_plan(plans: Callable[[float, int], list[JobPlan]], res, reserved: float = 0.0) -> None:
     """``--plan``: print the jobs with their resources, memory and time on the cluster the run would use, then
-    refuse any that no GPU of it can hold."""
+    refuse any that its share of a GPU cannot hold (``reserved``: what a vLLM server beside the jobs holds)."""
 
     nodes, per_cell, per_training, largest = survey(res)
     jobs = plans(per_cell, per_training)
     print(describe(jobs, nodes, largest), flush=True)
-    check_fit(jobs, largest)
+    check_fit(jobs, largest, reserved)
 
 
 def run_environment(device: str | None, batch_size: str | int, data_dir: str | None,
@@ -70,17 +72,46 @@ def served_run(settings: Settings, serve: ServeOptions, python, device: str, wor
 
 def preflight(server: ServedRun, settings: Settings, served: list[tuple[str, str]], device: str) -> None:
     """The server started, and for a served latent cell the stage-2 preflight run once on the base model: a model
-    or layout vLLM cannot serve fails here, with the server's or the preflight's message, before any cell."""
+    or layout vLLM cannot serve fails here, with the server's or the preflight's message, before any cell. The
+    model is loaded in a child process (``stage2_preflight``): loaded here, the driver would keep its allocator's
+    cache on the GPU that the server or the first job is given."""
 
     endpoint = server.endpoint()
     if not any(m in LAYOUT for m, _ in served):
         return
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        pool.submit(stage2_preflight, endpoint.url, endpoint.model, settings.model, device).result()
 
-    model, tokenizer = load_model(settings.model, device=device)
-    try:
-        PromptEmbedsBackend(endpoint.url, endpoint.model).preflight(model, tokenizer, eos=eos_ids(model, tokenizer))
-    finally:
-        del model
+
+def stage2_preflight(url: str, served_model: str, model_name: str, device: str) -> int:
+    """``PromptEmbedsBackend.preflight`` against the server at ``url`` with the base model loaded in this process
+    (``preflight``'s child); returns this process's id (what shows where it ran)."""
+
+    model, tokenizer = load_model(model_name, device=device)
+    PromptEmbedsBackend(url, served_model).preflight(model, tokenizer, eos=eos_ids(model, tokenizer))
+    return os.getpid()
+
+
+def refuse_server_beside_cluster(placement: Placement) -> None:
+    """``--serve vllm`` with a running Ray (``--ray-address`` / ``RAY_ADDRESS``) is refused: the server would run
+    on the driver's machine, outside Ray's accounting, listening on 127.0.0.1, so cells on that machine could land
+    on the GPU where vLLM holds most of the memory and cells on other nodes could not reach it."""
+    address = placement.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        raise ValueError(f"--serve vllm with a running Ray ({address}) is not supported: the server would run here, "
+                         "outside Ray's accounting of GPUs and reachable only from this machine. Drop --ray-address "
+                         "/ unset RAY_ADDRESS (a local Ray: the server's GPUs are kept out of its pool, --jobs N), "
+                         "or drop --serve vllm to decode in process on the cluster")
+
+
+def rerun_on_restarted(server: ServedRun) -> Callable:
+    """``scheduler.Resources.retry`` of a served run: a cell that failed while the server died is rerun once, on
+    the restarted server (lm-eval's request cache keeps what was answered)."""
+
+    def retry(job, error: BaseException) -> bool:
+        return job.kind == "cell" and server.recover()
+
+    return retry
 
 
 class gpus_left_to_ray:

@@ -6,7 +6,6 @@ Nothing here changes a number: placement never enters a cell's or an adapter's h
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,7 +86,7 @@ def resources_of(opts: Placement, output: Path, work: Path) -> Resources:
                      gpu_memory=None if opts.gpu_memory is None else int(opts.gpu_memory * GIB))
 
 
-def store_of(output: Path, work: Path) -> Path:
-    """The directory every node must see: the output's, or the one holding both it and the work directory."""
-    a, b = output.parent.resolve(), work.resolve()
-    return a if b.is_relative_to(a) else Path(os.path.commonpath([a, b]))
+def store_of(output: Path, work: Path) -> tuple[Path, ...]:
+    """The directories every node must see: the output's and the work directory (each checked by a nonce written
+    there: a parent they share may be ``/``, and a node's own ``/scratch`` is not the driver's)."""
+    return tuple(dict.fromkeys((output.parent.resolve(), work.resolve())))

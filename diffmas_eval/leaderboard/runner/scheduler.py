@@ -14,7 +14,13 @@ run's stop file and returns at once), the running ones finish (their cells are k
 error names the job and shows the tail of its log. Ctrl-C cancels every task (a running one is interrupted and
 kills the processes it started) and shuts down the Ray this run started.
 
-Where a job ran is recorded with its result (``placement()``: node, GPU ids, device) and never enters a hash.
+Every job, and each start-up probe, runs in a fresh worker process (``max_calls=1``): torch reads
+``CUDA_VISIBLE_DEVICES`` once, when CUDA starts, so a reused worker would run its next job on the GPU of its first
+(Ray's issue 3245). Ray only defaults to that for a function whose decorator names ``num_gpus``; ours set their GPUs
+per call (``.options()``, which cannot set ``max_calls``), so they say it themselves.
+
+Where a job ran is recorded with its result (``placement()``: node, GPU ids, device, the worker's process id) and
+never enters a hash.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +62,9 @@ class Job:
     kind: str = "cell"  # "train" or "cell": which of --gpus-per-training / --gpus-per-cell it asks for
     what: tuple = ()  # what it computes, for --plan's estimate (plan.plan_of): ("train" | "probe", settings) or
     # ("cell", settings, method, task)
+    resources: dict = field(default_factory=dict)  # custom Ray resources it asks for (a served cell: its server)
+    then: Callable | None = None  # run by the driver on the result before the jobs waiting for it are submitted
+    # (a served run registers a new adapter with its server once, there, instead of racing from each cell)
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Resources:
     """How jobs are placed. ``address``: a running Ray (default ``$RAY_ADDRESS``; neither: a local Ray with this
     machine's CPUs and GPUs, shut down at the end); ``jobs``: at most this many at once (None: the resources
     decide); ``threads``: CPUs per job (default 1); ``gpus_per_cell`` / ``gpus_per_training``: None = 1 where the
-    cluster has GPUs, else 0; ``store``: the directory every node must see (checked at start-up); ``gpu_memory``:
+    cluster has GPUs, else 0; ``store``: the directories every node must see (checked at start-up); ``gpu_memory``:
     bytes of the largest GPU, given (None: asked from each node's torch)."""
 
     address: str | None = None
@@ -72,32 +81,50 @@ class Resources:
     gpus_per_cell: float | None = None
     gpus_per_training: int | None = None
     max_retries: int = 2
-    store: Path | None = None
+    store: Path | tuple[Path, ...] | None = None
     env: dict = field(default_factory=dict)
     gpu_memory: int | None = None
     fits: Callable | None = None  # fits((gpu name, bytes) | None, per_cell, per_training): raises if a job cannot
+    # retry(job, error) -> bool, asked once per failed job: True reruns it (a served cell whose server died and was
+    # restarted by the driver, which owns the server)
+    retry: Callable | None = None
+    custom: dict = field(default_factory=dict)  # custom resources a local Ray started here declares (the server's)
 
 
 def placement() -> dict:
-    """Where this process runs its job: the node, the GPU ids Ray assigned and the device's name."""
+    """Where this process runs its job: the node, the GPU ids Ray assigned, the device's name and the process id
+    (``pid``: a run's records show that no two GPU jobs shared a worker, so none ran on another job's device)."""
     given = os.environ.get(PLACEMENT_ENV)
     if given:  # a Ray worker: the node and GPU ids Ray gave this job; the device's name asked once torch is in use
         where = json.loads(given)
-        return {**where, "device": where.get("device") or _device_name()}
+        return {**where, "device": where.get("device") or _device_name(), "pid": os.getpid()}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     gpu_ids = [x for x in visible.split(",") if x.strip()]
-    return {"node": socket.gethostname(), "gpu_ids": gpu_ids, "device": _device_name()}
+    return {"node": socket.gethostname(), "gpu_ids": gpu_ids, "device": _device_name(), "pid": os.getpid()}
 
 
 def _device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+# credentials: never in a runtime_env, which Ray records in its job and task metadata (the dashboard, ``ray list
+# jobs``/``tasks --detail``, ``ray job status``) for anyone who can reach the cluster to read
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN")
+
+
 def forwarded_env(extra: dict | None = None) -> dict[str, str]:
-    """The driver's variables that decide what a worker resolves (data dir, hub cache and token, threads)."""
+    """The driver's variables that decide what a worker resolves (data dir, hub cache, threads); not its
+    credentials (``secrets``)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED) and k != PLACEMENT_ENV}
     env.update(extra or {})
-    return env
+    return {k: v for k, v in env.items() if k not in SECRETS}
+
+
+def secrets(extra: dict | None = None) -> dict[str, str]:
+    """The driver's hub token(s), handed to each job as an argument of its task (held in Ray's object store, shown
+    by none of its metadata) and set in the job's environment there: a gated model loads on every node."""
+    env = {**os.environ, **(extra or {})}
+    return {k: env[k] for k in SECRETS if env.get(k)}
 
 
 def _kill_children() -> None:
@@ -118,12 +145,15 @@ def _kill_children() -> None:
             pass
 
 
-def _run(fn: Callable, args: tuple, log: str, threads: int | None, stop: str, adapter=None):
-    """One job in a Ray worker: its threads, its placement, its output in its log."""
+def _run(fn: Callable, args: tuple, log: str, threads: int | None, stop: str, adapter=None,
+         secret: dict | None = None):
+    """One job in a Ray worker: its threads, its placement, its output in its log; ``secret``: the driver's hub
+    token (``secrets``), set in this process's environment (its own: the worker ends with the job)."""
     import ray  # optional extra: leaderboard
 
     if Path(stop).exists():
         return SKIPPED
+    os.environ.update(secret or {})
     if threads:
 
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the job's own subprocesses
@@ -196,13 +226,47 @@ def connect(res: Resources) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": forwarded_env(res.env)})
+        join(address, runtime_env={"env_vars": forwarded_env(res.env)})
         return False
     cpus = os.cpu_count() or 1
     if res.jobs:  # --jobs N on this machine: N jobs of --threads CPUs fit, and no more
         cpus = res.jobs * (res.threads or 1)
-    start_local(num_cpus=cpus)  # its workers inherit this process's environment: no runtime_env to set up
+    # its workers inherit this process's environment: no runtime_env to set up
+    start_local(num_cpus=cpus, resources=res.custom or None)
     return True
+
+
+def loopback(address: str) -> bool:
+    """Whether ``address`` names a Ray bound to this machine's loopback (``ray start --head --node-ip-address
+    127.0.0.1``)."""
+    if address.startswith("ray://"):  # Ray Client: no local node to find
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def join(address: str, **kwargs) -> None:
+    """Join the running Ray at ``address`` with the cluster's authentication, as Ray's own ``ray start --head``
+    decides it: Ray 2.60 writes ``~/.ray/auth_token`` the first time a local Ray starts, and from then on ``ray
+    start --head`` turns token authentication on, while ``ray.init(address=...)`` keeps it off unless
+    ``RAY_AUTH_MODE=token`` is set ("InvalidAuthToken"). So where ``RAY_AUTH_MODE`` is unset and a token exists
+    (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH``, ``RAY_AUTH_TOKEN``), this driver sends it: a cluster
+    without authentication ignores it. A head on loopback is joined in Ray's single-machine mode (cluster mode
+    would look for this driver's node at the machine's interface address, where nothing listens)."""
+    import ray  # optional extra: leaderboard
+    from ray._private import ray_constants  # optional extra: leaderboard
+    from ray._private.authentication import authentication_token_setup as auth  # optional extra: leaderboard
+
+    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # respects an explicit RAY_AUTH_MODE
+    if not loopback(address):
+        ray.init(address=address, log_to_driver=False, **kwargs)
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def start_local(**kwargs) -> None:
@@ -215,6 +279,9 @@ def start_local(**kwargs) -> None:
     # Ray runs its workers at niceness 15, as if they were background work; here they are the work, and at 15 they
     # lose the CPU to anything else on the machine (a reduced grid took 1.48x the process pool's time here)
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # not Ray's kill_child_processes_on_worker_exit_with_raylet_subreaper: Ray applies it to the driver too, which
+    # then exits 0 when Ctrl-C interrupts it (even from sys.exit(130)); a dead worker's trainer ends with it through
+    # PR_SET_PDEATHSIG instead (training/lifetime.py)
     init_on_loopback(include_dashboard=False, log_to_driver=False, **kwargs)
 
 
@@ -264,36 +331,60 @@ def largest_gpu(nodes: list[dict], given: int | None = None) -> tuple[str, int] 
     import ray  # optional extra: leaderboard
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional extra: leaderboard
 
-    probe = ray.remote(_gpu_here)
+    probe = ray.remote(max_calls=1)(_gpu_here)  # CUDA started here stays in its process: not a job's worker
     refs = [probe.options(num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["id"], soft=False)).remote() for n in nodes if n["gpus"] >= 1]
     found = [g for g in ray.get(refs, timeout=300) if g]
     return max(found, key=lambda g: g[1]) if found else None
 
 
-def _can_see(path: str) -> tuple[str, bool]:
-    """Run on one node: its Ray node id, and whether the path is a directory there."""
+def _reads(checks: list[tuple[str, str]]) -> tuple[str, list[bool]]:
+    """Run on one node: its Ray node id, and for each (file, nonce) whether the file there holds that nonce."""
     import ray  # optional extra: leaderboard
 
-    return ray.get_runtime_context().get_node_id(), Path(path).is_dir()
+    seen = []
+    for path, nonce in checks:
+        try:
+            seen.append(Path(path).read_text() == nonce)
+        except OSError:
+            seen.append(False)
+    return ray.get_runtime_context().get_node_id(), seen
 
 
-def check_store(store: Path, nodes: list[dict]) -> dict[str, bool]:
-    """A task on each node looks for the store (cells, adapters, SFT sets, logs): on a cluster it must be a shared
-    filesystem, and a node that cannot see it would fail each of its jobs late. Returns what each node (by the
-    id of the node the task ran on) saw."""
+def check_store(store: Path | Sequence[Path], nodes: list[dict]) -> dict[str, bool]:
+    """Every node must see the directories the driver writes (the output's: cells, logs; the work directory:
+    adapters, SFT sets, caches): on a cluster, a shared filesystem. A directory of the same name is not proof, nor
+    is a common parent (the output on ``/shared`` and the work directory on a node's ``/scratch`` have ``/`` in
+    common), so the driver writes a nonce under each directory and a task on each node reads it back. Returns, by
+    the id of the node each task ran on, whether it read every nonce; a node that cannot is named, at start-up."""
     import ray  # optional extra: leaderboard
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional extra: leaderboard
 
-    probe = ray.remote(_can_see)
-    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["id"], soft=False)).remote(str(store)) for n in nodes]
-    seen = dict(ray.get(refs, timeout=120))
-    blind = [n.get("name", n["node"]) for n in nodes if not seen.get(n["id"])]
-    if blind:
-        raise PlacementError(f"{store}: not visible from node(s) {', '.join(blind)}; on a cluster the output and "
-                             "work directories must be on a filesystem every node mounts at the same path")
-    return seen
+    dirs = [store] if isinstance(store, Path) else list(dict.fromkeys(store))
+    checks: list[tuple[Path, str]] = []
+    try:
+        for d in dirs:
+            nonce = uuid.uuid4().hex
+            path = Path(d) / f".diffmas-store-check-{nonce[:12]}"
+            try:
+                path.write_text(nonce)
+            except OSError as e:
+                raise PlacementError(f"{d}: cannot write a check file there ({type(e).__name__}: {e}); the output "
+                                     "and work directories must be writable by this driver") from e
+            checks.append((path, nonce))
+        probe = ray.remote(max_calls=1)(_reads)
+        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["id"], soft=False)).remote([(str(p), nonce) for p, nonce in checks]) for n in nodes]
+        seen = dict(ray.get(refs, timeout=120))
+    finally:
+        for path, _ in checks:
+            path.unlink(missing_ok=True)
+    for k, d in enumerate(dirs):
+        blind = [n.get("name", n["node"]) for n in nodes if not seen.get(n["id"], [False] * len(dirs))[k]]
+        if blind:
+            raise PlacementError(f"{d}: not visible from node(s) {', '.join(blind)}; on a cluster the output and "
+                                 "work directories must be on a filesystem every node mounts at the same path")
+    return {node: all(found) for node, found in seen.items()}
 
 
 def survey(res: Resources) -> tuple[list[dict], float, int, tuple[str, int] | None]:
@@ -326,20 +417,30 @@ def wants_ray(res: Resources) -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
-def run_in_order(jobs: list[Job]) -> dict[str, object]:
-    """``wants_ray`` is false: each job here, in order, its output on this terminal as it was."""
+def run_in_order(jobs: list[Job], retry: Callable | None = None) -> dict[str, object]:
+    """``wants_ray`` is false: each job here, in order, its output on this terminal as it was (``Job.then`` and
+    ``Resources.retry`` as on Ray)."""
     results: dict[str, object] = {}
     for job in jobs:
         kwargs = {"adapter": results[job.after]} if job.after else {}
         print(f"\n[{len(results) + 1}/{len(jobs)}] {job.name}", flush=True)
-        results[job.name] = job.fn(*job.args, **kwargs)
+        try:
+            value = job.fn(*job.args, **kwargs)
+        except Exception as e:
+            if retry is None or not retry(job, e):
+                raise
+            print(f"[again] {job.name}: {type(e).__name__}: {_first_line(e)}", flush=True)
+            value = job.fn(*job.args, **kwargs)
+        if job.then is not None:
+            job.then(value)
+        results[job.name] = value
     return results
 
 
 def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
     """Run ``jobs`` as Ray tasks; return each job's result by name (a job that never started is absent)."""
     if not wants_ray(res):
-        return run_in_order(jobs)
+        return run_in_order(jobs, res.retry)
 
     ray = require("ray")
     names = {j.name for j in jobs}
@@ -353,8 +454,16 @@ def run_jobs(jobs: list[Job], res: Resources) -> dict[str, object]:
         if res.fits is not None:
             res.fits(largest_gpu(nodes, res.gpu_memory), per_cell, per_training)
         if res.store is not None:
-            res.store.mkdir(parents=True, exist_ok=True)  # made here, so only another node can miss it
-            check_store(res.store, nodes)
+            stores = (res.store,) if isinstance(res.store, Path) else res.store
+            for d in stores:
+                d.mkdir(parents=True, exist_ok=True)  # made here, so only another node can miss it
+            check_store(stores, nodes)
+        offered = ray.cluster_resources()
+        unknown = sorted({k for j in jobs for k, v in j.resources.items() if offered.get(k, 0) < v})
+        if unknown:
+            raise PlacementError(f"jobs ask for Ray resource(s) {', '.join(unknown)} that no node offers in that "
+                                 f"amount (this Ray: {', '.join(sorted(offered))}); a served run declares its "
+                                 "server's when it starts its own Ray, so run it without a Ray of your own")
         return _schedule(jobs, res, per_cell, per_training, started_ray)
     finally:
         if started_ray:
@@ -370,10 +479,11 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
     for d in logs:
         d.mkdir(parents=True, exist_ok=True)
     stop = next(iter(logs)) / f".stop-{uuid.uuid4().hex[:12]}" if jobs else Path("/nonexistent")
-    remote = ray.remote(_run)
+    remote = ray.remote(max_calls=1)(_run)  # a fresh process per job (the module's docstring says why)
     # a Ray this run did not start: each task carries the driver's environment (workers of a Ray it started
     # inherit it)
     env = {} if started_ray else {"runtime_env": {"env_vars": forwarded_env(res.env)}}
+    token = None if started_ray else ray.put(secrets(res.env))  # not in the runtime_env: its metadata shows it
     refs: dict[str, object] = {}  # job name -> ObjectRef
     by_ref: dict = {}
     results: dict[str, object] = {}
@@ -386,18 +496,28 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
     def submit(job: Job) -> None:
         gpus = per_training if job.kind == "train" else per_cell
         opts = {"num_cpus": res.threads or 1, "num_gpus": gpus, "max_retries": res.max_retries,
-                "name": job.name, **env}
+                "name": job.name, **env, **({"resources": job.resources} if job.resources else {})}
         adapter = refs[job.after] if job.after else None  # a task dependency: starts once the adapter exists
-        ref = remote.options(**opts).remote(job.fn, job.args, str(job.log), res.threads, str(stop), adapter)
+        ref = remote.options(**opts).remote(job.fn, job.args, str(job.log), res.threads, str(stop), adapter,
+                                            token)
         refs[job.name], by_ref[ref] = ref, job
         print(f"[queued {len(refs)}/{len(jobs)}] {job.name} ({gpus:g} GPU, {res.threads or 1} CPU; log {job.log})",
               flush=True)
 
+    by_name = {j.name: j for j in jobs}
+    retried: set[str] = set()
+
+    def can_submit(j: Job) -> bool:
+        """Its adapter exists (a task dependency on Ray), or, with a cap or a driver's step after the adapter's
+        job (``Job.then``), has been seen by the driver."""
+        if j.after is None or j.after in failed:
+            return True
+        return j.after in (results if cap or by_name[j.after].then else refs)
+
     try:
         while pending or by_ref:
             while pending and (cap is None or len(by_ref) < cap):
-                ready = results if cap else refs
-                job = next((j for j in pending if j.after is None or j.after in ready or j.after in failed), None)
+                job = next((j for j in pending if can_submit(j)), None)
                 if job is None:
                     break
                 pending.remove(job)
@@ -420,6 +540,11 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
                     if isinstance(e, ray.exceptions.WorkerCrashedError):
                         cause = RuntimeError(f"its worker died {res.max_retries + 1} time(s) (killed or out of "
                                              "memory)")
+                    if res.retry is not None and job.name not in retried and res.retry(job, cause):
+                        retried.add(job.name)
+                        print(f"[again] {job.name}: {type(cause).__name__}: {_first_line(cause)}", flush=True)
+                        submit(job)
+                        continue
                     print(f"[failed] {job.name}: {type(cause).__name__}: {_first_line(cause)}\n--- {job.log} "
                           f"(last lines)\n{_tail(job.log)}\n---", flush=True)
                     failed[job.name] = cause
@@ -429,6 +554,15 @@ def _schedule(jobs: list[Job], res: Resources, per_cell: float, per_training: in
                 if value == SKIPPED:
                     print(f"[not run] {job.name}: the run stopped", flush=True)
                     continue
+                if job.then is not None:
+                    try:
+                        job.then(value)
+                    except Exception as e:  # the jobs waiting for it cannot run: fail it, as its own error
+                        print(f"[failed] {job.name}: after it ran: {type(e).__name__}: {_first_line(e)}", flush=True)
+                        failed[job.name] = e
+                        stop.touch()
+                        pending.clear()
+                        continue
                 results[job.name] = value
                 print(f"[done {len(results)}/{len(jobs)}] {job.name} ({time.perf_counter() - t0:.0f} s so far)",
                       flush=True)

@@ -139,7 +139,9 @@ def score_code(settings: Settings, method: str, task: str, adapter: Path | None,
     acc = run.summary.get("accounting", {})
     meta.update(tokens_per_sample=acc.get("tokens_per_sample", ""),
                 seconds_per_sample=acc.get("seconds_per_sample", ""), model=settings.model, max_gen_toks=cap)
-    (out / f"{META}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    tmp = out / f"{META}.json.tmp"  # whole or absent, as every results file: a reader never sees half of it
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(out / f"{META}.json")
     return out / "samples_eval_results.json"
 
 

@@ -62,8 +62,9 @@ from transformers import AutoConfig
 
 from ...commands.options import parse_pairs
 from ...models import resolve_pretrained
+from ...serving.client import TIMEOUT_S
 from ...serving.vllm_cpu import VLLMServer, load_lora, vllm_python
-from ..grid.settings import LAYOUT, Settings, route
+from ..grid.settings import LAYOUT, TEXT_METHODS, TRAINED, Settings, route
 
 SERVE_BACKENDS = ("vllm",)
 # vLLM's allowed --max-lora-rank values (vllm.config.lora.MaxLoRARanks, 0.32)
@@ -73,6 +74,8 @@ NOT_HASHED = ("--port", "--host", "--gpu-memory-utilization", "--uvicorn-log-lev
               "--swap-space")
 # the share of one GPU's memory the server takes when it shares that GPU with the in-process stage 1
 SHARED_GPU_MEMORY = 0.45
+# the slowest decode a served request is taken to get (tokens per second), for its timeout (``request_timeout``)
+SLOWEST_TOKENS_PER_S = 5.0
 INSTALL_HINT = ("install vLLM in its own venv (it pins its own torch): python -m venv ~/vllm-env && "
                 "~/vllm-env/bin/pip install vllm, then pass --vllm-python ~/vllm-env/bin/python (docs/vllm.md)")
 
@@ -92,11 +95,21 @@ class ServeOptions:
 
 @dataclass
 class Served:
-    """Where one cell's decoding goes: the server's API root and the name it serves the cell's model under."""
+    """Where one cell's decoding goes: the server's API root, the name it serves the cell's model under, the
+    requests kept in flight and the seconds one request may take (``request_timeout``)."""
 
     url: str
     model: str
     concurrency: int = 8
+    timeout: float = TIMEOUT_S
+
+
+def request_timeout(tokens: int) -> float:
+    """Seconds one served request of up to ``tokens`` generated tokens may take: the client's default (120 s) fails
+    an 8k-32k-token answer after its retries, while the server was still writing it. The budget assumes
+    ``SLOWEST_TOKENS_PER_S`` per request (a shared server with many requests in flight, the CPU build), plus a
+    minute for the prompt and the queue; never less than the default."""
+    return max(TIMEOUT_S, 60.0 + tokens / SLOWEST_TOKENS_PER_S)
 
 
 @dataclass
@@ -119,8 +132,27 @@ class Endpoint:
         name = self.model
         if adapter is not None:
             name = Path(adapter).name
-            load_lora(self.url, name, Path(adapter).resolve())
-        return Served(self.url, name, cell_concurrency(method, adapter, self.concurrency))
+            load_lora(self.url, name, Path(adapter).resolve())  # idempotent: the driver has registered it
+        tokens = max(settings.answer_cap(task), settings.agent_max_tokens if method in TEXT_METHODS else 0)
+        return Served(self.url, name, cell_concurrency(method, adapter, self.concurrency), request_timeout(tokens))
+
+
+def register(url: str, adapter: Path) -> None:
+    """Register a finished adapter with the server at ``url``, under its directory's name (the driver does it once
+    a training ends, before that adapter's cells start; ``load_lora`` is idempotent)."""
+    load_lora(url, Path(adapter).name, Path(adapter).resolve())
+
+
+SERVER_RESOURCE, SERVER_SLOTS = "diffmas_vllm_server", 1000  # the run's server as a custom Ray resource
+
+
+def server_resources(method: str) -> dict[str, float]:
+    """What a served cell on Ray asks of the run's server (``SERVER_RESOURCE``, which the local Ray a served run
+    starts declares ``SERVER_SLOTS`` of): a trained latent cell all of it, every other served cell one slot. Cells
+    on Ray share the one server, so ``cell_concurrency``'s one request in flight, per cell, does not keep another
+    cell's token ids out of the batch that holds a LoRA request's prompt embeddings (vLLM 0.32's worker dies on it):
+    Ray then runs such a cell beside no other served cell. Its cost: those cells run one at a time."""
+    return {SERVER_RESOURCE: SERVER_SLOTS if method in LAYOUT and method in TRAINED else 1}
 
 
 def cell_concurrency(method: str, adapter: Path | None, concurrency: int) -> int:
@@ -277,6 +309,34 @@ def split_gpus(visible: list[str], k: int) -> tuple[list[str], list[str]]:
     return list(visible), list(visible)
 
 
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag V`` or ``--flag=V``; the last one given), None where absent."""
+    found = None
+    for k, a in enumerate(args):
+        if a == flag and k + 1 < len(args):
+            found = args[k + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def gpu_share(args: list[str], visible: list[str]) -> float:
+    """The fraction of each GPU the jobs use that the server holds: none when it has GPUs of its own
+    (``split_gpus``: more visible than it needs), else its ``--gpu-memory-utilization`` (``SHARED_GPU_MEMORY``
+    unless given). ``--plan``'s fit check counts it against every job beside the server."""
+    if not visible or len(visible) > parallel_size(args):
+        return 0.0
+    given = flag_value(args, "--gpu-memory-utilization")
+    return float(given) if given is not None else SHARED_GPU_MEMORY
+
+
+def planned_share(settings: Settings, opts: ServeOptions, device: str) -> float:
+    """``gpu_share`` of the server a run with ``opts`` would start on this machine's GPUs (0 without --serve)."""
+    if not opts.backend:
+        return 0.0
+    return gpu_share(server_args(settings, serving_dtype(settings.model, device), opts.vllm_args), visible_gpus())
+
+
 def visible_gpus() -> list[str]:
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     if given is not None:
@@ -353,6 +413,10 @@ class ServedRun:
         mine, _ = split_gpus(visible, parallel_size(self.args))
         return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
 
+    def gpu_share(self) -> float:
+        """What the server holds of each GPU the jobs use (``gpu_share``), for the fit check."""
+        return gpu_share(self.args, visible_gpus())
+
     def start(self):
         args = list(self.args)
         visible = visible_gpus()
@@ -380,6 +444,14 @@ class ServedRun:
         if route(self.settings, method, task) is not None:
             return Endpoint("", self.model).target(self.settings, method, task, adapter)  # says why, returns None
         return self.endpoint().target(self.settings, method, task, adapter)
+
+    def recover(self) -> bool:
+        """After a cell on Ray failed: whether to run it again, on a server that serves now. The server died and is
+        restarted here (``restart``, once per run), or was restarted since the cell began (it met the dead one);
+        its adapters are registered again by the rerun cell (``Endpoint.target``: idempotent)."""
+        if self.restart():
+            return True
+        return self.restarts > 0 and self.server is not None and self.server.alive() and self.server.ready()
 
     def restart(self) -> bool:
         """After a cell failed: if the server died, start it again, once per run; whether it was restarted."""

@@ -15,11 +15,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from ...commands.options import parse_pairs
+from ...training.lifetime import die_with_parent
 from ...training.notes import write_notes_set
 from ..grid.settings import Settings, short_hash
 from ..grid.trainings import ADAPTER_FILES, MARKER, chat_set, finished
@@ -35,7 +38,9 @@ def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda:
     interpreter, not looked up on PATH). ``processes`` > 1: DDP, one process per GPU the job was given."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                 "--num_machines", "1", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else [])]
-    launcher += [] if cuda else ["--cpu", "--mixed_precision", "no"]
+    # on a CPU, several processes are DDP over gloo through accelerate's torchrun launcher (--multi_gpu), which
+    # refuses --cpu beside it: ACCELERATE_USE_CPU (``launch_env``) says CPU instead
+    launcher += [] if cuda else [*(["--cpu"] if processes == 1 else []), "--mixed_precision", "no"]
     if threads:
         launcher += ["--num_cpu_threads_per_process", str(threads)]
     steps = spec["steps"]
@@ -59,12 +64,20 @@ def launch_command(spec: dict, data: Path, out: Path, resume: Path | None, cuda:
     return cmd
 
 
-def _stream(cmd: list[str], log: Path) -> int:
+def launch_env(cuda: bool, processes: int) -> dict[str, str] | None:
+    """The environment of ``launch_command``'s process: this one's, with ``ACCELERATE_USE_CPU=1`` for DDP on a CPU
+    (several gloo processes); None (inherit) otherwise."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1"} if not cuda and processes > 1 else None
+
+
+def _stream(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     """Run ``cmd``, showing its output (progress bars included) and keeping it in ``log``."""
     print("$", " ".join(cmd), flush=True)
     with open(log, "ab") as f:
+        # it ends with this process, even one killed with SIGKILL: its ranks never outlive a dead worker
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=log.parent)
+                                cwd=log.parent, env=env,
+                                preexec_fn=partial(die_with_parent, signal.SIGTERM, os.getpid()))
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 4096):
             sys.stdout.buffer.write(chunk)
@@ -124,12 +137,13 @@ def train_adapter(settings: Settings, method: str, family: str, data: Path, work
     # the trainer runs in the adapter's directory (_stream), so every path it is given is absolute
     code = _stream(launch_command(spec, data.resolve(), out.resolve(), resume and resume.resolve(), cuda, threads,
                                   processes),
-                   log)
+                   log, launch_env(cuda, processes))
     if code != 0 and resume is not None:  # an unreadable checkpoint (killed mid-save): start over, cleanly
         print(f"resuming from {resume} failed (exit {code}); restarting {method} ({family}) from scratch", flush=True)
         shutil.rmtree(out)
         out.mkdir(parents=True)
-        code = _stream(launch_command(spec, data.resolve(), out.resolve(), None, cuda, threads, processes), log)
+        code = _stream(launch_command(spec, data.resolve(), out.resolve(), None, cuda, threads, processes), log,
+                       launch_env(cuda, processes))
     if code != 0:
         raise RuntimeError(f"training {method} ({family}) failed (exit {code}); see {log}")
     missing = [f for f in ADAPTER_FILES if not (out / f).exists()]
