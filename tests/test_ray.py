@@ -115,23 +115,26 @@ def flaky(registered: str, marker: str, adapter: str | None = None) -> bool:
     return Path(registered).exists()
 
 
-def test_the_driver_registers_an_adapter_before_its_cells_and_reruns_a_cell_it_recovered(cluster, tmp_path):
-    """``Job.then`` runs in the driver on a training's result before the jobs waiting for it are submitted (a
-    served run registers the adapter once, there); ``Resources.retry`` reruns a failed cell once when the driver
-    says so (it restarted the dead server). The same on Ray and one job at a time in this process."""
-    from diffmas_eval.leaderboard.runner.scheduler import Job, Resources, run_in_order, run_jobs
+def driver_steps(tmp_path: Path, name: str) -> tuple[list, list, Path]:
+    """A training whose result the driver registers (``Job.then``) and a cell after it that fails once (its server
+    died) and is rerun when the driver says so (``Resources.retry``); returns the jobs, what retry was asked, and
+    the adapter."""
+    from diffmas_eval.leaderboard.runner.scheduler import Job
 
-    for name, run in (("ray", lambda jobs, retry: run_jobs(jobs, Resources(threads=1, store=tmp_path, retry=retry,
-                                                                                 jobs=2))),
-                      ("here", lambda jobs, retry: run_in_order(jobs, retry))):
-        adapter, registered, asked = tmp_path / f"{name}-adapter", tmp_path / f"{name}-registered", []
-        jobs = [Job("train", made, (str(adapter),), tmp_path / f"{name}-train.log", kind="train",
-                    then=lambda path, registered=registered: registered.write_text(path)),
-                Job("cell", flaky, (str(registered), str(tmp_path / f"{name}-marker")), tmp_path / f"{name}-cell.log",
-                    after="train")]
-        done = run(jobs, lambda job, error, asked=asked: asked.append((job.name, str(error))) or True)
-        assert done == {"train": str(adapter), "cell": True}, name
-        assert asked == [("cell", "the server died")], name
+    adapter, registered = tmp_path / f"{name}-adapter", tmp_path / f"{name}-registered"
+    return [Job("train", made, (str(adapter),), tmp_path / f"{name}-train.log", kind="train",
+                then=lambda path: registered.write_text(path)),
+            Job("cell", flaky, (str(registered), str(tmp_path / f"{name}-marker")), tmp_path / f"{name}-cell.log",
+                after="train")], [], adapter
+
+
+def test_the_driver_registers_an_adapter_before_its_cells_and_reruns_a_cell_it_recovered(tmp_path):
+    """One job at a time in this process (on Ray: the next test's run)."""
+    from diffmas_eval.leaderboard.runner.scheduler import run_in_order
+
+    jobs, asked, adapter = driver_steps(tmp_path, "here")
+    done = run_in_order(jobs, lambda job, error: asked.append((job.name, str(error))) or True)
+    assert done == {"train": str(adapter), "cell": True} and asked == [("cell", "the server died")]
 
 
 def interval(seconds: float) -> tuple[float, float, dict]:
@@ -148,14 +151,18 @@ def test_gpu_jobs_get_fresh_processes_and_a_lora_latent_cell_runs_beside_no_othe
     CUDA context made for another job's GPU. vLLM's worker dies on a batch mixing a LoRA request's prompt
     embeddings with token ids: on Ray, cells share the one server, so such a cell asks for all of the server's
     resource (``serve.server_resources``) and the others one slot each. A resource no node offers is refused
-    before anything runs."""
+    before anything runs. In the same run: a training the driver registers before its cell is submitted, and that
+    cell, failed once, rerun (``driver_steps``)."""
     from diffmas_eval.leaderboard.runner.scheduler import Job, PlacementError, Resources, run_jobs
     from diffmas_eval.leaderboard.runner.serve import server_resources
 
     assert server_resources("diffmas") != server_resources("single-sft") == server_resources("latentmas")
+    steps, asked, adapter = driver_steps(tmp_path, "ray")
     jobs = [Job(f"{m} x gsm8k", interval, (1.5,), tmp_path / f"{m}.log", resources=server_resources(m))
             for m in ("single", "diffmas", "textmas")]
-    done = run_jobs(jobs, Resources(threads=1, gpus_per_cell=1, store=tmp_path))
+    done = run_jobs([*steps, *jobs], Resources(threads=1, gpus_per_cell=1, gpus_per_training=0, store=tmp_path,
+                                               retry=lambda job, error: asked.append((job.name, str(error))) or True))
+    assert done.pop("train") == str(adapter) and done.pop("cell") is True and asked == [("cell", "the server died")]
     pids = [where["pid"] for _, _, where in done.values()]
     assert len(set(pids)) == 3 and os.getpid() not in pids, pids
     assert all(len(where["gpu_ids"]) == 1 for _, _, where in done.values())
