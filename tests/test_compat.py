@@ -140,3 +140,23 @@ def test_the_protected_hooks_our_subclasses_override_are_still_there(library, mo
     assert not missing, f"{library}: {cls}.{method} lost parameter(s) {missing} that our override passes on"
     spec = _requirements()[library].specifier
     assert any(s.operator == "<" for s in spec), f"{library}: overridden hooks need an upper bound in pyproject.toml"
+
+
+def test_ray_token_auth_is_turned_on_as_ray_start_decides_it(tmp_path):
+    """``compat.ray.use_cluster_token_auth``: where a token exists and ``RAY_AUTH_MODE`` is unset, Ray's own function
+    sets token mode for this driver (what lets ``RAY_ADDRESS=...`` join a ``ray start --head`` with token auth). In a
+    child process: Ray keeps what it decides for the process it runs in."""
+    pytest.importorskip("ray", reason="ray (the leaderboard extra) is not installed: compat.ray is unused")
+    import os
+    import subprocess
+    import sys
+
+    token = tmp_path / "auth_token"
+    token.write_text("a" * 32)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_AUTH_TOKEN_PATH": str(token)}
+    code = ("import os; from diffmas_eval.compat.ray import use_cluster_token_auth; use_cluster_token_auth(); "
+            "print(os.environ.get('RAY_AUTH_MODE'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "token", (
+        "ray: a present token no longer turns token auth on (shim diffmas_eval/compat/ray.py:use_cluster_token_auth)"
+        + out.stderr[-2000:])

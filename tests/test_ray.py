@@ -227,8 +227,8 @@ def test_a_killed_worker_leaves_no_training_process_and_the_retry_trains_the_sam
     launcher, which dies with its worker (``PR_SET_PDEATHSIG``), and the ranks, which die with the launcher, are
     gone; the retried training finishes the adapter of the same settings."""
     import psutil
-    from diffmas_eval.cli import build_parser
 
+    from diffmas_eval.commands.cli import build_parser
     from diffmas_eval.leaderboard.cli import settings_of
     from diffmas_eval.leaderboard.grid.settings import short_hash
     from diffmas_eval.leaderboard.grid.trainings import finished, sft_set

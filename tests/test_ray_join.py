@@ -90,7 +90,7 @@ def test_a_bare_driver_is_refused_by_the_head(head):
 def test_the_leaderboard_joins_a_head_on_loopback_through_ray_address(head, tiny_path, data_dir, tmp_path):
     address, token = head
     out = tmp_path / "joined"
-    cmd = [sys.executable, "-m", "diffmas_eval.cli", "leaderboard", "--model", str(tiny_path), "--methods",
+    cmd = [sys.executable, "-m", "diffmas_eval.commands.cli", "leaderboard", "--model", str(tiny_path), "--methods",
            "single", "--tasks", "diffmas_arc_challenge", "--limit", "2", "--agents", "2",
            "--latent-steps", "2", "--max-gen-toks", "8", "--batch-size", "2", "--threads", "1",
            "--output", str(out / "leaderboard.csv")]

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import ray
 from ray._private import ray_constants
+from ray._private.authentication import authentication_token_setup
 
 LIBRARY = "ray"
 CHECKED = ">=2.60,<3"
@@ -36,3 +37,16 @@ def init_on_loopback(**kwargs) -> None:
     address file) on 127.0.0.1, in single-machine mode: nothing outside the machine can reach it."""
     with single_machine_mode():
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+
+
+def use_cluster_token_auth() -> None:
+    """Token authentication on for this driver where ``RAY_AUTH_MODE`` is unset and a token exists, as ``ray start
+    --head`` decides it for the cluster (Ray 2.60: ``maybe_enable_token_auth_if_token_available``, private)."""
+    authentication_token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def join_on_loopback(address: str, **kwargs) -> None:
+    """``ray.init(address=...)`` of a head bound to 127.0.0.1, in single-machine mode: in cluster mode the driver
+    would look for its own node at the machine's interface address, where nothing listens."""
+    with single_machine_mode():
+        ray.init(address=address, _node_ip_address="127.0.0.1", **kwargs)

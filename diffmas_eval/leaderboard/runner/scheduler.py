@@ -254,19 +254,14 @@ def join(address: str, **kwargs) -> None:
     without authentication ignores it. A head on loopback is joined in Ray's single-machine mode (cluster mode
     would look for this driver's node at the machine's interface address, where nothing listens)."""
     import ray  # optional extra: leaderboard
-    from ray._private import ray_constants  # optional extra: leaderboard
-    from ray._private.authentication import authentication_token_setup as auth  # optional extra: leaderboard
 
-    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # respects an explicit RAY_AUTH_MODE
+    from ...compat.ray import join_on_loopback, use_cluster_token_auth  # optional extra: leaderboard
+
+    use_cluster_token_auth()  # respects an explicit RAY_AUTH_MODE
     if not loopback(address):
         ray.init(address=address, log_to_driver=False, **kwargs)
         return
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
+    join_on_loopback(address, log_to_driver=False, **kwargs)
 
 
 def start_local(**kwargs) -> None:
