@@ -15,6 +15,7 @@ spread over seeds is the std column.
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..grid.cells import META, result_path
 from ..grid.settings import primary_metric, short_hash
 from .charts import save_figure
 from .stats import BOOTSTRAP, paired_bootstrap
-from .tables import read_csv, write_atomically
+from .tables import read_csv
 
 CELL_FIELDS = ["axis", "variant", "method", "trained", "reference", "seed", "agents", "latent_steps", "trace",
                "stage1_grad", "realign", "task", "metric", "value", "n", "config_hash", "adapter", "source"]
@@ -36,6 +37,16 @@ DOCS_PAGE = "docs/ablations.md"
 README_COMMAND = f"diffmas-eval ablate --readme {DOCS_PAGE}"
 README_START, README_END = start_marker("ablations", README_COMMAND), end_marker("ablations")
 CHARTS = ("ablation_latent_steps.png", "ablation_deltas.png", "ablation_gradients.png")
+
+
+def _write(path: Path, fields: list[str], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
 
 
 def _read(path: Path) -> list[dict]:
@@ -82,9 +93,9 @@ def publish(plan, opts, output: Path) -> list[dict]:
                            "latent_steps": v.latent_steps, "trace": data["trace"], "agent": k + 1, "role": role,
                            "norm": norm} for k, (role, norm) in enumerate(zip(data["roles"], data["norms"]))]
     out = output.parent
-    write_atomically(rows, output, CELL_FIELDS)
-    write_atomically(items, out / "ablation_items.csv", ITEM_FIELDS)
-    write_atomically(grads, out / "gradients.csv", GRADIENT_FIELDS)
+    _write(output, CELL_FIELDS, rows)
+    _write(out / "ablation_items.csv", ITEM_FIELDS, items)
+    _write(out / "gradients.csv", GRADIENT_FIELDS, grads)
     info = {k: getattr(opts, k) for k in ("model", "task", "limit", "axes", "latent_steps", "agents", "ref_agents",
                                           "ref_steps", "seeds", "train_steps", "train_batch_size", "probe_rows")}
     info["grid_hash"] = short_hash(info)
